@@ -1,0 +1,34 @@
+"""Lightning Indexer scoring and causal top-k (V4_MODEL.md §2.4).
+
+I_{t,j} = sum_h w_{t,h} * ReLU(q_{t,h} . k_j) * d_I^-1/2; entry j is visible to query t iff j < limit_t;
+top-k over visible entries, -1 where fewer than k are visible.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def indexer_topk_ref(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor,
+                     topk: int) -> torch.Tensor:
+    """q [T, h, dI], keys [C, dI], weights [T, h] (already scaled by h^-1/2), visible [T] = number of
+    entries query t may see -> indices [T, min(topk, C)] (int64, -1 = no entry)."""
+    C = keys.shape[0]
+    k = min(topk, C)
+    if C == 0:
+        return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
+    scores = torch.einsum("thd,cd->thc", q.float(), keys.float()).relu() * (q.shape[-1] ** -0.5)
+    scores = (scores * weights.float()[..., None]).sum(dim=1)  # [T, C]
+    future = torch.arange(C, device=q.device)[None, :] >= visible[:, None]
+    scores = scores.masked_fill(future, float("-inf"))
+    idx = scores.topk(k, dim=-1).indices
+    return torch.where(idx >= visible[:, None], torch.full_like(idx, -1), idx)
+
+
+def indexer_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor,
+                 topk: int) -> torch.Tensor:
+    """Dispatch point for indexer scoring + top-k (torch reference today)."""
+    if q.dim() != 3 or keys.dim() != 2 or keys.shape[1] != q.shape[2] or weights.shape != q.shape[:2]:
+        raise ValueError(f"indexer_topk: q [T,h,dI]={tuple(q.shape)}, keys [C,dI]={tuple(keys.shape)}, "
+                         f"weights [T,h]={tuple(weights.shape)} do not fit")
+    return indexer_topk_ref(q, keys, weights, visible, topk)

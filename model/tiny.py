@@ -1,0 +1,132 @@
+"""Tiny random-weight DeepSeek-V4 checkpoints in the official format (`v4ray make-tiny`).
+
+Deterministic from a seed: each tensor draws from its own generator seeded by (seed, tensor name). Values
+that a fresh model would leave at zero — `tid2eid`, the routing correction bias, attention sinks, compressor
+position biases, mHC biases — are random, so tests exercise those paths. Shards: one file of dense tensors,
+then one file per group of routed experts across all layers, so an expert shard can be proven to read only
+its own files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from v4ray.kernels.quant import quant_fp4, quant_fp8
+
+from .config import V4Config, load_preset
+from .loader import INDEX_FILE
+from .tokenizer import build_byte_tokenizer
+from .v4 import Linear, V4Model, checkpoint_name
+
+DTYPES = ("fp32", "bf16", "fp8", "fp4-experts")
+# Linears that DeepSeek stores in FP8 (V4_MODEL.md §5.2); compressor, indexer weights_proj, gate, embed and
+# head stay BF16.
+_FP8_LINEARS = (".attn.wq_a", ".attn.wq_b", ".attn.wkv", ".attn.wo_a", ".attn.wo_b", ".indexer.wq_b",
+                ".shared_experts.w1", ".shared_experts.w2", ".shared_experts.w3")
+
+
+def _gen(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], cfg: V4Config, seed: int) -> torch.Tensor:
+    g = _gen(seed, name)
+
+    def normal(std: float, mean: float = 0.0) -> torch.Tensor:
+        return torch.randn(shape, generator=g) * std + mean
+
+    if name.endswith("tid2eid"):  # distinct experts per token
+        return torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[: cfg.num_experts_per_tok]
+                            for _ in range(shape[0])])
+    if name.endswith("norm.weight"):
+        return normal(0.1, 1.0)
+    if name.endswith("attn_sink"):
+        return normal(1.0)
+    if name.endswith(".ape"):
+        return normal(0.5)
+    if name.endswith("gate.bias"):
+        return normal(0.3)
+    if name.endswith(("_base",)):
+        return normal(0.5)
+    if name.endswith(("_scale",)) and "hc_" in name:
+        return torch.rand(shape, generator=g) + 0.5
+    if name.endswith("_fn"):
+        return normal(0.5 / math.sqrt(shape[1]))
+    if name == "embed.weight":
+        return normal(1.0)
+    return normal(1.0 / math.sqrt(shape[-1]))  # linear weights [out, in]
+
+
+def make_tiny(out_dir: str | Path, preset: str = "v4-tiny", dtype: str = "bf16", seed: int = 0,
+              experts_per_file: int = 2, cfg: V4Config | None = None) -> Path:
+    """Write a random V4 checkpoint (config.json, sharded safetensors + index, tokenizer.json) to out_dir."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    cfg = cfg or load_preset(preset)
+    if dtype in ("fp8", "fp4-experts"):
+        cfg = cfg.replace(weight_quant="fp8", expert_dtype="fp4" if dtype == "fp4-experts" else "fp8")
+    else:
+        cfg = cfg.replace(weight_quant=None, expert_dtype="bf16")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = torch.float32 if dtype == "fp32" else torch.bfloat16
+    model = V4Model(cfg)  # meta tensors: names and shapes only
+    linear_names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear)}
+
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    n_groups = -(-cfg.n_routed_experts // experts_per_file)
+    for mod_name, buf in model.state_dict().items():  # persistent buffers: what a checkpoint holds
+        if mod_name.endswith(".scale") and mod_name[: -len("scale")] + "weight" in linear_names:
+            continue
+        name = checkpoint_name(mod_name)
+        t = _random_tensor(name, tuple(buf.shape), cfg, seed)
+        expert = ".ffn.experts." in name
+        group = int(name.split(".ffn.experts.")[1].split(".")[0]) // experts_per_file if expert else -1
+        shard = shards.setdefault(f"g{group}", {})
+        base = name[: -len(".weight")]
+        if mod_name in linear_names and expert and dtype == "fp4-experts":
+            shard[name], scale = quant_fp4(t)
+            shard[base + ".scale"] = scale.view(torch.float8_e8m0fnu)
+        elif mod_name in linear_names and dtype in ("fp8", "fp4-experts") and (expert or base.endswith(_FP8_LINEARS)):
+            shard[name], scale = quant_fp8(t)
+            shard[base + ".scale"] = scale.view(torch.float8_e8m0fnu)
+        elif t.dtype == torch.long:
+            shard[name] = t
+        elif name.endswith(("_fn", "_base", "_scale", "attn_sink", ".ape", "gate.bias")):
+            shard[name] = t.float()
+        else:
+            shard[name] = t.to(store)
+
+    order = ["g-1"] + [f"g{i}" for i in range(n_groups)]
+    total = len(order)
+    weight_map = {}
+    for i, key in enumerate(order, 1):
+        fname = f"model-{i:05d}-of-{total:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shards[key].items()}, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shards[key]})
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))},
+                                             indent=2))
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = "float32" if dtype == "fp32" else "bfloat16"
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    build_byte_tokenizer(out)
+    return out
+
+
+def expert_files(ckpt_dir: str | Path) -> dict[str, set[int]]:
+    """Shard file -> the routed expert ids whose tensors it holds (empty for dense-only files)."""
+    wm = json.loads((Path(ckpt_dir) / INDEX_FILE).read_text())["weight_map"]
+    out: dict[str, set[int]] = {}
+    for name, fname in wm.items():
+        ids = out.setdefault(fname, set())
+        if ".ffn.experts." in name:
+            ids.add(int(name.split(".ffn.experts.")[1].split(".")[0]))
+        else:
+            ids.add(-1)
+    return out

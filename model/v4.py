@@ -1,0 +1,373 @@
+"""The DeepSeek-V4 forward pass in plain torch, top to bottom in forward order (V4_MODEL.md §2).
+
+Module and tensor names follow the official checkpoint (`layers.L.attn.wq_a.weight`, `hc_head_fn`, ...), so
+loading is a walk over `named_buffers()`. Hot ops go through `v4ray.kernels` dispatch functions.
+
+Numerics. fp32 matches transformers' `DeepseekV4ForCausalLM` (the parity reference). bf16 follows DeepSeek's
+reference `inference/model.py`: linears in bf16, but norms, RoPE, mHC (including the stream mixing), router
+logits, compressor projections and pooling, attention softmax and the LM head run in fp32. Where transformers
+differs in bf16: it computes router logits, compressor projections and the LM head in bf16, mixes mHC streams
+in bf16, and quantizes attention probabilities to bf16 before the value sum (V4_MODEL.md §6).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from v4ray.kernels import compress_pool, expert_mlp, indexer_topk, mhc_weights, sink_attention
+from v4ray.kernels.moe import swiglu_clamped
+from v4ray.kernels.quant import QuantTensor
+
+from .config import CSA, HCA, SWA, V4Config, yarn_inv_freq
+
+# Tensors kept in fp32 whatever the compute dtype (transformers' `_keep_in_fp32_modules_strict`, REF alike).
+FP32_SUFFIXES = ("norm.weight", "attn_sink", "ape", "gate.bias", "hc_attn_fn", "hc_attn_base", "hc_attn_scale",
+                 "hc_ffn_fn", "hc_ffn_base", "hc_ffn_scale", "hc_head_fn", "hc_head_base", "hc_head_scale")
+
+
+def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+# ---- building blocks ------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """w * x / sqrt(mean(x^2) + eps), computed in fp32 with an fp32 weight, cast back to x's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", _meta(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        return (self.weight * (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps))).to(x.dtype)
+
+
+def unweighted_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+class Linear(nn.Module):
+    """y = x W^T. `weight` is plain, or FP8/FP4 as stored with `scale` (dequantized per call when kept
+    quantized). `fp32=True` computes in fp32 whatever x's dtype (router, compressor)."""
+
+    def __init__(self, in_features: int, out_features: int, fp32: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.fp32 = in_features, out_features, fp32
+        self.fmt: str | None = None
+        self.register_buffer("weight", _meta(out_features, in_features))
+        self.register_buffer("scale", None)
+
+    def qweight(self) -> QuantTensor:
+        return QuantTensor(self.weight, self.scale, self.fmt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32:
+            w = self.weight.float() if self.fmt is None else self.qweight().dequantize(torch.float32)
+            return F.linear(x.float(), w)
+        w = self.weight if self.fmt is None else self.qweight().dequantize(x.dtype)
+        return F.linear(x, w)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Interleaved-pair RoPE on the trailing 2*cos.shape[-1] dims of x.
+
+    cos/sin [..., r/2] broadcast against x[..., r/2] (e.g. [T, 1, r/2] for x [T, H, d]); pairs (x_2i, x_2i+1) rotate by the angle (negated when `inverse`), in fp32."""
+    r = cos.shape[-1] * 2
+    if inverse:
+        sin = -sin
+    rot = x[..., -r:].float().unflatten(-1, (r // 2, 2))
+    x0, x1 = rot[..., 0], rot[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).to(x.dtype)
+    return torch.cat([x[..., :-r], out], dim=-1)
+
+
+# ---- mHC ------------------------------------------------------------------------------------------------
+
+def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """sum_j pre_j X_j in fp32, cast to the streams' dtype. x [N, n, D], pre [N, n] -> [N, D]."""
+    return (pre[..., None] * x).sum(dim=1).to(x.dtype)
+
+
+def hc_expand(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """X'_k = post_k y + sum_j comb[j, k] X_j (comb applied transposed), mixed in fp32."""
+    mixed = post[..., None] * y.float()[:, None, :] + torch.matmul(comb.transpose(-1, -2), x.float())
+    return mixed.to(x.dtype)
+
+
+# ---- attention ------------------------------------------------------------------------------------------
+
+class Compressor(nn.Module):
+    """Pools every `ratio` tokens into one entry: softmax(gate + ape) over the window's slots, per channel.
+
+    CSA (`overlap`): each entry pools 2*ratio slots — the previous window's first-half channels and the
+    current window's second-half channels. HCA: the window's own `ratio` tokens."""
+
+    def __init__(self, cfg: V4Config, dim: int, ratio: int, overlap: bool):
+        super().__init__()
+        self.dim, self.ratio, self.overlap = dim, ratio, overlap
+        coff = 2 if overlap else 1
+        self.wkv = Linear(cfg.hidden_size, coff * dim, fp32=True)
+        self.wgate = Linear(cfg.hidden_size, coff * dim, fp32=True)
+        self.register_buffer("ape", _meta(ratio, coff * dim))
+        self.norm = RMSNorm(dim, cfg.rms_norm_eps)
+
+    def project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u [T, D] -> per-token kv and gate (ape not yet added) [T, coff*dim] (fp32)."""
+        return self.wkv(u), self.wgate(u)
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, prev_kv: torch.Tensor | None = None,
+             prev_gate: torch.Tensor | None = None) -> torch.Tensor:
+        """kv, gate [W, ratio, coff*dim] of W complete windows (gate includes ape) -> [W, dim] normalised.
+
+        prev_* [ratio, dim] are the first-half channels of the window before the first one (CSA only)."""
+        W, m, d = kv.shape[0], self.ratio, self.dim
+        if not self.overlap:
+            pooled = compress_pool(kv, gate)
+        else:
+            slot_kv = kv.new_zeros(W, 2 * m, d)
+            slot_gate = gate.new_full((W, 2 * m, d), float("-inf"))
+            slot_kv[:, m:], slot_gate[:, m:] = kv[..., d:], gate[..., d:]
+            slot_kv[1:, :m], slot_gate[1:, :m] = kv[:-1, :, :d], gate[:-1, :, :d]
+            if prev_kv is not None:
+                slot_kv[0, :m], slot_gate[0, :m] = prev_kv, prev_gate
+            pooled = compress_pool(slot_kv, slot_gate)
+        return self.norm(pooled)
+
+
+class Indexer(nn.Module):
+    """Lightning Indexer: its own CSA compressor at index_head_dim, scored against queries built from the
+    attention's normalised q-lora latent."""
+
+    def __init__(self, cfg: V4Config, ratio: int):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim)
+        self.weights_proj = Linear(cfg.hidden_size, cfg.index_n_heads, fp32=True)
+        self.compressor = Compressor(cfg, cfg.index_head_dim, ratio, overlap=True)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: V4Config, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.kind, self.ratio = cfg.layer_types[layer], cfg.compress_ratios[layer]
+        H, d = cfg.num_attention_heads, cfg.head_dim
+        self.n_heads, self.head_dim, self.window = H, d, cfg.sliding_window
+        self.wq_a = Linear(cfg.hidden_size, cfg.q_lora_rank)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = Linear(cfg.q_lora_rank, H * d)
+        self.wkv = Linear(cfg.hidden_size, d)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)  # the kv norm
+        self.wo_a = Linear(H * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank)
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size)
+        self.register_buffer("attn_sink", _meta(H))
+        self.compressor = Compressor(cfg, d, self.ratio, overlap=self.kind == CSA) if self.kind != SWA else None
+        self.indexer = Indexer(cfg, self.ratio) if self.kind == CSA else None
+        theta = cfg.rope_theta if self.kind == SWA else cfg.compress_rope_theta
+        yarn = None if self.kind == SWA else cfg.yarn
+        self.register_buffer("inv_freq", yarn_inv_freq(cfg.qk_rope_head_dim, theta, yarn), persistent=False)
+
+    def forward(self, u: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Full causal forward over one sequence. u [T, D] (attn_norm output), positions [T] = 0..T-1."""
+        T, H, d = u.shape[0], self.n_heads, self.head_dim
+        eps = self.cfg.rms_norm_eps
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        c_q = self.q_norm(self.wq_a(u))                                     # [T, q_lora]
+        q = unweighted_rms(self.wq_b(c_q).view(T, H, d), eps)                # [T, H, d]
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        kv = apply_rope(self.norm(self.wkv(u)), cos, sin)                   # [T, d]
+
+        # Sliding window: 128 entries including self.
+        rel = positions[None, :] - positions[:, None]                       # key - query
+        window_bias = torch.zeros(T, T).masked_fill((rel > 0) | (rel <= -self.window), float("-inf"))
+        keys, bias = kv, window_bias
+        if self.compressor is not None:
+            entries, entry_bias = self._compressed(u, c_q, positions)
+            keys = torch.cat([kv, entries.to(kv.dtype)])
+            bias = torch.cat([window_bias, entry_bias], dim=1)
+        o = sink_attention(q, keys, bias, self.attn_sink, d ** -0.5)        # [T, H, d]
+        o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)
+        G = self.cfg.o_groups
+        wo_a = self.wo_a.weight if self.wo_a.fmt is None else self.wo_a.qweight().dequantize(o.dtype)
+        z = torch.einsum("tgi,goi->tgo", o.reshape(T, G, -1), wo_a.view(G, -1, wo_a.shape[-1]))
+        return self.wo_b(z.flatten(1))
+
+    def _compressed(self, u: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor):
+        """Entries of all complete windows and the per-query bias over them (0 = attend, -inf = not)."""
+        m = self.ratio
+        T = u.shape[0]
+        entries = self._compress(self.compressor, u)                        # [C, d]
+        C = entries.shape[0]
+        visible = (positions + 1) // m                                      # entries query t may see
+        if self.indexer is None:                                            # HCA: every visible entry
+            idx_ok = torch.arange(C)[None, :] < visible[:, None]
+            return entries, torch.zeros(T, C).masked_fill(~idx_ok, float("-inf"))
+        ix = self.indexer
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        iq = apply_rope(ix.wq_b(c_q).view(T, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
+        ikeys = self._compress(ix.compressor, u)                            # [C, dI]
+        w = ix.weights_proj(u) * ix.n_heads ** -0.5                         # [T, h]
+        top = indexer_topk(iq, ikeys, w, visible, ix.topk)                  # [T, k], -1 = none
+        bias = torch.full((T, C + 1), float("-inf"))
+        bias.scatter_(1, torch.where(top >= 0, top, C), 0.0)
+        return entries, bias[:, :C]
+
+    def _compress(self, comp: Compressor, u: torch.Tensor) -> torch.Tensor:
+        m = comp.ratio
+        W = u.shape[0] // m
+        kv, gate = comp.project(u[: W * m])
+        kv = kv.view(W, m, -1)
+        gate = gate.view(W, m, -1) + comp.ape
+        pooled = comp.pool(kv, gate)                                        # [W, dim]
+        cos, sin = rope_cos_sin(torch.arange(W) * m, self.inv_freq)         # entry j at position j*m
+        return apply_rope(pooled, cos, sin)
+
+
+# ---- MoE ------------------------------------------------------------------------------------------------
+
+class Expert(nn.Module):
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.w1, self.w2, self.w3 = Linear(dim, inter), Linear(inter, dim), Linear(dim, inter)
+
+
+class Gate(nn.Module):
+    """Routing: sqrtsoftplus scores; top-k of score + correction bias, or tid2eid[token] in hash layers."""
+
+    def __init__(self, cfg: V4Config, hash_layer: bool):
+        super().__init__()
+        self.cfg, self.hash = cfg, hash_layer
+        self.weight_lin = Linear(cfg.hidden_size, cfg.n_routed_experts, fp32=True)
+        if hash_layer:
+            self.register_buffer("tid2eid", _meta(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.long))
+        else:
+            self.register_buffer("bias", _meta(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D], token_ids [N] -> weights [N, K] (fp32), expert ids [N, K]."""
+        scores = F.softplus(self.weight_lin(x)).sqrt()                      # [N, E] fp32
+        if self.hash:
+            idx = self.tid2eid[token_ids]
+        else:
+            idx = torch.topk(scores + self.bias, self.cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+        w = scores.gather(1, idx)
+        if self.cfg.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.cfg.routed_scaling_factor, idx
+
+
+class MoE(nn.Module):
+    """gate -> expert compute -> combine; the cut points of expert parallelism."""
+
+    def __init__(self, cfg: V4Config, layer: int, expert_range: tuple[int, int]):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Gate(cfg, cfg.is_hash_layer(layer))
+        self.expert_range = expert_range
+        self.experts = nn.ModuleDict({str(e): Expert(cfg.hidden_size, cfg.moe_intermediate_size)
+                                      for e in range(*expert_range)})
+        self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size)
+
+    def expert_weights(self) -> dict[int, tuple[QuantTensor, QuantTensor, QuantTensor]]:
+        return {int(e): (m.w1.qweight(), m.w2.qweight(), m.w3.qweight()) for e, m in self.experts.items()}
+
+    def compute_experts(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Rows of (token vector, expert id, routing weight), grouped by expert -> weighted outputs."""
+        return expert_mlp(x, expert_idx, weights, self.expert_weights(), self.cfg.swiglu_limit)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.shared_experts
+        return s.w2(swiglu_clamped(s.w1(x), s.w3(x), self.cfg.swiglu_limit))
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        weights, idx = self.gate(x, token_ids)
+        N, K = idx.shape
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)                            # group rows by expert
+        tok = order // K
+        y = self.compute_experts(x[tok], flat[order], weights.reshape(-1)[order])
+        routed = torch.zeros(N, x.shape[1], dtype=torch.float32).index_add_(0, tok, y.float())
+        return (routed + self.shared(x).float()).to(x.dtype)
+
+
+# ---- block and model ------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self, cfg: V4Config, layer: int, expert_range: tuple[int, int]):
+        super().__init__()
+        self.cfg = cfg
+        n, D = cfg.hc_mult, cfg.hidden_size
+        self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ffn = MoE(cfg, layer, expert_range)
+        for site in ("attn", "ffn"):
+            self.register_buffer(f"hc_{site}_fn", _meta((2 + n) * n, n * D))
+            self.register_buffer(f"hc_{site}_base", _meta((2 + n) * n))
+            self.register_buffer(f"hc_{site}_scale", _meta(3))
+
+    def _hc(self, site: str, x: torch.Tensor):
+        c = self.cfg
+        return mhc_weights(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
+                           getattr(self, f"hc_{site}_scale"), c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, n, D] residual streams of one sequence."""
+        pre, post, comb = self._hc("attn", x)
+        y = self.attn(self.attn_norm(hc_collapse(x, pre)), positions)
+        x = hc_expand(x, y, post, comb)
+        pre, post, comb = self._hc("ffn", x)
+        y = self.ffn(self.ffn_norm(hc_collapse(x, pre)), token_ids)
+        return hc_expand(x, y, post, comb)
+
+
+class V4Model(nn.Module):
+    """DeepSeek-V4 decoder (no MTP). Build on the meta device, then `load_state(...)` from a checkpoint."""
+
+    def __init__(self, cfg: V4Config, dtype: torch.dtype = torch.float32, expert_range: tuple[int, int] | None = None):
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        n, D = cfg.hc_mult, cfg.hidden_size
+        self.expert_range = expert_range or (0, cfg.n_routed_experts)
+        self.register_buffer("embed_weight", _meta(cfg.vocab_size, D))
+        self.layers = nn.ModuleList(Block(cfg, i, self.expert_range) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.head = Linear(D, cfg.vocab_size, fp32=True)
+        self.register_buffer("hc_head_fn", _meta(n, n * D))
+        self.register_buffer("hc_head_base", _meta(n))
+        self.register_buffer("hc_head_scale", _meta(1))
+
+    @torch.no_grad()
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Full causal forward of one sequence without cache. token_ids [T] -> logits [T, V] (fp32)."""
+        T = token_ids.shape[0]
+        positions = torch.arange(T)
+        x = F.embedding(token_ids, self.embed_weight).to(self.dtype)
+        x = x[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()    # [T, n, D]
+        for block in self.layers:
+            x = block(x, positions, token_ids)
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """hc_head -> final norm -> LM head (fp32). x [T, n, D] -> [T, V]."""
+        c = self.cfg
+        flat = x.flatten(1).float()
+        flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + c.rms_norm_eps)
+        pre = torch.sigmoid(F.linear(flat, self.hc_head_fn) * self.hc_head_scale + self.hc_head_base) + c.hc_eps
+        return self.head(self.norm(hc_collapse(x, pre)))
+
+
+def checkpoint_name(module_name: str) -> str:
+    """Module buffer name -> official checkpoint tensor name (the few places nn naming differs)."""
+    if module_name == "embed_weight":
+        return "embed.weight"
+    return module_name.replace(".gate.weight_lin.weight", ".gate.weight")
