@@ -57,7 +57,9 @@ def build_byte_tokenizer(path: str | Path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     # The specials are already in the vocab, so add_special_tokens keeps their ids 0..6.
-    tokenizer.add_special_tokens([AddedToken(SPECIAL_TOKENS[i], special=True, normalized=False) for i in sorted(SPECIAL_TOKENS)])
+    tokenizer.add_special_tokens(
+        [AddedToken(SPECIAL_TOKENS[i], special=True, normalized=False) for i in sorted(SPECIAL_TOKENS)]
+    )
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN}:0 $A:0", pair=f"{BOS_TOKEN}:0 $A:0 {BOS_TOKEN}:1 $B:1", special_tokens=[(BOS_TOKEN, 0)]
     )
@@ -74,7 +76,8 @@ def build_byte_tokenizer(path: str | Path) -> None:
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1 << 20,
     }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    config_text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    (directory / "tokenizer_config.json").write_text(config_text, encoding="utf-8")
 
 
 class V4Tokenizer:
@@ -94,14 +97,18 @@ class V4Tokenizer:
         """Load `<path>/tokenizer.json` (HF fast-tokenizer format)."""
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
-            raise FileNotFoundError(f"tokenizer: {file} does not exist; point at a directory holding tokenizer.json "
-                                    f"or create a test one with v4ray.model.tokenizer.build_byte_tokenizer({str(path)!r})")
+            raise FileNotFoundError(
+                f"tokenizer: {file} does not exist; point at a directory holding tokenizer.json or create a "
+                f"test one with v4ray.model.tokenizer.build_byte_tokenizer({str(path)!r})"
+            )
         return cls(Tokenizer.from_file(str(file)))
 
     def _require_id(self, token: str) -> int:
         token_id = self._tokenizer.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"tokenizer: special token {token!r} is missing from the vocabulary; use a DeepSeek-V4 tokenizer.json")
+            raise ValueError(
+                f"tokenizer: special token {token!r} is missing from the vocabulary; use a DeepSeek-V4 tokenizer.json"
+            )
         return token_id
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:

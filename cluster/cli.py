@@ -1,0 +1,83 @@
+"""The `v4ray` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _make_tiny(args) -> int:
+    from v4ray.model.tiny import make_tiny
+
+    path = make_tiny(args.dir, preset=args.preset, dtype=args.dtype, seed=args.seed,
+                     experts_per_file=args.experts_per_file)
+    print(f"wrote tiny DeepSeek-V4 checkpoint ({args.preset}, {args.dtype}, seed {args.seed}) to {path}")
+    return 0
+
+
+def _generate(args) -> int:
+    from v4ray.cluster.llm import LLM
+    from v4ray.model.sampling import SamplingParams
+
+    llm = LLM(model=args.model, dtype=args.dtype)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=args.stop or None)
+    for out in llm.generate(args.prompt, params):
+        for c in out.outputs:
+            if args.json:
+                print(json.dumps({"prompt": out.prompt, "text": c.text, "token_ids": c.token_ids,
+                                  "finish_reason": c.finish_reason}))
+            else:
+                print(f"{out.prompt!r} -> {c.text!r} ({len(c.token_ids)} tokens, {c.finish_reason})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from v4ray.model.config import preset_names
+    from v4ray.model.tiny import DTYPES
+
+    p = argparse.ArgumentParser(prog="v4ray", description="Serve DeepSeek-V4 on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("make-tiny", help="write a random tiny V4 checkpoint in the official format")
+    t.add_argument("dir", help="output directory")
+    tiny = [n for n in preset_names() if n.startswith("v4-tiny")]
+    t.add_argument("--preset", default="v4-tiny", help=f"one of {', '.join(tiny)} (default v4-tiny)")
+    t.add_argument("--dtype", default="bf16", choices=DTYPES, help="storage format (default bf16)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--experts-per-file", type=int, default=2, help="routed experts per shard file")
+    t.set_defaults(func=_make_tiny)
+
+    g = sub.add_parser("generate", help="generate offline in this process")
+    g.add_argument("--model", required=True, help="checkpoint directory")
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    g.add_argument("--json", action="store_true", help="one JSON object per completion")
+    g.set_defaults(func=_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "make-tiny":
+        from v4ray.model.config import ConfigError, preset_names
+        if args.preset not in preset_names():
+            print(f"v4ray make-tiny: error: unknown preset {args.preset!r}; choose one of "
+                  f"{', '.join(preset_names())}", file=sys.stderr)
+            return 2
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"v4ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Byte-level tokenizer (against transformers' loader) and vLLM-semantics sampling, on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from v4ray.model.sampling import (
+    Logprob,
+    SamplingParams,
+    apply_min_tokens,
+    apply_penalties,
+    check_stop,
+    make_generator,
+    sample_token,
+    top_logprobs,
+)
+from v4ray.model.tokenizer import BYTE_OFFSET, SPECIAL_TOKENS, V4Tokenizer, build_byte_tokenizer
+
+TEXTS = ["hello world", "héllo wörld — ünïcödé", "emoji 😀👍🏽 and 中文", "", " lead\tand\ntrail  "]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_byte_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return V4Tokenizer.from_dir(tokenizer_dir)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip_is_one_token_per_byte(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert ids == [tokenizer.bos_token_id] + [BYTE_OFFSET + b for b in text.encode("utf-8")]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.encode(text, add_bos=False) == ids[1:]
+
+
+def test_specials_at_fixed_ids(tokenizer):
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.vocab_size) == (0, 1, BYTE_OFFSET + 256)
+    for token_id, content in SPECIAL_TOKENS.items():
+        assert tokenizer.encode(content, add_bos=False) == [token_id]
+        assert tokenizer.decode_token(token_id) == content
+    text = f"{SPECIAL_TOKENS[2]}hi{SPECIAL_TOKENS[3]}{SPECIAL_TOKENS[4]}x{SPECIAL_TOKENS[5]}"
+    ids = tokenizer.encode(text)
+    assert ids == [0, 2, BYTE_OFFSET + ord("h"), BYTE_OFFSET + ord("i"), 3, 4, BYTE_OFFSET + ord("x"), 5]
+    assert tokenizer.decode(ids) == "hix"
+    assert tokenizer.decode(ids, skip_special_tokens=False) == SPECIAL_TOKENS[0] + text
+
+
+def test_build_is_deterministic(tokenizer_dir, tmp_path):
+    build_byte_tokenizer(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).read_bytes() == (tokenizer_dir / name).read_bytes()
+
+
+def test_transformers_autotokenizer_agrees(tokenizer_dir, tokenizer):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, 6)
+    for text in TEXTS + [f"{SPECIAL_TOKENS[2]}hi{SPECIAL_TOKENS[3]}"]:
+        ids = tokenizer.encode(text)
+        assert hf(text)["input_ids"] == ids
+        assert hf.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids)
+
+
+def test_unused_ids_decode_to_empty(tokenizer):
+    unused = [7, 8, 15, 272, 300, 511]
+    assert tokenizer.decode(unused) == ""
+    assert all(tokenizer.decode_token(i) == "" for i in unused)
+    assert tokenizer.decode([BYTE_OFFSET + ord("a"), 9, 400, BYTE_OFFSET + ord("b")]) == "ab"
+
+
+def test_partial_utf8_does_not_raise(tokenizer):
+    first_two_bytes = [BYTE_OFFSET + b for b in "😀".encode("utf-8")[:2]]
+    assert tokenizer.decode(first_two_bytes) == "\ufffd"
+    assert tokenizer.decode_token(first_two_bytes[0]) == "\ufffd"
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_incremental_decoder_matches_full_decode(tokenizer, skip_special_tokens):
+    text = f"a€😀{SPECIAL_TOKENS[4]}中b"
+    ids = tokenizer.encode(text) + [9, 300]
+    ids += [BYTE_OFFSET + 0xE4, BYTE_OFFSET + 0xB8]  # a truncated 3-byte character at the end
+    decoder = tokenizer.incremental_decoder(skip_special_tokens)
+    pieces = [decoder.step(i) for i in ids]
+    pieces.append(decoder.flush())
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    # "€" is 3 bytes: nothing is emitted until its last byte arrives.
+    euro_start = 2  # after bos and "a"
+    assert pieces[euro_start : euro_start + 3] == ["", "", "€"]
+
+
+def test_missing_tokenizer_file_names_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        V4Tokenizer.from_dir(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------- params
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("n", 0),
+        ("max_tokens", 0),
+        ("min_tokens", -1),
+        ("min_tokens", 17),  # > max_tokens (16)
+        ("temperature", -1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("min_p", 1.5),
+        ("seed", 1.5),
+        ("stop", [""]),
+        ("stop", [3]),
+        ("stop_token_ids", [-1]),
+        ("logprobs", 21),
+        ("logprobs", -1),
+        ("prompt_logprobs", 21),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -2.5),
+        ("repetition_penalty", 0.0),
+        ("logit_bias", {"x": 1.0}),
+        ("logit_bias", {5: 101.0}),
+        ("ignore_eos", "yes"),
+        ("skip_special_tokens", None),
+    ],
+)
+def test_sampling_params_validation_names_field(field, value):
+    with pytest.raises(ValueError) as error:
+        SamplingParams(**{field: value})
+    assert str(error.value).startswith(field), str(error.value)
+
+
+def test_sampling_params_normalisation():
+    params = SamplingParams(stop="###", logit_bias={"5": -100})
+    assert params.stop == ["###"] and params.stop_token_ids == [] and params.logit_bias == {5: -100.0}
+    assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=1e-6).greedy
+    assert not SamplingParams(temperature=1e-4).greedy
+    assert SamplingParams(top_k=-1).top_k == -1
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def test_greedy_picks_first_argmax():
+    logits = torch.tensor([0.1, 3.0, -1.0, 3.0, 2.0])
+    assert sample_token(logits, SamplingParams(temperature=0.0)) == 1
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    logits = torch.zeros(1000)  # flat distribution
+    params = SamplingParams(temperature=1.0)
+
+    def draw(seed):
+        generator = make_generator(seed)
+        return [sample_token(logits, params, generator) for _ in range(16)]
+
+    assert draw(0) == draw(0)
+    assert draw(0) != draw(1)
+    assert make_generator(None) is None
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy():
+    torch.manual_seed(0)
+    for _ in range(10):
+        logits = torch.randn(64)
+        expected = int(torch.argmax(logits))
+        generator = make_generator(1)
+        assert sample_token(logits, SamplingParams(top_k=1, temperature=2.0), generator) == expected
+        assert sample_token(logits, SamplingParams(top_p=1e-6, temperature=2.0), generator) == expected
+        assert sample_token(logits, SamplingParams(min_p=1.0, temperature=2.0), generator) == expected
+
+
+def test_top_k_top_p_restrict_support():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    generator = make_generator(7)
+    top_p = {sample_token(logits, SamplingParams(top_p=0.8), generator) for _ in range(200)}
+    assert top_p == {0, 1}  # 0.5 + 0.3 reaches 0.8: the smallest such set
+    top_k = {sample_token(logits, SamplingParams(top_k=3), generator) for _ in range(300)}
+    assert top_k == {0, 1, 2}
+
+
+def test_penalties_hand_computed():
+    logits = torch.tensor([2.0, -1.0, 0.5, 4.0, -3.0])
+    params = SamplingParams(
+        presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0, logit_bias={4: 1.0}
+    )
+    out = apply_penalties(logits, output_token_ids=[0, 0, 1], prompt_token_ids=[3], params=params)
+    expected = torch.tensor(
+        [
+            2.0 / 2.0 - 0.25 * 2 - 0.5,  # generated twice, positive: divided by 2
+            -1.0 * 2.0 - 0.25 * 1 - 0.5,  # generated once, negative: multiplied by 2
+            0.5,  # unseen
+            4.0 / 2.0,  # prompt only: repetition penalty, no presence/frequency
+            -3.0 + 1.0,  # logit_bias only
+        ]
+    )
+    torch.testing.assert_close(out, expected)
+    assert logits[0] == 2.0  # input untouched
+    torch.testing.assert_close(apply_penalties(logits, [0], [3], SamplingParams()), logits)
+
+
+def test_min_tokens_bans_eos_and_stop_ids():
+    logits = torch.zeros(8)
+    params = SamplingParams(min_tokens=2, stop_token_ids=[5])
+    banned = apply_min_tokens(logits, 1, params, eos_token_id=1)
+    assert torch.isinf(banned[[1, 5]]).all() and torch.isfinite(banned[[0, 2, 3, 4, 6, 7]]).all()
+    assert apply_min_tokens(logits, 2, params, eos_token_id=1) is logits
+
+
+def test_top_logprobs_ranks_and_chosen():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0, -1.0])
+    expected_logprobs = torch.log_softmax(logits, dim=-1)
+    result = top_logprobs(logits, k=2, chosen=3, decode=lambda i: f"<{i}>")
+    assert list(result) == [1, 2, 3]
+    assert [result[i].rank for i in (1, 2, 3)] == [1, 2, 4]
+    assert result[3] == Logprob(logprob=pytest.approx(float(expected_logprobs[3])), rank=4, decoded_token="<3>")
+    assert math.isclose(result[1].logprob, float(expected_logprobs[1]), rel_tol=1e-6)
+    within = top_logprobs(logits, k=3, chosen=0)
+    assert list(within) == [1, 2, 0] and within[0].rank == 3 and within[0].decoded_token is None
+    assert list(top_logprobs(logits, k=0, chosen=4)) == [4]
+
+
+@pytest.mark.parametrize(
+    "text, new_text_start, stop, expected",
+    [
+        ("hello world", 6, ["world"], 6),
+        ("hello world", 6, ["xyz"], None),
+        ("hello wor", 6, ["world"], None),  # only a prefix so far
+        ("abc###def", 4, ["###"], 3),  # stop straddles the old/new boundary
+        ("a.b!c", 0, ["!", "."], 1),  # earliest occurrence wins, not list order
+        ("a.b", 2, ["."], None),  # a match wholly inside old text is not new
+        ("stop here", 0, ["stop"], 0),
+        ("anything", 3, [], None),
+    ],
+)
+def test_check_stop(text, new_text_start, stop, expected):
+    assert check_stop(text, new_text_start, stop) == expected
