@@ -224,6 +224,8 @@ class Attention(nn.Module):
     def _compress(self, comp: Compressor, u: torch.Tensor) -> torch.Tensor:
         m = comp.ratio
         W = u.shape[0] // m
+        if W == 0:
+            return torch.zeros(0, comp.dim)
         kv, gate = comp.project(u[: W * m])
         kv = kv.view(W, m, -1)
         gate = gate.view(W, m, -1) + comp.ape

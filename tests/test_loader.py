@@ -1,0 +1,124 @@
+"""Checkpoint loading: expert ranges touch only their files, transformers' names, MTP, and broken inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from v4ray.model.config import ConfigError, V4Config, load_preset
+from v4ray.model.loader import INDEX_FILE, Checkpoint, CheckpointError, load_model
+from v4ray.model.tiny import expert_files
+
+from conftest import load_reference, parity_prompt, reference_logits, rel_err
+from test_parity import PARITY_RTOL
+
+
+@pytest.fixture
+def ckpt_copy(tiny_ckpt, tmp_path):
+    def get(**kw):
+        dst = tmp_path / "ckpt"
+        shutil.copytree(tiny_ckpt(**kw), dst)
+        return dst
+    return get
+
+
+def test_expert_range_reads_only_its_files(ckpt_copy):
+    ckpt = ckpt_copy(preset="v4-tiny", dtype="fp4-experts", experts_per_file=2)
+    full = load_model(ckpt, torch.float32)
+    deleted = []
+    for fname, ids in expert_files(ckpt).items():
+        if ids and ids.isdisjoint({-1, 2, 3}):  # files holding only other experts
+            (ckpt / fname).unlink()
+            deleted.append(fname)
+    assert len(deleted) == 3
+    shard = load_model(ckpt, torch.float32, expert_range=(2, 4), keep_quantized=True)
+    for layer_full, layer_shard in zip(full.layers, shard.layers):
+        assert sorted(layer_shard.ffn.experts) == ["2", "3"]
+        for e in ("2", "3"):
+            for w in ("w1", "w2", "w3"):
+                a = getattr(layer_full.ffn.experts[e], w).weight
+                b = getattr(layer_shard.ffn.experts[e], w).qweight().dequantize(torch.float32)
+                assert torch.equal(a, b)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(ckpt, torch.float32)  # the full model needs the deleted files: named in the error
+
+
+def test_transformers_save_pretrained_names_load(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt("v4-tiny-pro")
+    ref = load_reference(ckpt)
+    ref.save_pretrained(tmp_path / "tf")
+    names = set(json.loads((tmp_path / "tf" / INDEX_FILE).read_text())["weight_map"]) if \
+        (tmp_path / "tf" / INDEX_FILE).exists() else set(load_file(tmp_path / "tf" / "model.safetensors"))
+    assert "model.embed_tokens.weight" in names and "model.hc_head.hc_fn" in names  # transformers' spelling
+    ids = parity_prompt(160)
+    ours = load_model(tmp_path / "tf", torch.float32)(ids)
+    assert rel_err(ours, reference_logits(ref, ids)).max() <= PARITY_RTOL
+
+
+def test_single_file_checkpoint_and_mtp_tensors(tiny_ckpt, tmp_path):
+    src = tiny_ckpt("v4-tiny-swa")
+    tensors = {}
+    for f in src.glob("*.safetensors"):
+        tensors.update(load_file(f))
+    tensors["mtp.0.e_proj.weight"] = torch.zeros(4, 4)
+    tensors["mtp.0.hnorm.weight"] = torch.zeros(4)
+    dst = tmp_path / "single"
+    dst.mkdir()
+    save_file(tensors, dst / "model.safetensors")
+    for f in ("config.json", "tokenizer.json"):
+        shutil.copy(src / f, dst / f)
+    assert Checkpoint(dst).skipped_mtp == 2
+    ids = parity_prompt(40)
+    assert torch.equal(load_model(dst, torch.float32)(ids), load_model(src, torch.float32)(ids))
+
+
+def _rewrite_index(ckpt, fn):
+    index = ckpt / INDEX_FILE
+    d = json.loads(index.read_text())
+    fn(d["weight_map"])
+    index.write_text(json.dumps(d))
+
+
+def test_missing_tensor_is_named(ckpt_copy):
+    ckpt = ckpt_copy(preset="v4-tiny-swa")
+    _rewrite_index(ckpt, lambda wm: wm.pop("layers.1.attn.wq_b.weight"))
+    with pytest.raises(CheckpointError, match=r"'layers\.1\.attn\.wq_b\.weight' \(expected shape \[256, 64\]\)"):
+        load_model(ckpt)
+
+
+def test_wrong_shape_is_named(ckpt_copy):
+    ckpt = ckpt_copy(preset="v4-tiny-swa")
+    fname = json.loads((ckpt / INDEX_FILE).read_text())["weight_map"]["layers.0.attn.wkv.weight"]
+    t = load_file(ckpt / fname)
+    t["layers.0.attn.wkv.weight"] = torch.zeros(64, 100)
+    save_file(t, ckpt / fname)
+    with pytest.raises(CheckpointError, match=r"'layers\.0\.attn\.wkv\.weight' has shape \[64, 100\], expected \[64, 128\]"):
+        load_model(ckpt)
+
+
+def test_pickle_checkpoint_refused(tmp_path, tiny_ckpt):
+    shutil.copy(tiny_ckpt("v4-tiny-swa") / "config.json", tmp_path / "config.json")
+    torch.save({"embed.weight": torch.zeros(2, 2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle.*safetensors only"):
+        load_model(tmp_path)
+
+
+def test_unknown_model_type(tmp_path):
+    d = load_preset("v4-tiny").to_hf_dict() | {"model_type": "deepseek_v3"}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="'model_type' is 'deepseek_v3'"):
+        V4Config.from_file(tmp_path)
+
+
+def test_bad_preset_cli(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "v4ray.cluster.cli", "make-tiny", str(tmp_path / "x"),
+                        "--preset", "v4-huge"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown preset 'v4-huge'" in r.stderr and "v4-tiny" in r.stderr
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_preset("nope")
