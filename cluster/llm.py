@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence as Seq
 
 import torch
 
 from v4ray.model.config import V4Config
+from v4ray.model.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, SeqCache, StepBatch
 from v4ray.model.loader import load_model
 from v4ray.model.sampling import SamplingParams, make_generator
 from v4ray.model.tokenizer import V4Tokenizer
@@ -40,7 +42,8 @@ class LLM:
     """
 
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", keep_quantized: bool = False,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
+                 block_size: int = DEFAULT_BLOCK_SIZE):
         path = Path(model)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model={str(model)!r} is not a checkpoint directory (no config.json); create a "
@@ -50,6 +53,10 @@ class LLM:
         self.model = load_model(path, self.dtype, keep_quantized=keep_quantized, cfg=self.config)
         self.tokenizer = V4Tokenizer.from_dir(path)
         self.max_model_len = max_model_len or self.config.max_position_embeddings
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.block_size = block_size
         self._ids = itertools.count()
 
     def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -72,7 +79,10 @@ class LLM:
 
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for each prompt; returns one RequestOutput per prompt, in order."""
+        """Generate for each prompt; returns one RequestOutput per prompt, in order.
+
+        All sequences (prompts x n) run together: prompts are prefilled in chunks of at most
+        `max_num_batched_tokens` tokens per step, then every running sequence decodes one token per step."""
         if not isinstance(prompts, (list, tuple)):
             prompts = [prompts]
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -80,21 +90,88 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         requests = [self._prompt_ids(p) for p in prompts]  # validate all before running any
-        return [self._generate_one(text, ids, sp) for (text, ids), sp in zip(requests, params)]
+        outputs, running = [], []
+        for (text, ids), sp in zip(requests, params):
+            out = RequestOutput(request_id=str(next(self._ids)), prompt=text, prompt_token_ids=ids,
+                                prompt_logprobs=None)
+            outputs.append(out)
+            generator = make_generator(sp.seed)
+            for i in range(sp.n):
+                seq = Sequence(i, ids, sp, self.tokenizer, generator, self.max_model_len)
+                running.append(_Running(out, seq, want_prompt_logits=(i == 0 and sp.prompt_logprobs is not None)))
+        need = [min(len(r.seq.prompt_token_ids) + r.seq.params.max_tokens, self.max_model_len) for r in running]
+        cache = PagedKVCache(self.config, num_blocks=sum(-(-n // self.block_size) for n in need),
+                             num_slots=len(running), dtype=self.dtype, block_size=self.block_size)
+        for r in running:
+            r.cache = cache.allocate(0)
+        while running:
+            running = self._step(cache, running)
+        for out in outputs:
+            out.outputs.sort(key=lambda c: c.index)
+        return outputs
 
-    def _generate_one(self, text: str | None, ids: list[int], params: SamplingParams) -> RequestOutput:
-        generator = make_generator(params.seed)
-        logits = self.model(torch.tensor(ids))  # [P, V]: one full forward, no cache
-        out = RequestOutput(request_id=str(next(self._ids)), prompt=text, prompt_token_ids=ids,
-                            prompt_logprobs=(prompt_logprobs(logits, ids, params.prompt_logprobs, self.tokenizer)
-                                             if params.prompt_logprobs is not None else None))
-        for i in range(params.n):
-            seq = Sequence(i, ids, params, self.tokenizer, generator, self.max_model_len)
-            last = logits[-1]
-            while True:
-                seq.step(last)
-                if seq.finished:
-                    break
-                last = self.model(torch.tensor(seq.all_token_ids))[-1]  # full recomputation
-            out.outputs.append(seq.output())
-        return out
+    def _step(self, cache: PagedKVCache, running: list["_Running"]) -> list["_Running"]:
+        """One model step over every running sequence; returns those still running."""
+        budget = self.max_num_batched_tokens
+        chunks, tokens, rows, sample_at = [], [], [], []
+        for r in running:
+            prompt = r.seq.prompt_token_ids
+            if r.prefilled < len(prompt):
+                n = min(len(prompt) - r.prefilled, max(budget, 0))
+                if n == 0:
+                    continue
+                new = prompt[r.prefilled:r.prefilled + n]
+            else:
+                new, n = [r.seq.output_token_ids[-1]], 1
+            budget -= n
+            first_row = len(tokens)
+            tokens.extend(new)
+            chunks.append((r, n))
+            if r.want_prompt_logits and r.prefilled < len(prompt):
+                rows.extend(range(first_row, first_row + n))
+                sample_at.append(len(rows) - 1 if r.prefilled + n == len(prompt) else None)
+            elif r.prefilled + n >= len(prompt):
+                rows.append(first_row + n - 1)
+                sample_at.append(len(rows) - 1)
+            else:
+                sample_at.append(None)
+        for r, n in chunks:
+            cache.append(r.cache, n)
+        batch = StepBatch.build(cache, [r.cache for r, _ in chunks], [n for _, n in chunks])
+        logits = self.model.step(torch.tensor(tokens), batch, torch.tensor(rows, dtype=torch.long))
+        row = 0
+        for (r, n), at in zip(chunks, sample_at):
+            prompt = r.seq.prompt_token_ids
+            if r.want_prompt_logits and r.prefilled < len(prompt):
+                r.prompt_logits.append(logits[row:row + n])
+                row += n
+            elif at is not None:
+                row += 1
+            r.prefilled = min(r.prefilled + n, len(prompt))
+            if at is None:
+                continue
+            if r.want_prompt_logits and r.prompt_logits is not None:
+                k = r.seq.params.prompt_logprobs
+                r.out.prompt_logprobs = prompt_logprobs(torch.cat(r.prompt_logits), prompt, k, self.tokenizer)
+                r.prompt_logits = None
+            r.seq.step(logits[at])
+        still = []
+        for r in running:
+            if r.seq.finished:
+                r.out.outputs.append(r.seq.output())
+                cache.free(r.cache)
+            else:
+                still.append(r)
+        return still
+
+
+@dataclass
+class _Running:
+    """A sequence in flight: its request's output, sampling state, cache handle and prefill progress."""
+
+    out: RequestOutput
+    seq: Sequence
+    want_prompt_logits: bool = False
+    prefilled: int = 0
+    cache: SeqCache | None = None
+    prompt_logits: list | None = field(default_factory=list)

@@ -1,7 +1,9 @@
 """Lightning Indexer scoring and causal top-k (V4_MODEL.md §2.4).
 
 I_{t,j} = sum_h w_{t,h} * ReLU(q_{t,h} . k_j) * d_I^-1/2; entry j is visible to query t iff j < limit_t;
-top-k over visible entries, -1 where fewer than k are visible.
+top-k over visible entries, -1 where fewer than k are visible. Exactly equal scores (e.g. every head's ReLU
+at zero) resolve to the lower entry index, so a query selects the same entries however many future entries
+its row holds (full prefill vs. incremental decode).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def indexer_topk_ref(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
     scores = (scores * weights.float()[..., None]).sum(dim=1)  # [T, C]
     future = torch.arange(C, device=q.device)[None, :] >= visible[:, None]
     scores = scores.masked_fill(future, float("-inf"))
-    idx = scores.topk(k, dim=-1).indices
+    idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
     return torch.where(idx >= visible[:, None], torch.full_like(idx, -1), idx)
 
 

@@ -21,6 +21,7 @@ from v4ray.kernels.moe import swiglu_clamped
 from v4ray.kernels.quant import QuantTensor
 
 from .config import CSA, HCA, SWA, V4Config, yarn_inv_freq
+from .kv_cache import LayerCache, StepBatch
 
 # Tensors kept in fp32 whatever the compute dtype (transformers' `_keep_in_fp32_modules_strict`, REF alike).
 FP32_SUFFIXES = ("norm.weight", "attn_sink", "ape", "gate.bias", "hc_attn_fn", "hc_attn_base", "hc_attn_scale",
@@ -176,62 +177,137 @@ class Attention(nn.Module):
         yarn = None if self.kind == SWA else cfg.yarn
         self.register_buffer("inv_freq", yarn_inv_freq(cfg.qk_rope_head_dim, theta, yarn), persistent=False)
 
-    def forward(self, u: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Full causal forward over one sequence. u [T, D] (attn_norm output), positions [T] = 0..T-1."""
-        T, H, d = u.shape[0], self.n_heads, self.head_dim
-        eps = self.cfg.rms_norm_eps
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
-        c_q = self.q_norm(self.wq_a(u))                                     # [T, q_lora]
-        q = unweighted_rms(self.wq_b(c_q).view(T, H, d), eps)                # [T, H, d]
-        q = apply_rope(q, cos[:, None], sin[:, None])
-        kv = apply_rope(self.norm(self.wkv(u)), cos, sin)                   # [T, d]
+    def forward(self, u: torch.Tensor, positions: torch.Tensor, step: "StepBatch | None" = None,
+                cache: "LayerCache | None" = None) -> torch.Tensor:
+        """u [N, D] (attn_norm output) at `positions` [N] -> [N, D].
 
-        # Sliding window: 128 entries including self.
-        rel = positions[None, :] - positions[:, None]                       # key - query
-        window_bias = torch.zeros(T, T).masked_fill((rel > 0) | (rel <= -self.window), float("-inf"))
-        keys, bias = kv, window_bias
-        if self.compressor is not None:
-            entries, entry_bias = self._compressed(u, c_q, positions)
-            keys = torch.cat([kv, entries.to(kv.dtype)])
-            bias = torch.cat([window_bias, entry_bias], dim=1)
-        o = sink_attention(q, keys, bias, self.attn_sink, d ** -0.5)        # [T, H, d]
+        Without `step`: the full causal forward of one sequence (positions 0..N-1), recomputing everything —
+        the plain reference. With `step`: N is the concatenation of each sequence's chunk of new tokens; the
+        chunks read and extend their cached state in `cache` (paged prefill and decode)."""
+        c_q, q, kv, cos, sin = self._project(u, positions)
+        if step is None:
+            o = self._attend(q, kv, positions, self._full_entries(u, c_q, positions), positions)
+        else:
+            o = self._attend_cached(u, c_q, q, kv, positions, step, cache)
         o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)
         G = self.cfg.o_groups
         wo_a = self.wo_a.weight if self.wo_a.fmt is None else self.wo_a.qweight().dequantize(o.dtype)
-        z = torch.einsum("tgi,goi->tgo", o.reshape(T, G, -1), wo_a.view(G, -1, wo_a.shape[-1]))
+        z = torch.einsum("tgi,goi->tgo", o.reshape(o.shape[0], G, -1), wo_a.view(G, -1, wo_a.shape[-1]))
         return self.wo_b(z.flatten(1))
 
-    def _compressed(self, u: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor):
-        """Entries of all complete windows and the per-query bias over them (0 = attend, -inf = not)."""
-        m = self.ratio
-        T = u.shape[0]
-        entries = self._compress(self.compressor, u)                        # [C, d]
-        C = entries.shape[0]
-        visible = (positions + 1) // m                                      # entries query t may see
-        if self.indexer is None:                                            # HCA: every visible entry
-            idx_ok = torch.arange(C)[None, :] < visible[:, None]
-            return entries, torch.zeros(T, C).masked_fill(~idx_ok, float("-inf"))
+    def _project(self, u: torch.Tensor, positions: torch.Tensor):
+        N, H, d = u.shape[0], self.n_heads, self.head_dim
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        c_q = self.q_norm(self.wq_a(u))                                     # [N, q_lora]
+        q = unweighted_rms(self.wq_b(c_q).view(N, H, d), self.cfg.rms_norm_eps)
+        q = apply_rope(q, cos[:, None], sin[:, None])                       # [N, H, d]
+        kv = apply_rope(self.norm(self.wkv(u)), cos, sin)                   # [N, d]
+        return c_q, q, kv, cos, sin
+
+    def _attend(self, q: torch.Tensor, window_kv: torch.Tensor, window_pos: torch.Tensor,
+                compressed: tuple[torch.Tensor, torch.Tensor] | None, positions: torch.Tensor) -> torch.Tensor:
+        """Queries q [T, H, d] at `positions` over the sliding-window keys (K=V vectors at `window_pos`; the
+        last `window` including self are visible) and optional compressed entries with their bias."""
+        rel = window_pos[None, :] - positions[:, None]                      # key - query
+        bias = torch.zeros(rel.shape).masked_fill((rel > 0) | (rel <= -self.window), float("-inf"))
+        keys = window_kv
+        if compressed is not None:
+            entries, entry_bias = compressed
+            keys = torch.cat([window_kv, entries.to(window_kv.dtype)])
+            bias = torch.cat([bias, entry_bias], dim=1)
+        return sink_attention(q, keys, bias, self.attn_sink, self.head_dim ** -0.5)
+
+    def _entry_bias(self, entries: torch.Tensor, index_keys: torch.Tensor | None, u: torch.Tensor,
+                    c_q: torch.Tensor, positions: torch.Tensor):
+        """Per-query bias over the first C entries (0 = attend, -inf = not): HCA sees every entry whose
+        window has closed; CSA only the indexer's top-k of those."""
+        T, C = positions.shape[0], entries.shape[0]
+        visible = (positions + 1) // self.ratio                             # entries query t may see
+        if self.indexer is None:
+            hidden = torch.arange(C)[None, :] >= visible[:, None]
+            return entries, torch.zeros(T, C).masked_fill(hidden, float("-inf"))
         ix = self.indexer
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         iq = apply_rope(ix.wq_b(c_q).view(T, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
-        ikeys = self._compress(ix.compressor, u)                            # [C, dI]
         w = ix.weights_proj(u) * ix.n_heads ** -0.5                         # [T, h]
-        top = indexer_topk(iq, ikeys, w, visible, ix.topk)                  # [T, k], -1 = none
+        top = indexer_topk(iq, index_keys, w, visible, ix.topk)             # [T, k], -1 = none
         bias = torch.full((T, C + 1), float("-inf"))
         bias.scatter_(1, torch.where(top >= 0, top, C), 0.0)
         return entries, bias[:, :C]
 
-    def _compress(self, comp: Compressor, u: torch.Tensor) -> torch.Tensor:
+    # -- full reference path ----------------------------------------------------------------------------------
+    def _full_entries(self, u: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor):
+        if self.compressor is None:
+            return None
+        entries = self._compress_all(self.compressor, u)                    # [C, d]
+        ikeys = self._compress_all(self.indexer.compressor, u) if self.indexer is not None else None
+        return self._entry_bias(entries, ikeys, u, c_q, positions)
+
+    def _compress_all(self, comp: Compressor, u: torch.Tensor) -> torch.Tensor:
         m = comp.ratio
         W = u.shape[0] // m
         if W == 0:
             return torch.zeros(0, comp.dim)
         kv, gate = comp.project(u[: W * m])
-        kv = kv.view(W, m, -1)
-        gate = gate.view(W, m, -1) + comp.ape
-        pooled = comp.pool(kv, gate)                                        # [W, dim]
+        pooled = comp.pool(kv.view(W, m, -1), gate.view(W, m, -1) + comp.ape)   # [W, dim]
         cos, sin = rope_cos_sin(torch.arange(W) * m, self.inv_freq)         # entry j at position j*m
         return apply_rope(pooled, cos, sin)
+
+    # -- cached (paged) path ----------------------------------------------------------------------------------
+    def _attend_cached(self, u, c_q, q, kv, positions, step: "StepBatch", lc: "LayerCache") -> torch.Tensor:
+        if self.compressor is not None:  # emit the entries of windows closing in this step first
+            self._emit(self.compressor, u, positions, step, lc.entries, lc.state_kv, lc.state_gate)
+        if self.indexer is not None:
+            self._emit(self.indexer.compressor, u, positions, step, lc.index_keys, lc.index_state_kv,
+                       lc.index_state_gate)
+        w = self.window
+        outs = []
+        for seq, a, L in step.chunks:
+            s = seq.num_tokens                                              # tokens cached before this step
+            pos = positions[a:a + L]
+            past = torch.arange(max(0, s - w + 1), s)
+            window_kv = torch.cat([lc.swa[seq.slot, past % w], kv[a:a + L]])
+            compressed = None
+            if self.compressor is not None:
+                C = (s + L) // self.ratio
+                entries = step.cache.gather_entries(lc.entries, seq, self.ratio, C)
+                ikeys = (step.cache.gather_entries(lc.index_keys, seq, self.ratio, C)
+                         if self.indexer is not None else None)
+                compressed = self._entry_bias(entries, ikeys, u[a:a + L], c_q[a:a + L], pos)
+            outs.append(self._attend(q[a:a + L], window_kv, torch.cat([past, pos]), compressed, pos))
+        for seq, a, L in step.chunks:  # write the ring after every chunk has read it
+            s = seq.num_tokens
+            new = torch.arange(max(s, s + L - w), s + L)
+            lc.swa[seq.slot, new % w] = kv[a + new - s].to(lc.swa.dtype)
+        return torch.cat(outs)
+
+    def _emit(self, comp: Compressor, u: torch.Tensor, positions: torch.Tensor, step: "StepBatch",
+              pool: torch.Tensor, ring_kv: torch.Tensor, ring_gate: torch.Tensor) -> None:
+        """Pool every window that closes within this step into `pool`, then keep the newest raw rows in the
+        sequence's compressor ring (which must cover the open window and, for CSA, the previous one)."""
+        m, R, ov = comp.ratio, ring_kv.shape[1], int(comp.overlap)
+        kv_new, gate_new = comp.project(u)
+        gate_new = gate_new + comp.ape[positions % m]
+        for seq, a, L in step.chunks:
+            s = seq.num_tokens
+            j0, j1 = s // m, (s + L) // m                                   # windows closing: [j0, j1)
+            first = max(0, (j0 - ov) * m)                                   # oldest row the pooling reads
+            past = torch.arange(first, s)
+            rows_kv = torch.cat([ring_kv[seq.slot, past % R], kv_new[a:a + L]])
+            rows_gate = torch.cat([ring_gate[seq.slot, past % R], gate_new[a:a + L]])
+            if j1 > j0:
+                W, off = j1 - j0, j0 * m - first
+                prev_kv = prev_gate = None
+                if ov and j0 >= 1:  # first-half channels of the window before the first closing one
+                    prev_kv, prev_gate = rows_kv[off - m:off, :comp.dim], rows_gate[off - m:off, :comp.dim]
+                pooled = comp.pool(rows_kv[off:off + W * m].view(W, m, -1), rows_gate[off:off + W * m].view(W, m, -1),
+                                   prev_kv, prev_gate)
+                cos, sin = rope_cos_sin(torch.arange(j0, j1) * m, self.inv_freq)
+                blocks, offsets = step.cache.entry_slots(seq, m, j0, j1)
+                pool[blocks, offsets] = apply_rope(pooled, cos, sin).to(pool.dtype)
+            new = torch.arange(max(s, s + L - R), s + L)
+            ring_kv[seq.slot, new % R] = kv_new[a + new - s]
+            ring_gate[seq.slot, new % R] = gate_new[a + new - s]
 
 
 # ---- MoE ------------------------------------------------------------------------------------------------
@@ -322,10 +398,11 @@ class Block(nn.Module):
         return mhc_weights(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
                            getattr(self, f"hc_{site}_scale"), c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """x [T, n, D] residual streams of one sequence."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor,
+                step: StepBatch | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+        """x [N, n, D] residual streams of N tokens (one whole sequence, or a step's chunks)."""
         pre, post, comb = self._hc("attn", x)
-        y = self.attn(self.attn_norm(hc_collapse(x, pre)), positions)
+        y = self.attn(self.attn_norm(hc_collapse(x, pre)), positions, step, cache)
         x = hc_expand(x, y, post, comb)
         pre, post, comb = self._hc("ffn", x)
         y = self.ffn(self.ffn_norm(hc_collapse(x, pre)), token_ids)
@@ -358,6 +435,24 @@ class V4Model(nn.Module):
         for block in self.layers:
             x = block(x, positions, token_ids)
         return self.logits(x)
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor, batch: StepBatch, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Prefill and/or decode through the paged cache: token_ids [N] are the chunks of `batch`, concatenated.
+
+        Returns logits [len(logit_rows), V] (default: each chunk's last token) and advances each sequence's
+        cached token count."""
+        if token_ids.shape[0] != batch.num_tokens:
+            raise ValueError(f"token_ids has {token_ids.shape[0]} tokens, the batch's chunks {batch.num_tokens}")
+        positions = batch.positions()
+        x = F.embedding(token_ids, self.embed_weight).to(self.dtype)
+        x = x[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()    # [N, n, D]
+        for block, layer_cache in zip(self.layers, batch.cache.layers):
+            x = block(x, positions, token_ids, batch, layer_cache)
+        for seq, _, n in batch.chunks:
+            seq.num_tokens += n
+        rows = batch.last_rows() if logit_rows is None else logit_rows
+        return self.logits(x[rows])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """hc_head -> final norm -> LM head (fp32). x [T, n, D] -> [T, V]."""

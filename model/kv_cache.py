@@ -1,0 +1,186 @@
+"""V4 cache state, paged: compressed entries in token blocks, fixed per-sequence state in slots.
+
+Two kinds of storage (V4_MODEL.md §3, ARCHITECTURE.md "KV cache"):
+
+* Token-proportional: each layer's compressed entries (CSA: one per `m` tokens, plus one indexer key; HCA: one
+  per `m'` tokens) live in pools of fixed-size token blocks. A sequence's `block_table[i]` holds tokens
+  [i*B, (i+1)*B); entry j of a layer with ratio m sits in block j*m // B at offset j % (B/m). B is a multiple
+  of every compression rate, so windows never straddle blocks.
+* Fixed per sequence: the sliding-window ring (last `window` K=V vectors) and each compressor's ring of raw
+  per-token rows (kv, gate + position bias; fp32): 2m rows for CSA (the open window and the previous one, whose
+  first-half channels overlap into the next entry), m rows for HCA. A sequence owns one state slot.
+
+Accounting (which block or slot is free) is plain Python in `BlockAllocator`; `PagedKVCache` owns the tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import CSA, SWA, V4Config
+
+DEFAULT_BLOCK_SIZE = 256
+
+
+class CacheFullError(RuntimeError):
+    """Not enough free blocks or slots; nothing was allocated."""
+
+
+class BlockAllocator:
+    """Free-list accounting of `num` interchangeable units (token blocks or state slots)."""
+
+    def __init__(self, num: int):
+        self.num = num
+        self._free = list(range(num - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise CacheFullError(f"need {n} blocks, {len(self._free)} of {self.num} free")
+        out = [self._free.pop() for _ in range(n)]
+        return out
+
+    def free(self, ids: list[int]) -> None:
+        self._free.extend(reversed(ids))
+        assert len(self._free) <= self.num, "a block was freed twice"
+
+
+@dataclass
+class SeqCache:
+    """One sequence's handle into the cache: its state slot, block table and cached token count."""
+
+    slot: int
+    block_table: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+@dataclass
+class LayerCache:
+    """Tensors of one layer. Entries [blocks, B/m, d]; rings [slots, rows, ...]."""
+
+    kind: str
+    ratio: int
+    swa: torch.Tensor                       # [slots, window, d] RoPE'd K=V, row = position % window
+    entries: torch.Tensor | None = None     # [blocks, B/m, d] compressed entries (RoPE'd, normalised)
+    state_kv: torch.Tensor | None = None    # [slots, R, coff*d] fp32 raw compressor kv, row = position % R
+    state_gate: torch.Tensor | None = None  # [slots, R, coff*d] fp32 gate + position bias
+    index_keys: torch.Tensor | None = None  # [blocks, B/m, dI] indexer keys (CSA)
+    index_state_kv: torch.Tensor | None = None
+    index_state_gate: torch.Tensor | None = None
+
+
+def state_rows(kind: str, ratio: int) -> int:
+    return 2 * ratio if kind == CSA else ratio
+
+
+class PagedKVCache:
+    """All layers' cache tensors plus block/slot accounting for a fixed number of blocks and slots."""
+
+    def __init__(self, cfg: V4Config, num_blocks: int, num_slots: int, dtype: torch.dtype = torch.float32,
+                 block_size: int = DEFAULT_BLOCK_SIZE):
+        bad = sorted({r for r in cfg.compress_ratios if r and block_size % r})
+        if bad or block_size % 128:
+            raise ValueError(f"block_size {block_size} must be a multiple of 128 and of every compression rate "
+                             f"(not a multiple of {bad})")
+        self.cfg, self.block_size, self.dtype = cfg, block_size, dtype
+        self.blocks, self.slots = BlockAllocator(num_blocks), BlockAllocator(num_slots)
+        d, dI, w = cfg.head_dim, cfg.index_head_dim, cfg.sliding_window
+        self.layers: list[LayerCache] = []
+        for kind, m in zip(cfg.layer_types, cfg.compress_ratios):
+            lc = LayerCache(kind, m, swa=torch.zeros(num_slots, w, d, dtype=dtype))
+            if kind != SWA:
+                coff, rows = (2 if kind == CSA else 1), state_rows(kind, m)
+                lc.entries = torch.zeros(num_blocks, block_size // m, d, dtype=dtype)
+                lc.state_kv = torch.zeros(num_slots, rows, coff * d)
+                lc.state_gate = torch.zeros(num_slots, rows, coff * d)
+            if kind == CSA:
+                lc.index_keys = torch.zeros(num_blocks, block_size // m, dI, dtype=dtype)
+                lc.index_state_kv = torch.zeros(num_slots, 2 * m, 2 * dI)
+                lc.index_state_gate = torch.zeros(num_slots, 2 * m, 2 * dI)
+            self.layers.append(lc)
+
+    # ---- accounting --------------------------------------------------------------------------------------
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        """Would a new sequence of `num_tokens` tokens fit (one slot plus its blocks)?"""
+        return self.slots.can_allocate(1) and self.blocks.can_allocate(self.blocks_for(num_tokens))
+
+    def allocate(self, num_tokens: int = 0) -> SeqCache:
+        """A new sequence with room for `num_tokens` tokens; all or nothing."""
+        if not self.can_allocate(num_tokens):
+            raise CacheFullError(f"cannot fit a sequence of {num_tokens} tokens: {self.slots.num_free} slots and "
+                                 f"{self.blocks.num_free} blocks free")
+        seq = SeqCache(slot=self.slots.allocate(1)[0])
+        seq.block_table = self.blocks.allocate(self.blocks_for(num_tokens))
+        return seq
+
+    def can_append(self, seq: SeqCache, num_new: int) -> bool:
+        return self.blocks.can_allocate(self.blocks_for(seq.num_tokens + num_new) - len(seq.block_table))
+
+    def append(self, seq: SeqCache, num_new: int) -> None:
+        """Make room for `num_new` more tokens of `seq` (allocating blocks as needed; all or nothing)."""
+        need = self.blocks_for(seq.num_tokens + num_new) - len(seq.block_table)
+        if need > 0:
+            seq.block_table.extend(self.blocks.allocate(need))
+
+    def free(self, seq: SeqCache) -> None:
+        self.blocks.free(seq.block_table)
+        self.slots.free([seq.slot])
+        seq.block_table, seq.num_tokens, seq.slot = [], 0, -1
+
+    # ---- addressing --------------------------------------------------------------------------------------
+    def entry_slots(self, seq: SeqCache, ratio: int, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block ids, offsets) of a sequence's entries [first, last) of a layer with compression `ratio`."""
+        per_block = self.block_size // ratio
+        j = torch.arange(first, last)
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        return table[j // per_block], j % per_block
+
+    def gather_entries(self, pool: torch.Tensor, seq: SeqCache, ratio: int, count: int) -> torch.Tensor:
+        """The first `count` entries of a sequence from a paged pool [blocks, B/m, dim] -> [count, dim]."""
+        per_block = self.block_size // ratio
+        n_blocks = -(-count // per_block)
+        return pool[seq.block_table[:n_blocks]].flatten(0, 1)[:count]
+
+
+@dataclass
+class StepBatch:
+    """One model step: each sequence contributes a chunk of new tokens (a prompt, a prompt chunk, or one decode
+    token), concatenated in `chunks` order. A chunk is (sequence, first row in the batch, number of tokens)."""
+
+    cache: PagedKVCache
+    chunks: list[tuple[SeqCache, int, int]]
+
+    @classmethod
+    def build(cls, cache: PagedKVCache, seqs: list[SeqCache], lengths: list[int]) -> "StepBatch":
+        chunks, row = [], 0
+        for seq, n in zip(seqs, lengths):
+            if n <= 0:
+                raise ValueError(f"a chunk needs at least one token, got {n}")
+            if cache.blocks_for(seq.num_tokens + n) > len(seq.block_table):
+                raise CacheFullError(f"sequence in slot {seq.slot} has no blocks for {seq.num_tokens + n} tokens: "
+                                     f"call PagedKVCache.append first")
+            chunks.append((seq, row, n))
+            row += n
+        return cls(cache, chunks)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, _, n in self.chunks)
+
+    def positions(self) -> torch.Tensor:
+        return torch.cat([torch.arange(seq.num_tokens, seq.num_tokens + n) for seq, _, n in self.chunks])
+
+    def last_rows(self) -> torch.Tensor:
+        """Row index of each chunk's last token (where the next token is predicted)."""
+        return torch.tensor([a + n - 1 for _, a, n in self.chunks])
