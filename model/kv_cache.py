@@ -154,12 +154,54 @@ class PagedKVCache:
 
 
 @dataclass
+class WindowLayout:
+    """Sliding-window keys of a step: every chunk's cached ring rows, then all new rows in batch order."""
+
+    ring_slots: torch.Tensor   # [P] state slot of each cached key read from the ring
+    ring_rows: torch.Tensor    # [P] its ring row (position % window)
+    bias: torch.Tensor         # [N, P + N] 0 where query row sees the key (same sequence, within the window)
+    write_slots: torch.Tensor  # [K] ring writes after the step: slot, row, and source row in the batch
+    write_rows: torch.Tensor
+    write_src: torch.Tensor
+
+
+@dataclass
+class EntryLayout:
+    """Compressed entries (ratio m) of a step's sequences, gathered into one list in chunk order."""
+
+    blocks: torch.Tensor   # [E] pool block of each gathered entry
+    offsets: torch.Tensor  # [E] offset within the block
+    lo: torch.Tensor       # [N] query row r may see gathered entries [lo_r, hi_r): its own closed windows
+    hi: torch.Tensor
+    bias: torch.Tensor     # [N, E] 0 on [lo_r, hi_r) (HCA attends to all of them)
+
+
+@dataclass
+class EmitLayout:
+    """Windows closing in a step, as gathers from [ring rows of all slots ; new rows of the batch]."""
+
+    rows: torch.Tensor       # [W, m] source row of each slot of each closing window
+    prev_rows: torch.Tensor  # [W, m] rows of the window before it (CSA overlap), valid where has_prev
+    has_prev: torch.Tensor   # [W] bool
+    positions: torch.Tensor  # [W] entry RoPE position j*m
+    blocks: torch.Tensor     # [W] destination block and offset in the entry pool
+    offsets: torch.Tensor
+    write_slots: torch.Tensor  # ring writes: the newest R rows of each chunk
+    write_rows: torch.Tensor
+    write_src: torch.Tensor
+
+
+@dataclass
 class StepBatch:
     """One model step: each sequence contributes a chunk of new tokens (a prompt, a prompt chunk, or one decode
-    token), concatenated in `chunks` order. A chunk is (sequence, first row in the batch, number of tokens)."""
+    token), concatenated in `chunks` order. A chunk is (sequence, first row in the batch, number of tokens).
+
+    The index layouts of the step (which cached rows and entries each query reads) depend only on the chunks,
+    so they are computed once per step and shared by every layer of the same kind."""
 
     cache: PagedKVCache
     chunks: list[tuple[SeqCache, int, int]]
+    _layouts: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, cache: PagedKVCache, seqs: list[SeqCache], lengths: list[int]) -> "StepBatch":
@@ -184,3 +226,89 @@ class StepBatch:
     def last_rows(self) -> torch.Tensor:
         """Row index of each chunk's last token (where the next token is predicted)."""
         return torch.tensor([a + n - 1 for _, a, n in self.chunks])
+
+    def window_layout(self, window: int) -> WindowLayout:
+        key = ("window", window)
+        if key not in self._layouts:
+            self._layouts[key] = self._window_layout(window)
+        return self._layouts[key]
+
+    def _window_layout(self, w: int) -> WindowLayout:
+        slots, rows, key_seq, key_pos, q_seq = [], [], [], [], []
+        ws, wr, wsrc = [], [], []
+        for i, (seq, a, n) in enumerate(self.chunks):
+            s = seq.num_tokens
+            past = range(max(0, s - w + 1), s)
+            slots += [seq.slot] * len(past)
+            rows += [p % w for p in past]
+            key_seq += [i] * len(past)
+            key_pos += list(past)
+            q_seq += [i] * n
+            for p in range(max(s, s + n - w), s + n):
+                ws.append(seq.slot), wr.append(p % w), wsrc.append(a + p - s)
+        positions = self.positions()
+        key_seq = torch.tensor(key_seq + q_seq, dtype=torch.long)
+        key_pos = torch.cat([torch.tensor(key_pos, dtype=torch.long), positions])
+        q_seq = torch.tensor(q_seq, dtype=torch.long)
+        rel = key_pos[None, :] - positions[:, None]
+        hidden = (key_seq[None, :] != q_seq[:, None]) | (rel > 0) | (rel <= -w)
+        return WindowLayout(torch.tensor(slots, dtype=torch.long), torch.tensor(rows, dtype=torch.long),
+                            torch.zeros(hidden.shape).masked_fill(hidden, float("-inf")),
+                            torch.tensor(ws, dtype=torch.long), torch.tensor(wr, dtype=torch.long),
+                            torch.tensor(wsrc, dtype=torch.long))
+
+    def entry_layout(self, ratio: int) -> EntryLayout:
+        key = ("entries", ratio)
+        if key not in self._layouts:
+            self._layouts[key] = self._entry_layout(ratio)
+        return self._layouts[key]
+
+    def _entry_layout(self, m: int) -> EntryLayout:
+        per_block = self.cache.block_size // m
+        blocks, offsets, lo, hi = [], [], [], []
+        base = 0
+        for seq, _, n in self.chunks:
+            s = seq.num_tokens
+            count = (s + n) // m
+            blocks += [seq.block_table[j // per_block] for j in range(count)]
+            offsets += [j % per_block for j in range(count)]
+            lo += [base] * n
+            hi += [base + (p + 1) // m for p in range(s, s + n)]
+            base += count
+        lo_t, hi_t = torch.tensor(lo, dtype=torch.long), torch.tensor(hi, dtype=torch.long)
+        j = torch.arange(base)[None, :]
+        hidden = (j < lo_t[:, None]) | (j >= hi_t[:, None])
+        return EntryLayout(torch.tensor(blocks, dtype=torch.long), torch.tensor(offsets, dtype=torch.long),
+                           lo_t, hi_t, torch.zeros(hidden.shape).masked_fill(hidden, float("-inf")))
+
+    def emit_layout(self, ratio: int, ring_rows: int, overlap: bool) -> EmitLayout:
+        key = ("emit", ratio, ring_rows, overlap)
+        if key not in self._layouts:
+            self._layouts[key] = self._emit_layout(ratio, ring_rows, overlap)
+        return self._layouts[key]
+
+    def _emit_layout(self, m: int, R: int, overlap: bool) -> EmitLayout:
+        ring_total = self.cache.slots.num * R
+        per_block = self.cache.block_size // m
+
+        def src(seq: SeqCache, a: int, p: int) -> int:  # where position p's raw row lives
+            s = seq.num_tokens
+            return seq.slot * R + p % R if p < s else ring_total + a + p - s
+
+        rows, prev, has_prev, pos, blocks, offsets = [], [], [], [], [], []
+        ws, wr, wsrc = [], [], []
+        for seq, a, n in self.chunks:
+            s = seq.num_tokens
+            for j in range(s // m, (s + n) // m):
+                rows.append([src(seq, a, j * m + k) for k in range(m)])
+                ok = overlap and j >= 1
+                prev.append([src(seq, a, (j - 1) * m + k) if ok else 0 for k in range(m)])
+                has_prev.append(ok)
+                pos.append(j * m)
+                blocks.append(seq.block_table[j // per_block])
+                offsets.append(j % per_block)
+            for p in range(max(s, s + n - R), s + n):
+                ws.append(seq.slot), wr.append(p % R), wsrc.append(a + p - s)
+        t = lambda x: torch.tensor(x, dtype=torch.long)
+        return EmitLayout(t(rows).view(-1, m), t(prev).view(-1, m), torch.tensor(has_prev, dtype=torch.bool), t(pos),
+                          t(blocks), t(offsets), t(ws), t(wr), t(wsrc))

@@ -126,22 +126,20 @@ class Compressor(nn.Module):
         return self.wkv(u), self.wgate(u)
 
     def pool(self, kv: torch.Tensor, gate: torch.Tensor, prev_kv: torch.Tensor | None = None,
-             prev_gate: torch.Tensor | None = None) -> torch.Tensor:
+             prev_gate: torch.Tensor | None = None, has_prev: torch.Tensor | None = None) -> torch.Tensor:
         """kv, gate [W, ratio, coff*dim] of W complete windows (gate includes ape) -> [W, dim] normalised.
 
-        prev_* [ratio, dim] are the first-half channels of the window before the first one (CSA only)."""
+        CSA only: prev_kv / prev_gate [W, ratio, dim] are the first-half channels of the window before each
+        one, used where has_prev [W] (the first window of a sequence has none: gate -inf, weight 0)."""
         W, m, d = kv.shape[0], self.ratio, self.dim
         if not self.overlap:
-            pooled = compress_pool(kv, gate)
-        else:
-            slot_kv = kv.new_zeros(W, 2 * m, d)
-            slot_gate = gate.new_full((W, 2 * m, d), float("-inf"))
-            slot_kv[:, m:], slot_gate[:, m:] = kv[..., d:], gate[..., d:]
-            slot_kv[1:, :m], slot_gate[1:, :m] = kv[:-1, :, :d], gate[:-1, :, :d]
-            if prev_kv is not None:
-                slot_kv[0, :m], slot_gate[0, :m] = prev_kv, prev_gate
-            pooled = compress_pool(slot_kv, slot_gate)
-        return self.norm(pooled)
+            return self.norm(compress_pool(kv, gate))
+        slot_kv = kv.new_zeros(W, 2 * m, d)
+        slot_gate = gate.new_full((W, 2 * m, d), float("-inf"))
+        slot_kv[:, m:], slot_gate[:, m:] = kv[..., d:], gate[..., d:]
+        if has_prev is not None and bool(has_prev.any()):
+            slot_kv[has_prev, :m], slot_gate[has_prev, :m] = prev_kv[has_prev], prev_gate[has_prev]
+        return self.norm(compress_pool(slot_kv, slot_gate))
 
 
 class Indexer(nn.Module):
@@ -218,19 +216,18 @@ class Attention(nn.Module):
         return sink_attention(q, keys, bias, self.attn_sink, self.head_dim ** -0.5)
 
     def _entry_bias(self, entries: torch.Tensor, index_keys: torch.Tensor | None, u: torch.Tensor,
-                    c_q: torch.Tensor, positions: torch.Tensor):
-        """Per-query bias over the first C entries (0 = attend, -inf = not): HCA sees every entry whose
-        window has closed; CSA only the indexer's top-k of those."""
+                    c_q: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    all_visible: torch.Tensor):
+        """Per-query bias over the entries (0 = attend, -inf = not): query t may use entries [lo_t, hi_t) —
+        its sequence's closed windows. HCA attends to all of them (`all_visible`); CSA to the indexer's top-k."""
         T, C = positions.shape[0], entries.shape[0]
-        visible = (positions + 1) // self.ratio                             # entries query t may see
         if self.indexer is None:
-            hidden = torch.arange(C)[None, :] >= visible[:, None]
-            return entries, torch.zeros(T, C).masked_fill(hidden, float("-inf"))
+            return entries, all_visible
         ix = self.indexer
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         iq = apply_rope(ix.wq_b(c_q).view(T, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
         w = ix.weights_proj(u) * ix.n_heads ** -0.5                         # [T, h]
-        top = indexer_topk(iq, index_keys, w, visible, ix.topk)             # [T, k], -1 = none
+        top = indexer_topk(iq, index_keys, w, lo, hi, ix.topk)              # [T, k], -1 = none
         bias = torch.full((T, C + 1), float("-inf"))
         bias.scatter_(1, torch.where(top >= 0, top, C), 0.0)
         return entries, bias[:, :C]
@@ -241,7 +238,10 @@ class Attention(nn.Module):
             return None
         entries = self._compress_all(self.compressor, u)                    # [C, d]
         ikeys = self._compress_all(self.indexer.compressor, u) if self.indexer is not None else None
-        return self._entry_bias(entries, ikeys, u, c_q, positions)
+        hi = (positions + 1) // self.ratio                                  # entries query t may see
+        hidden = torch.arange(entries.shape[0])[None, :] >= hi[:, None]
+        all_visible = torch.zeros(hidden.shape).masked_fill(hidden, float("-inf"))
+        return self._entry_bias(entries, ikeys, u, c_q, positions, torch.zeros_like(hi), hi, all_visible)
 
     def _compress_all(self, comp: Compressor, u: torch.Tensor) -> torch.Tensor:
         m = comp.ratio
@@ -249,65 +249,54 @@ class Attention(nn.Module):
         if W == 0:
             return torch.zeros(0, comp.dim)
         kv, gate = comp.project(u[: W * m])
-        pooled = comp.pool(kv.view(W, m, -1), gate.view(W, m, -1) + comp.ape)   # [W, dim]
+        kv, gate = kv.view(W, m, -1), gate.view(W, m, -1) + comp.ape
+        prev_kv = torch.cat([kv[:1], kv[:-1]])[..., :comp.dim]             # window j-1 for j >= 1
+        prev_gate = torch.cat([gate[:1], gate[:-1]])[..., :comp.dim]
+        pooled = comp.pool(kv, gate, prev_kv, prev_gate, torch.arange(W) >= 1)  # [W, dim]
         cos, sin = rope_cos_sin(torch.arange(W) * m, self.inv_freq)         # entry j at position j*m
         return apply_rope(pooled, cos, sin)
 
     # -- cached (paged) path ----------------------------------------------------------------------------------
-    def _attend_cached(self, u, c_q, q, kv, positions, step: "StepBatch", lc: "LayerCache") -> torch.Tensor:
+    def _attend_cached(self, u, c_q, q, kv, positions, step: StepBatch, lc: LayerCache) -> torch.Tensor:
+        """All chunks of the step in one attention call: every query row sees its own sequence's window keys
+        (ring rows, then this step's rows) and its own closed-window entries (bias -inf elsewhere)."""
         if self.compressor is not None:  # emit the entries of windows closing in this step first
             self._emit(self.compressor, u, positions, step, lc.entries, lc.state_kv, lc.state_gate)
         if self.indexer is not None:
             self._emit(self.indexer.compressor, u, positions, step, lc.index_keys, lc.index_state_kv,
                        lc.index_state_gate)
-        w = self.window
-        outs = []
-        for seq, a, L in step.chunks:
-            s = seq.num_tokens                                              # tokens cached before this step
-            pos = positions[a:a + L]
-            past = torch.arange(max(0, s - w + 1), s)
-            window_kv = torch.cat([lc.swa[seq.slot, past % w], kv[a:a + L]])
-            compressed = None
-            if self.compressor is not None:
-                C = (s + L) // self.ratio
-                entries = step.cache.gather_entries(lc.entries, seq, self.ratio, C)
-                ikeys = (step.cache.gather_entries(lc.index_keys, seq, self.ratio, C)
-                         if self.indexer is not None else None)
-                compressed = self._entry_bias(entries, ikeys, u[a:a + L], c_q[a:a + L], pos)
-            outs.append(self._attend(q[a:a + L], window_kv, torch.cat([past, pos]), compressed, pos))
-        for seq, a, L in step.chunks:  # write the ring after every chunk has read it
-            s = seq.num_tokens
-            new = torch.arange(max(s, s + L - w), s + L)
-            lc.swa[seq.slot, new % w] = kv[a + new - s].to(lc.swa.dtype)
-        return torch.cat(outs)
+        win = step.window_layout(self.window)
+        keys = torch.cat([lc.swa[win.ring_slots, win.ring_rows], kv.to(lc.swa.dtype)])
+        bias = win.bias
+        if self.compressor is not None:
+            ent = step.entry_layout(self.ratio)
+            entries = lc.entries[ent.blocks, ent.offsets]                   # [E, d]
+            ikeys = lc.index_keys[ent.blocks, ent.offsets] if self.indexer is not None else None
+            entries, entry_bias = self._entry_bias(entries, ikeys, u, c_q, positions, ent.lo, ent.hi, ent.bias)
+            keys = torch.cat([keys, entries.to(keys.dtype)])
+            bias = torch.cat([bias, entry_bias], dim=1)
+        out = sink_attention(q, keys.to(q.dtype), bias, self.attn_sink, self.head_dim ** -0.5)
+        lc.swa[win.write_slots, win.write_rows] = kv[win.write_src].to(lc.swa.dtype)  # after every read
+        return out
 
-    def _emit(self, comp: Compressor, u: torch.Tensor, positions: torch.Tensor, step: "StepBatch",
+    def _emit(self, comp: Compressor, u: torch.Tensor, positions: torch.Tensor, step: StepBatch,
               pool: torch.Tensor, ring_kv: torch.Tensor, ring_gate: torch.Tensor) -> None:
-        """Pool every window that closes within this step into `pool`, then keep the newest raw rows in the
-        sequence's compressor ring (which must cover the open window and, for CSA, the previous one)."""
-        m, R, ov = comp.ratio, ring_kv.shape[1], int(comp.overlap)
+        """Pool every window that closes within this step into `pool`, then keep the newest raw rows of each
+        sequence in its compressor ring (which covers the open window and, for CSA, the previous one)."""
+        m, R = comp.ratio, ring_kv.shape[1]
         kv_new, gate_new = comp.project(u)
         gate_new = gate_new + comp.ape[positions % m]
-        for seq, a, L in step.chunks:
-            s = seq.num_tokens
-            j0, j1 = s // m, (s + L) // m                                   # windows closing: [j0, j1)
-            first = max(0, (j0 - ov) * m)                                   # oldest row the pooling reads
-            past = torch.arange(first, s)
-            rows_kv = torch.cat([ring_kv[seq.slot, past % R], kv_new[a:a + L]])
-            rows_gate = torch.cat([ring_gate[seq.slot, past % R], gate_new[a:a + L]])
-            if j1 > j0:
-                W, off = j1 - j0, j0 * m - first
-                prev_kv = prev_gate = None
-                if ov and j0 >= 1:  # first-half channels of the window before the first closing one
-                    prev_kv, prev_gate = rows_kv[off - m:off, :comp.dim], rows_gate[off - m:off, :comp.dim]
-                pooled = comp.pool(rows_kv[off:off + W * m].view(W, m, -1), rows_gate[off:off + W * m].view(W, m, -1),
-                                   prev_kv, prev_gate)
-                cos, sin = rope_cos_sin(torch.arange(j0, j1) * m, self.inv_freq)
-                blocks, offsets = step.cache.entry_slots(seq, m, j0, j1)
-                pool[blocks, offsets] = apply_rope(pooled, cos, sin).to(pool.dtype)
-            new = torch.arange(max(s, s + L - R), s + L)
-            ring_kv[seq.slot, new % R] = kv_new[a + new - s]
-            ring_gate[seq.slot, new % R] = gate_new[a + new - s]
+        lay = step.emit_layout(m, R, comp.overlap)
+        if lay.positions.numel():
+            src_kv = torch.cat([ring_kv.flatten(0, 1), kv_new])             # [slots*R + N, coff*dim]
+            src_gate = torch.cat([ring_gate.flatten(0, 1), gate_new])
+            prev_kv = src_kv[lay.prev_rows][..., :comp.dim] if comp.overlap else None
+            prev_gate = src_gate[lay.prev_rows][..., :comp.dim] if comp.overlap else None
+            pooled = comp.pool(src_kv[lay.rows], src_gate[lay.rows], prev_kv, prev_gate, lay.has_prev)
+            cos, sin = rope_cos_sin(lay.positions, self.inv_freq)
+            pool[lay.blocks, lay.offsets] = apply_rope(pooled, cos, sin).to(pool.dtype)
+        ring_kv[lay.write_slots, lay.write_rows] = kv_new[lay.write_src]
+        ring_gate[lay.write_slots, lay.write_rows] = gate_new[lay.write_src]
 
 
 # ---- MoE ------------------------------------------------------------------------------------------------

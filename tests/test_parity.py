@@ -42,13 +42,13 @@ def test_parity_suite_covers_the_architecture():
 
 @pytest.fixture
 def indexer_spy(monkeypatch):
-    """Records (indices, visible counts) of every indexer call; the real function still computes them."""
+    """Records (indices, selectable counts) of every indexer call; the real function still computes them."""
     calls = []
     real = v4.indexer_topk
 
-    def spy(q, keys, weights, visible, topk):
-        idx = real(q, keys, weights, visible, topk)
-        calls.append((idx, visible))
+    def spy(q, keys, weights, lo, hi, topk):
+        idx = real(q, keys, weights, lo, hi, topk)
+        calls.append((idx, hi - lo))
         return idx
 
     monkeypatch.setattr(v4, "indexer_topk", spy)

@@ -1,0 +1,149 @@
+"""Incremental prefill/decode through the paged cache against the full forward (this project's reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from v4ray.model.kv_cache import PagedKVCache, StepBatch
+from v4ray.model.loader import load_model
+
+from conftest import PARITY_PRESETS, parity_prompt, rel_err
+from test_parity import PARITY_RTOL, TIE_GAP
+
+
+@pytest.fixture(scope="module")
+def models(tiny_ckpt):
+    return {p: load_model(tiny_ckpt(p), torch.float32) for p in PARITY_PRESETS}
+
+
+def _prefill(model, cache, ids, chunks=None):
+    """Prefill `ids` into a new sequence in chunks; returns (seq, logits of every prompt position)."""
+    seq = cache.allocate(0)
+    out, pos = [], 0
+    for n in chunks or [len(ids)]:
+        cache.append(seq, n)
+        out.append(model.step(ids[pos:pos + n], StepBatch.build(cache, [seq], [n]), torch.arange(n)))
+        pos += n
+    assert pos == len(ids)
+    return seq, torch.cat(out)
+
+
+def _decode_against_full(model, cache, seq, ids, last_logits, steps):
+    """Greedy-decode `steps` tokens incrementally; at every step the logits must equal the full forward's."""
+    tokens = ids.tolist()
+    logits = last_logits
+    for step in range(steps):
+        top2 = logits.topk(2)
+        token = int(top2.indices[0])
+        tokens.append(token)
+        cache.append(seq, 1)
+        logits = model.step(torch.tensor([token]), StepBatch.build(cache, [seq], [1]))[0]
+        full = model(torch.tensor(tokens))[-1]
+        assert rel_err(logits[None], full[None]).max() <= PARITY_RTOL, f"step {step}"
+        # the incremental choice equals the full forward's, except at a genuine tie
+        full_top2 = full.topk(2)
+        if int(full_top2.indices[0]) != int(logits.argmax()):
+            assert float(full_top2.values[0] - full_top2.values[1]) < TIE_GAP
+    return tokens
+
+
+@pytest.mark.parametrize("preset", PARITY_PRESETS)
+def test_incremental_decode_equals_full_recomputation(models, preset):
+    model = models[preset]
+    cache = PagedKVCache(model.cfg, num_blocks=6, num_slots=1, block_size=128)  # crosses block boundaries
+    ids = parity_prompt(200)
+    seq, prompt_logits = _prefill(model, cache, ids)
+    assert rel_err(prompt_logits, model(ids)).max() <= PARITY_RTOL
+    _decode_against_full(model, cache, seq, ids, prompt_logits[-1], steps=64)
+    assert len(seq.block_table) == 3 and seq.num_tokens == 264
+    cache.free(seq)
+    assert cache.blocks.num_free == 6 and cache.slots.num_free == 1
+
+
+@pytest.mark.parametrize("preset", PARITY_PRESETS)
+def test_chunked_prefill_equals_one_shot(models, preset):
+    model = models[preset]
+    ids = parity_prompt(1 + 3 + 17 + 133 + 46)
+    one = _prefill(model, PagedKVCache(model.cfg, 2, 1), ids)[1]
+    cache = PagedKVCache(model.cfg, 2, 1)
+    seq, chunked = _prefill(model, cache, ids, chunks=[1, 3, 17, 128 + 5, 46])
+    assert rel_err(chunked, one).max() <= PARITY_RTOL
+    _decode_against_full(model, cache, seq, ids, chunked[-1], steps=4)
+
+
+def _boundary_lengths(cfg) -> list[int]:
+    marks = {cfg.sliding_window} | {r for r in cfg.compress_ratios if r}
+    return sorted({n + k for n in marks for k in (-1, 0, 1)} | {2 * cfg.sliding_window + 1})
+
+
+@pytest.mark.parametrize("preset", ["v4-tiny", "v4-tiny-pro", "v4-tiny-rates"])
+def test_prompts_ending_at_window_boundaries(models, preset):
+    """Prompts ending 1 before, at and 1 after the CSA/HCA windows and the sliding window, then decode."""
+    model = models[preset]
+    for n in _boundary_lengths(model.cfg):
+        cache = PagedKVCache(model.cfg, 2, 1)
+        ids = parity_prompt(n, seed=n)
+        seq, logits = _prefill(model, cache, ids)
+        assert rel_err(logits, model(ids)).max() <= PARITY_RTOL, f"prompt of {n}"
+        _decode_against_full(model, cache, seq, ids, logits[-1], steps=3)
+
+
+@pytest.mark.parametrize("preset", ["v4-tiny", "v4-tiny-pro"])
+def test_batch_of_8_equals_each_alone(models, preset):
+    model = models[preset]
+    lengths = [1, 5, 17, 64, 127, 128, 129, 250]
+    prompts = [parity_prompt(n, seed=i) for i, n in enumerate(lengths)]
+    steps = 12
+
+    def run(group: list[int]) -> dict[int, torch.Tensor]:
+        cache = PagedKVCache(model.cfg, num_blocks=2 * len(group), num_slots=len(group))
+        seqs = [cache.allocate(lengths[i]) for i in group]
+        logits = model.step(torch.cat([prompts[i] for i in group]),
+                            StepBatch.build(cache, seqs, [lengths[i] for i in group]))
+        hist = {i: [logits[k]] for k, i in enumerate(group)}
+        for _ in range(steps):
+            toks = [int(hist[i][-1].argmax()) for i in group]
+            for s in seqs:
+                cache.append(s, 1)
+            logits = model.step(torch.tensor(toks), StepBatch.build(cache, seqs, [1] * len(group)))
+            for k, i in enumerate(group):
+                hist[i].append(logits[k])
+        for s in seqs:
+            cache.free(s)
+        assert cache.blocks.num_free == cache.blocks.num
+        return {i: torch.stack(h) for i, h in hist.items()}
+
+    together = run(list(range(8)))
+    for i in range(8):
+        alone = run([i])[i]
+        # same tokens were fed (argmax of equal logits); ties would show up as a logit mismatch below
+        assert rel_err(together[i], alone).max() <= PARITY_RTOL, f"sequence {i} (length {lengths[i]})"
+
+
+def test_llm_batch_equals_single_requests(tiny_ckpt):
+    from v4ray import LLM, SamplingParams
+
+    llm = LLM(model=tiny_ckpt("v4-tiny"), dtype="float32", max_num_batched_tokens=100)  # forces chunked prefill
+    prompts = [{"prompt_token_ids": parity_prompt(n, seed=n).tolist()} for n in (3, 130, 257, 40)]
+    p = SamplingParams(max_tokens=10, temperature=0, logprobs=1, ignore_eos=True)
+    together = llm.generate(prompts, p)
+    for prompt, out in zip(prompts, together):
+        alone = llm.generate(prompt, p)[0].outputs[0]
+        assert out.outputs[0].token_ids == alone.token_ids
+        for a, b in zip(out.outputs[0].logprobs, alone.logprobs):
+            t = next(iter(b))
+            assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-4)
+
+
+def test_cache_refuses_cleanly_when_full(models):
+    from v4ray.model.kv_cache import CacheFullError
+
+    cache = PagedKVCache(models["v4-tiny"].cfg, num_blocks=3, num_slots=2)
+    a = cache.allocate(2 * 256)
+    assert not cache.can_allocate(2 * 256)
+    with pytest.raises(CacheFullError):
+        cache.allocate(2 * 256)
+    assert cache.blocks.num_free == 1 and cache.slots.num_free == 1  # nothing half-allocated
+    cache.free(a)
+    assert cache.blocks.num_free == 3 and cache.slots.num_free == 2
