@@ -155,14 +155,21 @@ class PagedKVCache:
 
 @dataclass
 class WindowLayout:
-    """Sliding-window keys of a step: every chunk's cached ring rows, then all new rows in batch order."""
+    """Sliding-window keys of a group of chunks: their cached ring rows, then the group's new rows."""
 
+    rows: torch.Tensor         # [n] batch rows of the group's queries (and new keys), in order
     ring_slots: torch.Tensor   # [P] state slot of each cached key read from the ring
     ring_rows: torch.Tensor    # [P] its ring row (position % window)
-    bias: torch.Tensor         # [N, P + N] 0 where query row sees the key (same sequence, within the window)
-    write_slots: torch.Tensor  # [K] ring writes after the step: slot, row, and source row in the batch
-    write_rows: torch.Tensor
-    write_src: torch.Tensor
+    bias: torch.Tensor         # [n, P + n] 0 where query row sees the key (same sequence, within the window)
+
+
+@dataclass
+class RingWrites:
+    """Writes of a step's newest rows into per-sequence rings: (slot, ring row) <- batch row."""
+
+    slots: torch.Tensor
+    rows: torch.Tensor
+    src: torch.Tensor
 
 
 @dataclass
@@ -186,9 +193,7 @@ class EmitLayout:
     positions: torch.Tensor  # [W] entry RoPE position j*m
     blocks: torch.Tensor     # [W] destination block and offset in the entry pool
     offsets: torch.Tensor
-    write_slots: torch.Tensor  # ring writes: the newest R rows of each chunk
-    write_rows: torch.Tensor
-    write_src: torch.Tensor
+    writes: RingWrites       # the newest R rows of each chunk
 
 
 @dataclass
@@ -197,7 +202,9 @@ class StepBatch:
     token), concatenated in `chunks` order. A chunk is (sequence, first row in the batch, number of tokens).
 
     The index layouts of the step (which cached rows and entries each query reads) depend only on the chunks,
-    so they are computed once per step and shared by every layer of the same kind."""
+    so they are computed once per step and shared by every layer of the same kind. Attention runs per group of
+    chunks: all single-token (decode) chunks together, each multi-token (prefill) chunk alone, so that no
+    dense query x key block spans two long prompts."""
 
     cache: PagedKVCache
     chunks: list[tuple[SeqCache, int, int]]
@@ -227,16 +234,26 @@ class StepBatch:
         """Row index of each chunk's last token (where the next token is predicted)."""
         return torch.tensor([a + n - 1 for _, a, n in self.chunks])
 
-    def window_layout(self, window: int) -> WindowLayout:
-        key = ("window", window)
+    @property
+    def groups(self) -> list[tuple[int, ...]]:
+        if "groups" not in self._layouts:
+            decode = tuple(i for i, (_, _, n) in enumerate(self.chunks) if n == 1)
+            prefill = [(i,) for i, (_, _, n) in enumerate(self.chunks) if n > 1]
+            self._layouts["groups"] = ([decode] if decode else []) + prefill
+        return self._layouts["groups"]
+
+    def _cached(self, key, fn):
         if key not in self._layouts:
-            self._layouts[key] = self._window_layout(window)
+            self._layouts[key] = fn()
         return self._layouts[key]
 
-    def _window_layout(self, w: int) -> WindowLayout:
-        slots, rows, key_seq, key_pos, q_seq = [], [], [], [], []
-        ws, wr, wsrc = [], [], []
-        for i, (seq, a, n) in enumerate(self.chunks):
+    def window_layout(self, window: int, group: tuple[int, ...]) -> WindowLayout:
+        return self._cached(("window", window, group), lambda: self._window_layout(window, group))
+
+    def _window_layout(self, w: int, group: tuple[int, ...]) -> WindowLayout:
+        slots, rows, key_seq, key_pos, q_seq, q_rows = [], [], [], [], [], []
+        for i in group:
+            seq, a, n = self.chunks[i]
             s = seq.num_tokens
             past = range(max(0, s - w + 1), s)
             slots += [seq.slot] * len(past)
@@ -244,30 +261,38 @@ class StepBatch:
             key_seq += [i] * len(past)
             key_pos += list(past)
             q_seq += [i] * n
-            for p in range(max(s, s + n - w), s + n):
-                ws.append(seq.slot), wr.append(p % w), wsrc.append(a + p - s)
-        positions = self.positions()
+            q_rows += range(a, a + n)
+        q_rows_t = torch.tensor(q_rows, dtype=torch.long)
+        positions = self.positions()[q_rows_t]
         key_seq = torch.tensor(key_seq + q_seq, dtype=torch.long)
         key_pos = torch.cat([torch.tensor(key_pos, dtype=torch.long), positions])
         q_seq = torch.tensor(q_seq, dtype=torch.long)
         rel = key_pos[None, :] - positions[:, None]
         hidden = (key_seq[None, :] != q_seq[:, None]) | (rel > 0) | (rel <= -w)
-        return WindowLayout(torch.tensor(slots, dtype=torch.long), torch.tensor(rows, dtype=torch.long),
-                            torch.zeros(hidden.shape).masked_fill(hidden, float("-inf")),
-                            torch.tensor(ws, dtype=torch.long), torch.tensor(wr, dtype=torch.long),
-                            torch.tensor(wsrc, dtype=torch.long))
+        return WindowLayout(q_rows_t, torch.tensor(slots, dtype=torch.long), torch.tensor(rows, dtype=torch.long),
+                            torch.zeros(hidden.shape).masked_fill(hidden, float("-inf")))
 
-    def entry_layout(self, ratio: int) -> EntryLayout:
-        key = ("entries", ratio)
-        if key not in self._layouts:
-            self._layouts[key] = self._entry_layout(ratio)
-        return self._layouts[key]
+    def ring_writes(self, ring_rows: int) -> RingWrites:
+        """The newest `ring_rows` positions of each chunk go to rows position % ring_rows of its slot."""
+        def build() -> RingWrites:
+            ws, wr, wsrc = [], [], []
+            for seq, a, n in self.chunks:
+                s = seq.num_tokens
+                for p in range(max(s, s + n - ring_rows), s + n):
+                    ws.append(seq.slot), wr.append(p % ring_rows), wsrc.append(a + p - s)
+            t = lambda x: torch.tensor(x, dtype=torch.long)
+            return RingWrites(t(ws), t(wr), t(wsrc))
+        return self._cached(("ring", ring_rows), build)
 
-    def _entry_layout(self, m: int) -> EntryLayout:
+    def entry_layout(self, ratio: int, group: tuple[int, ...]) -> EntryLayout:
+        return self._cached(("entries", ratio, group), lambda: self._entry_layout(ratio, group))
+
+    def _entry_layout(self, m: int, group: tuple[int, ...]) -> EntryLayout:
         per_block = self.cache.block_size // m
         blocks, offsets, lo, hi = [], [], [], []
         base = 0
-        for seq, _, n in self.chunks:
+        for i in group:
+            seq, _, n = self.chunks[i]
             s = seq.num_tokens
             count = (s + n) // m
             blocks += [seq.block_table[j // per_block] for j in range(count)]
@@ -282,10 +307,7 @@ class StepBatch:
                            lo_t, hi_t, torch.zeros(hidden.shape).masked_fill(hidden, float("-inf")))
 
     def emit_layout(self, ratio: int, ring_rows: int, overlap: bool) -> EmitLayout:
-        key = ("emit", ratio, ring_rows, overlap)
-        if key not in self._layouts:
-            self._layouts[key] = self._emit_layout(ratio, ring_rows, overlap)
-        return self._layouts[key]
+        return self._cached(("emit", ratio, ring_rows, overlap), lambda: self._emit_layout(ratio, ring_rows, overlap))
 
     def _emit_layout(self, m: int, R: int, overlap: bool) -> EmitLayout:
         ring_total = self.cache.slots.num * R
@@ -296,7 +318,6 @@ class StepBatch:
             return seq.slot * R + p % R if p < s else ring_total + a + p - s
 
         rows, prev, has_prev, pos, blocks, offsets = [], [], [], [], [], []
-        ws, wr, wsrc = [], [], []
         for seq, a, n in self.chunks:
             s = seq.num_tokens
             for j in range(s // m, (s + n) // m):
@@ -307,8 +328,6 @@ class StepBatch:
                 pos.append(j * m)
                 blocks.append(seq.block_table[j // per_block])
                 offsets.append(j % per_block)
-            for p in range(max(s, s + n - R), s + n):
-                ws.append(seq.slot), wr.append(p % R), wsrc.append(a + p - s)
         t = lambda x: torch.tensor(x, dtype=torch.long)
         return EmitLayout(t(rows).view(-1, m), t(prev).view(-1, m), torch.tensor(has_prev, dtype=torch.bool), t(pos),
-                          t(blocks), t(offsets), t(ws), t(wr), t(wsrc))
+                          t(blocks), t(offsets), self.ring_writes(R))

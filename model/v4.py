@@ -265,18 +265,23 @@ class Attention(nn.Module):
         if self.indexer is not None:
             self._emit(self.indexer.compressor, u, positions, step, lc.index_keys, lc.index_state_kv,
                        lc.index_state_gate)
-        win = step.window_layout(self.window)
-        keys = torch.cat([lc.swa[win.ring_slots, win.ring_rows], kv.to(lc.swa.dtype)])
-        bias = win.bias
-        if self.compressor is not None:
-            ent = step.entry_layout(self.ratio)
-            entries = lc.entries[ent.blocks, ent.offsets]                   # [E, d]
-            ikeys = lc.index_keys[ent.blocks, ent.offsets] if self.indexer is not None else None
-            entries, entry_bias = self._entry_bias(entries, ikeys, u, c_q, positions, ent.lo, ent.hi, ent.bias)
-            keys = torch.cat([keys, entries.to(keys.dtype)])
-            bias = torch.cat([bias, entry_bias], dim=1)
-        out = sink_attention(q, keys.to(q.dtype), bias, self.attn_sink, self.head_dim ** -0.5)
-        lc.swa[win.write_slots, win.write_rows] = kv[win.write_src].to(lc.swa.dtype)  # after every read
+        out = torch.empty_like(q)
+        for group in step.groups:
+            win = step.window_layout(self.window, group)
+            r = win.rows
+            keys = torch.cat([lc.swa[win.ring_slots, win.ring_rows], kv[r].to(lc.swa.dtype)])
+            bias = win.bias
+            if self.compressor is not None:
+                ent = step.entry_layout(self.ratio, group)
+                entries = lc.entries[ent.blocks, ent.offsets]               # [E, d]
+                ikeys = lc.index_keys[ent.blocks, ent.offsets] if self.indexer is not None else None
+                entries, entry_bias = self._entry_bias(entries, ikeys, u[r], c_q[r], positions[r], ent.lo, ent.hi,
+                                                       ent.bias)
+                keys = torch.cat([keys, entries.to(keys.dtype)])
+                bias = torch.cat([bias, entry_bias], dim=1)
+            out[r] = sink_attention(q[r], keys.to(q.dtype), bias, self.attn_sink, self.head_dim ** -0.5)
+        writes = step.ring_writes(self.window)                              # after every read
+        lc.swa[writes.slots, writes.rows] = kv[writes.src].to(lc.swa.dtype)
         return out
 
     def _emit(self, comp: Compressor, u: torch.Tensor, positions: torch.Tensor, step: StepBatch,
@@ -295,8 +300,9 @@ class Attention(nn.Module):
             pooled = comp.pool(src_kv[lay.rows], src_gate[lay.rows], prev_kv, prev_gate, lay.has_prev)
             cos, sin = rope_cos_sin(lay.positions, self.inv_freq)
             pool[lay.blocks, lay.offsets] = apply_rope(pooled, cos, sin).to(pool.dtype)
-        ring_kv[lay.write_slots, lay.write_rows] = kv_new[lay.write_src]
-        ring_gate[lay.write_slots, lay.write_rows] = gate_new[lay.write_src]
+        w = lay.writes
+        ring_kv[w.slots, w.rows] = kv_new[w.src]
+        ring_gate[w.slots, w.rows] = gate_new[w.src]
 
 
 # ---- MoE ------------------------------------------------------------------------------------------------
