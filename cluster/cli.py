@@ -33,6 +33,15 @@ def _generate(args) -> int:
     return 0
 
 
+def _plan_kv(args) -> int:
+    from v4ray.cluster.plan import format_plan_kv, plan_kv
+    from v4ray.model.config import resolve_config
+
+    p = plan_kv(resolve_config(args.model), args.context, args.kv_dtype, args.block_size)
+    print(json.dumps(p, indent=2) if args.json else format_plan_kv(p))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from v4ray.model.config import preset_names
     from v4ray.model.tiny import DTYPES
@@ -61,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     g.add_argument("--json", action="store_true", help="one JSON object per completion")
     g.set_defaults(func=_generate)
+
+    plan = sub.add_parser("plan", help="capacity planning").add_subparsers(dest="plan", required=True)
+    k = plan.add_parser("kv", help="KV-cache bytes per token and per sequence, against DeepSeek-V3.2")
+    k.add_argument("--model", required=True, help="a preset, a config.json or a checkpoint directory")
+    k.add_argument("--context", type=int, default=1048576, help="context length in tokens (default 1M)")
+    k.add_argument("--kv-dtype", default="fp8", choices=["fp8", "bf16", "fp32"])
+    k.add_argument("--block-size", type=int, default=256)
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=_plan_kv)
     return p
 
 
@@ -74,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ConfigError and CheckpointError are ValueErrors
         print(f"v4ray {args.command}: error: {e}", file=sys.stderr)
         return 2
 

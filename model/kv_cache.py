@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import CSA, SWA, V4Config
+from .kv_format import (ENTRY_FORMATS, index_key_bytes, kv_bytes, main_entry_bytes, pack_index, pack_main,
+                        unpack_index, unpack_main)
 
 DEFAULT_BLOCK_SIZE = 256
 
@@ -64,10 +66,14 @@ class SeqCache:
 
 @dataclass
 class LayerCache:
-    """Tensors of one layer. Entries [blocks, B/m, d]; rings [slots, rows, ...]."""
+    """Tensors of one layer. Entries [blocks, B/m, d]; rings [slots, rows, ...]. In the "fp8" format entries
+    and the window ring hold packed bytes ([..., entry_bytes] uint8); read/write convert."""
 
     kind: str
     ratio: int
+    fmt: str
+    head_dim: int
+    rope_dim: int
     swa: torch.Tensor                       # [slots, window, d] RoPE'd K=V, row = position % window
     entries: torch.Tensor | None = None     # [blocks, B/m, d] compressed entries (RoPE'd, normalised)
     state_kv: torch.Tensor | None = None    # [slots, R, coff*d] fp32 raw compressor kv, row = position % R
@@ -75,6 +81,21 @@ class LayerCache:
     index_keys: torch.Tensor | None = None  # [blocks, B/m, dI] indexer keys (CSA)
     index_state_kv: torch.Tensor | None = None
     index_state_gate: torch.Tensor | None = None
+
+    def read_main(self, pool: torch.Tensor, i: torch.Tensor, j: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Main-width vectors (window ring or entries) at [i, j] -> [n, d] in `dtype`."""
+        v = pool[i, j]
+        return unpack_main(v, self.head_dim, self.rope_dim, dtype) if self.fmt == "fp8" else v.to(dtype)
+
+    def write_main(self, pool: torch.Tensor, i: torch.Tensor, j: torch.Tensor, x: torch.Tensor) -> None:
+        pool[i, j] = pack_main(x, self.rope_dim) if self.fmt == "fp8" else x.to(pool.dtype)
+
+    def read_index(self, i: torch.Tensor, j: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        v = self.index_keys[i, j]
+        return unpack_index(v, dtype) if self.fmt == "fp8" else v.to(dtype)
+
+    def write_index(self, i: torch.Tensor, j: torch.Tensor, x: torch.Tensor) -> None:
+        self.index_keys[i, j] = pack_index(x) if self.fmt == "fp8" else x.to(self.index_keys.dtype)
 
 
 def state_rows(kind: str, ratio: int) -> int:
@@ -85,27 +106,60 @@ class PagedKVCache:
     """All layers' cache tensors plus block/slot accounting for a fixed number of blocks and slots."""
 
     def __init__(self, cfg: V4Config, num_blocks: int, num_slots: int, dtype: torch.dtype = torch.float32,
-                 block_size: int = DEFAULT_BLOCK_SIZE):
+                 block_size: int = DEFAULT_BLOCK_SIZE, kv_format: str | None = None):
+        """dtype: the compute dtype reads return. kv_format: storage of entries and window rings — "fp32",
+        "bf16" or "fp8" (packed; V4_MODEL.md §3.1); default: the compute dtype's."""
         bad = sorted({r for r in cfg.compress_ratios if r and block_size % r})
         if bad or block_size % 128:
             raise ValueError(f"block_size {block_size} must be a multiple of 128 and of every compression rate "
                              f"(not a multiple of {bad})")
-        self.cfg, self.block_size, self.dtype = cfg, block_size, dtype
+        fmt = kv_format or ("fp32" if dtype == torch.float32 else "bf16")
+        if fmt not in ENTRY_FORMATS:
+            raise ValueError(f"kv_format must be one of {ENTRY_FORMATS}, got {fmt!r}")
+        self.cfg, self.block_size, self.dtype, self.kv_format = cfg, block_size, dtype, fmt
         self.blocks, self.slots = BlockAllocator(num_blocks), BlockAllocator(num_slots)
-        d, dI, w = cfg.head_dim, cfg.index_head_dim, cfg.sliding_window
+        d, dI, w, r = cfg.head_dim, cfg.index_head_dim, cfg.sliding_window, cfg.qk_rope_head_dim
+
+        def store(*shape_then_width: int, width: int) -> torch.Tensor:
+            if fmt == "fp8":
+                return torch.zeros(*shape_then_width, width, dtype=torch.uint8)
+            return torch.zeros(*shape_then_width, width // (4 if fmt == "fp32" else 2),
+                               dtype=torch.float32 if fmt == "fp32" else torch.bfloat16)
+
+        main_b, idx_b = main_entry_bytes(d, r, fmt), index_key_bytes(dI, fmt)
         self.layers: list[LayerCache] = []
         for kind, m in zip(cfg.layer_types, cfg.compress_ratios):
-            lc = LayerCache(kind, m, swa=torch.zeros(num_slots, w, d, dtype=dtype))
+            lc = LayerCache(kind, m, fmt, d, r, swa=store(num_slots, w, width=main_b))
             if kind != SWA:
                 coff, rows = (2 if kind == CSA else 1), state_rows(kind, m)
-                lc.entries = torch.zeros(num_blocks, block_size // m, d, dtype=dtype)
+                lc.entries = store(num_blocks, block_size // m, width=main_b)
                 lc.state_kv = torch.zeros(num_slots, rows, coff * d)
                 lc.state_gate = torch.zeros(num_slots, rows, coff * d)
             if kind == CSA:
-                lc.index_keys = torch.zeros(num_blocks, block_size // m, dI, dtype=dtype)
+                lc.index_keys = store(num_blocks, block_size // m, width=idx_b)
                 lc.index_state_kv = torch.zeros(num_slots, 2 * m, 2 * dI)
                 lc.index_state_gate = torch.zeros(num_slots, 2 * m, 2 * dI)
             self.layers.append(lc)
+
+    @classmethod
+    def from_budget(cls, cfg: V4Config, budget_bytes: int, max_seqs: int, dtype: torch.dtype = torch.float32,
+                    block_size: int = DEFAULT_BLOCK_SIZE, kv_format: str | None = None) -> "PagedKVCache":
+        """As many blocks as fit in `budget_bytes` after the fixed state of `max_seqs` sequences."""
+        fmt = kv_format or ("fp32" if dtype == torch.float32 else "bf16")
+        kb = kv_bytes(cfg, fmt, block_size)
+        left = budget_bytes - max_seqs * kb.fixed_per_seq
+        if left < 0 or max_seqs < 1:
+            raise ValueError(f"a KV budget of {budget_bytes} B cannot hold the fixed state of {max_seqs} sequences "
+                             f"({kb.fixed_per_seq} B each); raise the budget or lower max_seqs")
+        num_blocks = left // kb.per_block if kb.per_block else 0
+        return cls(cfg, int(num_blocks), max_seqs, dtype, block_size, fmt)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every cache tensor (what the cache really occupies)."""
+        return sum(t.nbytes for lc in self.layers for t in (lc.swa, lc.entries, lc.state_kv, lc.state_gate,
+                                                            lc.index_keys, lc.index_state_kv, lc.index_state_gate)
+                   if t is not None)
 
     # ---- accounting --------------------------------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:

@@ -261,31 +261,32 @@ class Attention(nn.Module):
         """All chunks of the step in one attention call: every query row sees its own sequence's window keys
         (ring rows, then this step's rows) and its own closed-window entries (bias -inf elsewhere)."""
         if self.compressor is not None:  # emit the entries of windows closing in this step first
-            self._emit(self.compressor, u, positions, step, lc.entries, lc.state_kv, lc.state_gate)
+            self._emit(self.compressor, u, positions, step, lambda b, o, x: lc.write_main(lc.entries, b, o, x),
+                       lc.state_kv, lc.state_gate)
         if self.indexer is not None:
-            self._emit(self.indexer.compressor, u, positions, step, lc.index_keys, lc.index_state_kv,
+            self._emit(self.indexer.compressor, u, positions, step, lc.write_index, lc.index_state_kv,
                        lc.index_state_gate)
         out = torch.empty_like(q)
         for group in step.groups:
             win = step.window_layout(self.window, group)
             r = win.rows
-            keys = torch.cat([lc.swa[win.ring_slots, win.ring_rows], kv[r].to(lc.swa.dtype)])
+            keys = torch.cat([lc.read_main(lc.swa, win.ring_slots, win.ring_rows, kv.dtype), kv[r]])
             bias = win.bias
             if self.compressor is not None:
                 ent = step.entry_layout(self.ratio, group)
-                entries = lc.entries[ent.blocks, ent.offsets]               # [E, d]
-                ikeys = lc.index_keys[ent.blocks, ent.offsets] if self.indexer is not None else None
+                entries = lc.read_main(lc.entries, ent.blocks, ent.offsets, kv.dtype)   # [E, d]
+                ikeys = lc.read_index(ent.blocks, ent.offsets, torch.float32) if self.indexer is not None else None
                 entries, entry_bias = self._entry_bias(entries, ikeys, u[r], c_q[r], positions[r], ent.lo, ent.hi,
                                                        ent.bias)
                 keys = torch.cat([keys, entries.to(keys.dtype)])
                 bias = torch.cat([bias, entry_bias], dim=1)
             out[r] = sink_attention(q[r], keys.to(q.dtype), bias, self.attn_sink, self.head_dim ** -0.5)
         writes = step.ring_writes(self.window)                              # after every read
-        lc.swa[writes.slots, writes.rows] = kv[writes.src].to(lc.swa.dtype)
+        lc.write_main(lc.swa, writes.slots, writes.rows, kv[writes.src])
         return out
 
     def _emit(self, comp: Compressor, u: torch.Tensor, positions: torch.Tensor, step: StepBatch,
-              pool: torch.Tensor, ring_kv: torch.Tensor, ring_gate: torch.Tensor) -> None:
+              write, ring_kv: torch.Tensor, ring_gate: torch.Tensor) -> None:
         """Pool every window that closes within this step into `pool`, then keep the newest raw rows of each
         sequence in its compressor ring (which covers the open window and, for CSA, the previous one)."""
         m, R = comp.ratio, ring_kv.shape[1]
@@ -299,7 +300,7 @@ class Attention(nn.Module):
             prev_gate = src_gate[lay.prev_rows][..., :comp.dim] if comp.overlap else None
             pooled = comp.pool(src_kv[lay.rows], src_gate[lay.rows], prev_kv, prev_gate, lay.has_prev)
             cos, sin = rope_cos_sin(lay.positions, self.inv_freq)
-            pool[lay.blocks, lay.offsets] = apply_rope(pooled, cos, sin).to(pool.dtype)
+            write(lay.blocks, lay.offsets, apply_rope(pooled, cos, sin))
         w = lay.writes
         ring_kv[w.slots, w.rows] = kv_new[w.src]
         ring_gate[w.slots, w.rows] = gate_new[w.src]
