@@ -385,3 +385,88 @@ class StepBatch:
         t = lambda x: torch.tensor(x, dtype=torch.long)
         return EmitLayout(t(rows).view(-1, m), t(prev).view(-1, m), torch.tensor(has_prev, dtype=torch.bool), t(pos),
                           t(blocks), t(offsets), self.ring_writes(R))
+
+
+# ---- prefix export / import (the KV-cache service's unit of exchange) --------------------------------------
+
+PREFIX_UNIT = 128  # tokens per cached prefix block: lcm of V4's compression rates (4, 128)
+
+
+def _flat_bytes(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if not tensors:  # e.g. a sliding-window-only model has no compressed entries
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.cat([t.contiguous().view(torch.uint8).flatten() for t in tensors])
+
+
+def _unflat_into(buf: torch.Tensor, targets: list[torch.Tensor]) -> None:
+    """Copy consecutive byte ranges of `buf` into `targets` (views to write through), in order."""
+    at = 0
+    for t in targets:
+        n = t.numel() * t.element_size()
+        t.copy_(buf[at:at + n].view(t.dtype).view(t.shape))
+        at += n
+    assert at == buf.numel(), f"prefix payload has {buf.numel()} bytes, the cache layout {at}"
+
+
+class PrefixIO:
+    """Exports and imports a sequence's cached prefix: per 128-token unit the compressed entries and indexer
+    keys of every layer (one flat byte tensor per unit), and the boundary state at the prefix end (window
+    rings and compressor rings; one flat byte tensor). Byte layouts follow the cache's storage format."""
+
+    def __init__(self, cache: PagedKVCache):
+        bad = sorted({m for m in cache.cfg.compress_ratios if m and PREFIX_UNIT % m})
+        if bad:
+            raise ValueError(f"prefix caching needs every compression rate to divide {PREFIX_UNIT}; {bad} do not")
+        self.cache = cache
+
+    def _unit_views(self, seq: SeqCache, unit: int) -> list[torch.Tensor]:
+        c, views = self.cache, []
+        block, within = divmod(unit * PREFIX_UNIT, c.block_size)
+        b = seq.block_table[block]
+        for lc in c.layers:
+            if lc.entries is None:
+                continue
+            lo, n = within // lc.ratio, PREFIX_UNIT // lc.ratio
+            views.append(lc.entries[b, lo:lo + n])
+            if lc.index_keys is not None:
+                views.append(lc.index_keys[b, lo:lo + n])
+        return views
+
+    def _boundary_views(self, seq: SeqCache) -> list[torch.Tensor]:
+        views = []
+        for lc in self.cache.layers:
+            views.append(lc.swa[seq.slot])
+            for t in (lc.state_kv, lc.state_gate, lc.index_state_kv, lc.index_state_gate):
+                if t is not None:
+                    views.append(t[seq.slot])
+        return views
+
+    @property
+    def unit_bytes(self) -> int:
+        c = self.cache
+        total = 0
+        for lc in c.layers:
+            if lc.entries is not None:
+                total += (PREFIX_UNIT // lc.ratio) * lc.entries[0, 0].nbytes
+            if lc.index_keys is not None:
+                total += (PREFIX_UNIT // lc.ratio) * lc.index_keys[0, 0].nbytes
+        return total
+
+    def export_units(self, seq: SeqCache, first: int, last: int) -> list[torch.Tensor]:
+        """Flat byte tensors of units [first, last) (their windows must have closed: last*128 <= cached)."""
+        assert last * PREFIX_UNIT <= seq.num_tokens, "exporting units the sequence has not cached"
+        return [_flat_bytes(self._unit_views(seq, u)).clone() for u in range(first, last)]
+
+    def export_boundary(self, seq: SeqCache) -> torch.Tensor:
+        """The state needed to resume exactly at the sequence's current length (a multiple of 128)."""
+        assert seq.num_tokens % PREFIX_UNIT == 0, "boundary state is kept only at unit boundaries"
+        return _flat_bytes(self._boundary_views(seq)).clone()
+
+    def import_prefix(self, seq: SeqCache, units: list[torch.Tensor], boundary: torch.Tensor) -> None:
+        """Load a prefix of len(units) units into a fresh sequence (blocks must be allocated)."""
+        n_tokens = len(units) * PREFIX_UNIT
+        assert seq.num_tokens == 0 and self.cache.blocks_for(n_tokens) <= len(seq.block_table)
+        for u, buf in enumerate(units):
+            _unflat_into(buf, self._unit_views(seq, u))
+        _unflat_into(boundary, self._boundary_views(seq))
+        seq.num_tokens = n_tokens
