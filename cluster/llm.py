@@ -10,7 +10,7 @@ from typing import Any, Sequence as Seq
 import torch
 
 from v4ray.model.config import V4Config
-from v4ray.model.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, SeqCache, StepBatch
+from v4ray.model.kv_cache import DEFAULT_BLOCK_SIZE, PREFIX_UNIT, PagedKVCache, PrefixIO, SeqCache, StepBatch
 from v4ray.model.loader import load_model
 from v4ray.model.sampling import SamplingParams, make_generator
 from v4ray.model.tokenizer import V4Tokenizer
@@ -39,11 +39,16 @@ class LLM:
 
     dtype: "auto" (the checkpoint's: bfloat16 unless it is stored in float32), "float32" or "bfloat16".
     keep_quantized: keep FP8/FP4 weights in checkpoint format in memory (dequantized per use).
+    enable_prefix_caching: reuse cached prompt prefixes (multiples of 128 tokens) through the cluster's
+    KVCacheService actor, starting a local Ray if none is running (`address` joins another cluster); each
+    output reports `num_cached_tokens`.
     """
 
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", keep_quantized: bool = False,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
-                 block_size: int = DEFAULT_BLOCK_SIZE):
+                 block_size: int = DEFAULT_BLOCK_SIZE, enable_prefix_caching: bool = False,
+                 prefix_cache_bytes: int = 1 << 30, address: str | None = None,
+                 kv_cache_service: str = "v4ray-kv-cache"):
         path = Path(model)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model={str(model)!r} is not a checkpoint directory (no config.json); create a "
@@ -57,6 +62,17 @@ class LLM:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_size = block_size
+        self.prefix_cache = None
+        if enable_prefix_caching:
+            from v4ray.actors.kv_cache_service import PrefixCacheClient, model_identity, root_key
+
+            from .local_ray import ensure_ray
+
+            ensure_ray(address)
+            fmt = "fp32" if self.dtype == torch.float32 else "bf16"
+            layout = f"kv={fmt}|unit={PREFIX_UNIT}"
+            self.prefix_cache = PrefixCacheClient(root_key(model_identity(path), layout),
+                                                  budget_bytes=prefix_cache_bytes, name=kv_cache_service)
         self._ids = itertools.count()
 
     def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -102,22 +118,48 @@ class LLM:
         need = [min(len(r.seq.prompt_token_ids) + r.seq.params.max_tokens, self.max_model_len) for r in running]
         cache = PagedKVCache(self.config, num_blocks=sum(-(-n // self.block_size) for n in need),
                              num_slots=len(running), dtype=self.dtype, block_size=self.block_size)
+        io = PrefixIO(cache) if self.prefix_cache is not None else None
         for r in running:
             r.cache = cache.allocate(0)
+            if io is not None and not r.want_prompt_logits:
+                self._load_prefix(io, r)
         while running:
-            running = self._step(cache, running)
+            running = self._step(cache, running, io)
         for out in outputs:
             out.outputs.sort(key=lambda c: c.index)
         return outputs
 
-    def _step(self, cache: PagedKVCache, running: list["_Running"]) -> list["_Running"]:
+    def _load_prefix(self, io: PrefixIO, r: "_Running") -> None:
+        """Resume from the longest cached prefix (leaving at least one prompt token to compute); arrange to
+        store the prompt's full 128-token units once they are prefilled."""
+        prompt = r.seq.prompt_token_ids
+        hit = self.prefix_cache.lookup(prompt, max_tokens=len(prompt) - 1)
+        if hit.num_tokens:
+            io.cache.append(r.cache, hit.num_tokens)
+            io.import_prefix(r.cache, [torch.from_numpy(u.copy()) for u in hit.units],
+                             torch.from_numpy(hit.boundary.copy()))
+            r.prefilled = hit.num_tokens
+            if r.seq.index == 0:
+                r.out.num_cached_tokens = hit.num_tokens
+        store_at = len(prompt) // PREFIX_UNIT * PREFIX_UNIT
+        r.store_at = store_at if store_at > hit.num_tokens else None
+
+    def _store_prefix(self, io: PrefixIO, r: "_Running") -> None:
+        seq = r.cache
+        self.prefix_cache.store(r.seq.prompt_token_ids[:seq.num_tokens],
+                                lambda idx: [io.export_units(seq, i, i + 1)[0].numpy() for i in idx],
+                                io.export_boundary(seq).numpy())
+        r.store_at = None
+
+    def _step(self, cache: PagedKVCache, running: list["_Running"], io: PrefixIO | None = None) -> list["_Running"]:
         """One model step over every running sequence; returns those still running."""
         budget = self.max_num_batched_tokens
         chunks, tokens, rows, sample_at = [], [], [], []
         for r in running:
             prompt = r.seq.prompt_token_ids
             if r.prefilled < len(prompt):
-                n = min(len(prompt) - r.prefilled, max(budget, 0))
+                end = r.store_at if r.store_at is not None else len(prompt)  # stop at the unit boundary to store
+                n = min(end - r.prefilled, max(budget, 0))
                 if n == 0:
                     continue
                 new = prompt[r.prefilled:r.prefilled + n]
@@ -148,6 +190,8 @@ class LLM:
             elif at is not None:
                 row += 1
             r.prefilled = min(r.prefilled + n, len(prompt))
+            if r.store_at is not None and r.cache.num_tokens == r.store_at:
+                self._store_prefix(io, r)
             if at is None:
                 continue
             if r.want_prompt_logits and r.prompt_logits is not None:
@@ -175,3 +219,4 @@ class _Running:
     prefilled: int = 0
     cache: SeqCache | None = None
     prompt_logits: list | None = field(default_factory=list)
+    store_at: int | None = None  # prompt length at which to store the prefix in the KV-cache service

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Before anything imports Ray: a local cluster on loopback only, no usage reporting.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 torch.set_num_threads(2)
@@ -35,6 +39,18 @@ def tiny_ckpt(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (started on first use, shut down at the end)."""
+    import ray
+
+    from v4ray.cluster.local_ray import ensure_ray
+
+    ensure_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()
 
 
 def parity_prompt(length: int = PARITY_PROMPT_LEN, seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,169 @@
+"""The KVCacheService actor: exact prefix reuse across LLM instances, budgets, failures (real local Ray)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from v4ray.actors.kv_cache_service import UNIT_TOKENS, chain_keys, get_or_start_service
+from v4ray.model.kv_format import kv_bytes
+
+from conftest import parity_prompt
+
+_names = (f"kvtest-{i}" for i in itertools.count())
+
+
+@pytest.fixture
+def service_name(ray_session):
+    name = next(_names)
+    yield name
+    try:
+        ray_session.kill(ray_session.get_actor(name, namespace="v4ray"), no_restart=True)
+    except ValueError:
+        pass
+
+
+def _llm(ckpt, name, **kw):
+    from v4ray import LLM
+
+    return LLM(model=ckpt, dtype="float32", enable_prefix_caching=True, kv_cache_service=name, **kw)
+
+
+GREEDY = dict(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True)
+
+
+@pytest.mark.parametrize("hit", [128, 256, 384])
+def test_cache_hit_equals_cold_run(tiny_ckpt, service_name, hit):
+    from v4ray import LLM, SamplingParams
+
+    ckpt = tiny_ckpt("v4-tiny")
+    cold = LLM(model=ckpt, dtype="float32")
+    warm = _llm(ckpt, service_name)
+    base = parity_prompt(hit + 200, seed=hit).tolist()
+    seeded = warm.generate({"prompt_token_ids": base[:hit + 5]}, SamplingParams(**GREEDY))[0]
+    assert seeded.num_cached_tokens == 0
+    for ext in (1, 57, 200):
+        prompt = {"prompt_token_ids": base[:hit + ext]}
+        a = cold.generate(prompt, SamplingParams(**GREEDY))[0]
+        b = warm.generate(prompt, SamplingParams(**GREEDY))[0]
+        assert b.num_cached_tokens == hit, f"extension {ext}"
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb, t in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
+            assert la[t].logprob == pytest.approx(lb[t].logprob, abs=1e-5)
+
+
+def test_two_llms_share_entries_other_models_never_match(tiny_ckpt, service_name):
+    from v4ray import SamplingParams
+
+    a = _llm(tiny_ckpt("v4-tiny", seed=1), service_name)
+    b = _llm(tiny_ckpt("v4-tiny", seed=1), service_name)           # a second router of the same model
+    other = _llm(tiny_ckpt("v4-tiny", seed=2), service_name)        # same config, different weights
+    prompt = {"prompt_token_ids": parity_prompt(300, seed=9).tolist()}
+    p = SamplingParams(max_tokens=2, temperature=0)
+    assert a.generate(prompt, p)[0].num_cached_tokens == 0
+    assert b.generate(prompt, p)[0].num_cached_tokens == 256
+    assert other.generate(prompt, p)[0].num_cached_tokens == 0
+    stats = a.prefix_cache.stats()
+    assert stats["hits"] >= 1 and stats["prefixes"] == 2  # one per model
+
+
+def test_bytes_per_cached_token_equal_pool_arithmetic(tiny_ckpt, service_name):
+    from v4ray import SamplingParams
+
+    llm = _llm(tiny_ckpt("v4-tiny"), service_name)
+    llm.generate({"prompt_token_ids": parity_prompt(520, seed=4).tolist()}, SamplingParams(max_tokens=1))
+    s = llm.prefix_cache.stats()
+    kb = kv_bytes(llm.config, "fp32")
+    assert s["units"] == 4 and s["cached_tokens"] == 512
+    assert s["bytes_per_cached_token"] == kb.per_token                # entries only
+    assert s["boundary_bytes"] == kb.fixed_per_seq                    # reported separately
+
+
+def test_budget_is_never_exceeded(ray_session, service_name):
+    unit, boundary = 10_000, 3_000
+    svc = get_or_start_service(budget_bytes=50_000, name=service_name)
+    for i in range(12):
+        keys = chain_keys("00" * 32, list(range(i * 1000, i * 1000 + 2 * UNIT_TOKENS)))
+        units = {j: np.full(unit, i, dtype=np.uint8) for j in range(2)}
+        assert ray_session.get(svc.store.remote(keys, units, np.zeros(boundary, dtype=np.uint8)))
+        s = ray_session.get(svc.stats.remote())
+        assert s["bytes"] <= 50_000
+    assert s["evictions"] == 10 and s["prefixes"] == 2
+    # the newest prefix is intact, an evicted one is gone
+    assert ray_session.get(svc.lookup.remote(keys)) == 2
+    first = chain_keys("00" * 32, list(range(0, 2 * UNIT_TOKENS)))
+    assert ray_session.get(svc.lookup.remote(first)) == 0
+
+
+def test_spill_directory_keeps_evicted_prefixes(ray_session, service_name, tmp_path):
+    svc = get_or_start_service(budget_bytes=30_000, spill_dir=str(tmp_path), name=service_name)
+    all_keys = []
+    for i in range(4):
+        keys = chain_keys("11" * 32, list(range(i * 500, i * 500 + UNIT_TOKENS)))
+        all_keys.append(keys)
+        ray_session.get(svc.store.remote(keys, {0: np.full(10_000, i, dtype=np.uint8)}, np.zeros(100, np.uint8)))
+    assert ray_session.get(svc.stats.remote())["spilled"] >= 2
+    assert ray_session.get(svc.lookup.remote(all_keys[0])) == 1          # reloaded from disk
+    units, _ = ray_session.get(svc.fetch.remote(all_keys[0]))
+    assert (units[0] == 0).all() and ray_session.get(svc.stats.remote())["bytes"] <= 30_000
+
+
+def test_service_restart_loses_only_the_cache(tiny_ckpt, service_name, ray_session):
+    from v4ray import SamplingParams
+
+    llm = _llm(tiny_ckpt("v4-tiny"), service_name)
+    prompt = {"prompt_token_ids": parity_prompt(200, seed=5).tolist()}
+    p = SamplingParams(max_tokens=4, temperature=0)
+    first = llm.generate(prompt, p)[0]
+    assert llm.generate(prompt, p)[0].num_cached_tokens == 128
+    actor = ray_session.get_actor(service_name, namespace="v4ray")
+    pid = ray_session.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+    os.kill(pid, signal.SIGKILL)                                         # the service dies; Ray restarts it
+    again = llm.generate(prompt, p)[0]
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids      # recomputed, same answer
+    deadline = time.time() + 60
+    while llm.generate(prompt, p)[0].num_cached_tokens != 128:           # the restarted service refills
+        assert time.time() < deadline
+
+
+def test_caller_killed_mid_transfer_leaves_no_partial_entry(ray_session, service_name):
+    """A writer dies while storing large prefixes: every entry the service holds is complete."""
+    svc = get_or_start_service(budget_bytes=1 << 30, name=service_name)
+
+    @ray_session.remote(num_cpus=0)
+    class Writer:
+        def run(self, name):
+            import ray
+
+            svc = ray.get_actor(name, namespace="v4ray")
+            for i in itertools.count():
+                keys = chain_keys("22" * 32, list(range(i, i + 3 * UNIT_TOKENS)))
+                units = {j: np.full(4 << 20, (i + j) % 251, dtype=np.uint8) for j in range(3)}
+                svc.store.remote(keys, units, np.full(1 << 20, i % 251, dtype=np.uint8))
+
+        def pid(self):
+            return os.getpid()
+
+    w = Writer.remote()
+    pid = ray_session.get(w.pid.remote())
+    w.run.remote(service_name)
+    deadline = time.time() + 30
+    while ray_session.get(svc.stats.remote())["stores"] < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(1.0)
+    s = ray_session.get(svc.stats.remote())
+    assert s["stores"] >= 2
+    assert s["unit_bytes"] == s["units"] * (4 << 20) and s["boundary_bytes"] == s["prefixes"] * (1 << 20)
+    for i in range(s["prefixes"] + 50):
+        keys = chain_keys("22" * 32, list(range(i, i + 3 * UNIT_TOKENS)))
+        got = ray_session.get(svc.fetch.remote(keys))
+        if got is not None:
+            units, boundary = got
+            assert [int(u[0]) for u in units] == [(i + j) % 251 for j in range(3)] and boundary.nbytes == 1 << 20
