@@ -10,7 +10,8 @@ from typing import Any, Sequence as Seq
 import torch
 
 from v4ray.model.config import V4Config
-from v4ray.model.kv_cache import DEFAULT_BLOCK_SIZE, PREFIX_UNIT, PagedKVCache, PrefixIO, SeqCache, StepBatch
+from v4ray.model.kv_cache import DEFAULT_BLOCK_SIZE, PREFIX_UNIT
+from v4ray.model.runner import ModelRunner
 from v4ray.model.loader import load_model
 from v4ray.model.sampling import SamplingParams, make_generator
 from v4ray.model.tokenizer import V4Tokenizer
@@ -48,21 +49,21 @@ class LLM:
                  max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
                  block_size: int = DEFAULT_BLOCK_SIZE, enable_prefix_caching: bool = False,
                  prefix_cache_bytes: int = 1 << 30, address: str | None = None,
-                 kv_cache_service: str = "v4ray-kv-cache"):
+                 kv_cache_service: str = "v4ray-kv-cache", kv_cache_bytes: int = 256 << 20,
+                 max_num_seqs: int = 64):
         path = Path(model)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model={str(model)!r} is not a checkpoint directory (no config.json); create a "
                                     f"tiny one with `v4ray make-tiny {model}`")
         self.config = V4Config.from_file(path)
         self.dtype = resolve_dtype(dtype, self.config)
-        self.model = load_model(path, self.dtype, keep_quantized=keep_quantized, cfg=self.config)
         self.tokenizer = V4Tokenizer.from_dir(path)
         self.max_model_len = max_model_len or self.config.max_position_embeddings
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.block_size = block_size
-        self.prefix_cache = None
+        self.enable_prefix_caching = enable_prefix_caching
+        prefix_cache = None
         if enable_prefix_caching:
             from v4ray.actors.kv_cache_service import PrefixCacheClient, model_identity, root_key
 
@@ -71,8 +72,11 @@ class LLM:
             ensure_ray(address)
             fmt = "fp32" if self.dtype == torch.float32 else "bf16"
             layout = f"kv={fmt}|unit={PREFIX_UNIT}"
-            self.prefix_cache = PrefixCacheClient(root_key(model_identity(path), layout),
-                                                  budget_bytes=prefix_cache_bytes, name=kv_cache_service)
+            prefix_cache = PrefixCacheClient(root_key(model_identity(path), layout), budget_bytes=prefix_cache_bytes,
+                                             name=kv_cache_service)
+        self.prefix_cache = prefix_cache
+        self.model = load_model(path, self.dtype, keep_quantized=keep_quantized, cfg=self.config)
+        self.runner = ModelRunner(self.model, kv_cache_bytes, max_num_seqs, block_size, prefix_cache=prefix_cache)
         self._ids = itertools.count()
 
     def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -97,8 +101,9 @@ class LLM:
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Generate for each prompt; returns one RequestOutput per prompt, in order.
 
-        All sequences (prompts x n) run together: prompts are prefilled in chunks of at most
-        `max_num_batched_tokens` tokens per step, then every running sequence decodes one token per step."""
+        Sequences (prompts x n) are admitted while the KV cache has room for their prompt plus max_tokens;
+        prompts are prefilled in chunks of at most `max_num_batched_tokens` tokens per step, and every running
+        sequence decodes one token per step."""
         if not isinstance(prompts, (list, tuple)):
             prompts = [prompts]
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -106,7 +111,7 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         requests = [self._prompt_ids(p) for p in prompts]  # validate all before running any
-        outputs, running = [], []
+        outputs, waiting = [], []
         for (text, ids), sp in zip(requests, params):
             out = RequestOutput(request_id=str(next(self._ids)), prompt=text, prompt_token_ids=ids,
                                 prompt_logprobs=None)
@@ -114,96 +119,85 @@ class LLM:
             generator = make_generator(sp.seed)
             for i in range(sp.n):
                 seq = Sequence(i, ids, sp, self.tokenizer, generator, self.max_model_len)
-                running.append(_Running(out, seq, want_prompt_logits=(i == 0 and sp.prompt_logprobs is not None)))
-        need = [min(len(r.seq.prompt_token_ids) + r.seq.params.max_tokens, self.max_model_len) for r in running]
-        cache = PagedKVCache(self.config, num_blocks=sum(-(-n // self.block_size) for n in need),
-                             num_slots=len(running), dtype=self.dtype, block_size=self.block_size)
-        io = PrefixIO(cache) if self.prefix_cache is not None else None
-        for r in running:
-            r.cache = cache.allocate(0)
-            if io is not None and not r.want_prompt_logits:
-                self._load_prefix(io, r)
-        while running:
-            running = self._step(cache, running, io)
+                waiting.append(_Running(f"{out.request_id}-{i}", out, seq,
+                                        want_prompt_logits=(i == 0 and sp.prompt_logprobs is not None)))
+        running: list[_Running] = []
+        try:
+            while waiting or running:
+                while waiting and self._admit(waiting[0], idle=not running):
+                    running.append(waiting.pop(0))
+                running = self._step(running)
+        finally:
+            for r in running + waiting:
+                self.runner.release(r.key)
         for out in outputs:
             out.outputs.sort(key=lambda c: c.index)
         return outputs
 
-    def _load_prefix(self, io: PrefixIO, r: "_Running") -> None:
-        """Resume from the longest cached prefix (leaving at least one prompt token to compute); arrange to
-        store the prompt's full 128-token units once they are prefilled."""
+    def _admit(self, r: "_Running", idle: bool) -> bool:
+        """Reserve cache for the sequence's prompt and max_tokens; resume from a cached prefix if any."""
         prompt = r.seq.prompt_token_ids
-        hit = self.prefix_cache.lookup(prompt, max_tokens=len(prompt) - 1)
-        if hit.num_tokens:
-            io.cache.append(r.cache, hit.num_tokens)
-            io.import_prefix(r.cache, [torch.from_numpy(u.copy()) for u in hit.units],
-                             torch.from_numpy(hit.boundary.copy()))
-            r.prefilled = hit.num_tokens
+        need = min(len(prompt) + r.seq.params.max_tokens, self.max_model_len)
+        if not self.runner.can_admit(need):
+            if idle:  # nothing running will free space
+                raise ValueError(f"a sequence of {need} tokens (prompt + max_tokens) does not fit in the KV cache; "
+                                 f"raise kv_cache_bytes or lower max_tokens")
+            return False
+        self.runner.admit(r.key, need)
+        if self.enable_prefix_caching and not r.want_prompt_logits:
+            r.prefilled = self.runner.load_prefix(r.key, prompt)
             if r.seq.index == 0:
-                r.out.num_cached_tokens = hit.num_tokens
-        store_at = len(prompt) // PREFIX_UNIT * PREFIX_UNIT
-        r.store_at = store_at if store_at > hit.num_tokens else None
+                r.out.num_cached_tokens = r.prefilled
+            store_at = len(prompt) // PREFIX_UNIT * PREFIX_UNIT
+            r.store_at = store_at if store_at > r.prefilled else None
+        return True
 
-    def _store_prefix(self, io: PrefixIO, r: "_Running") -> None:
-        seq = r.cache
-        self.prefix_cache.store(r.seq.prompt_token_ids[:seq.num_tokens],
-                                lambda idx: [io.export_units(seq, i, i + 1)[0].numpy() for i in idx],
-                                io.export_boundary(seq).numpy())
-        r.store_at = None
-
-    def _step(self, cache: PagedKVCache, running: list["_Running"], io: PrefixIO | None = None) -> list["_Running"]:
+    def _step(self, running: list["_Running"]) -> list["_Running"]:
         """One model step over every running sequence; returns those still running."""
         budget = self.max_num_batched_tokens
-        chunks, tokens, rows, sample_at = [], [], [], []
+        chunks, planned = [], []
         for r in running:
             prompt = r.seq.prompt_token_ids
             if r.prefilled < len(prompt):
                 end = r.store_at if r.store_at is not None else len(prompt)  # stop at the unit boundary to store
-                n = min(end - r.prefilled, max(budget, 0))
-                if n == 0:
+                n = min(end - r.prefilled, budget)
+                if n <= 0:
                     continue
                 new = prompt[r.prefilled:r.prefilled + n]
             else:
                 new, n = [r.seq.output_token_ids[-1]], 1
             budget -= n
-            first_row = len(tokens)
-            tokens.extend(new)
-            chunks.append((r, n))
+            done_prompt = r.prefilled + n >= len(prompt)
             if r.want_prompt_logits and r.prefilled < len(prompt):
-                rows.extend(range(first_row, first_row + n))
-                sample_at.append(len(rows) - 1 if r.prefilled + n == len(prompt) else None)
-            elif r.prefilled + n >= len(prompt):
-                rows.append(first_row + n - 1)
-                sample_at.append(len(rows) - 1)
+                rows = list(range(n))
             else:
-                sample_at.append(None)
-        for r, n in chunks:
-            cache.append(r.cache, n)
-        batch = StepBatch.build(cache, [r.cache for r, _ in chunks], [n for _, n in chunks])
-        logits = self.model.step(torch.tensor(tokens), batch, torch.tensor(rows, dtype=torch.long))
-        row = 0
-        for (r, n), at in zip(chunks, sample_at):
+                rows = [n - 1] if done_prompt else []
+            chunks.append((r.key, new, rows))
+            planned.append((r, n, rows, done_prompt))
+        logits = self.runner.step(chunks)
+        at = 0
+        for r, n, rows, done_prompt in planned:
+            mine = logits[at:at + len(rows)]
+            at += len(rows)
             prompt = r.seq.prompt_token_ids
             if r.want_prompt_logits and r.prefilled < len(prompt):
-                r.prompt_logits.append(logits[row:row + n])
-                row += n
-            elif at is not None:
-                row += 1
+                r.prompt_logits.append(mine)
             r.prefilled = min(r.prefilled + n, len(prompt))
-            if r.store_at is not None and r.cache.num_tokens == r.store_at:
-                self._store_prefix(io, r)
-            if at is None:
+            if r.store_at is not None and r.prefilled == r.store_at:
+                self.runner.store_prefix(r.key, prompt[:r.store_at])
+                r.store_at = None
+            if not done_prompt:
                 continue
             if r.want_prompt_logits and r.prompt_logits is not None:
                 k = r.seq.params.prompt_logprobs
                 r.out.prompt_logprobs = prompt_logprobs(torch.cat(r.prompt_logits), prompt, k, self.tokenizer)
                 r.prompt_logits = None
-            r.seq.step(logits[at])
+            r.seq.step(mine[-1])
         still = []
         for r in running:
             if r.seq.finished:
                 r.out.outputs.append(r.seq.output())
-                cache.free(r.cache)
+                self.runner.release(r.key)
             else:
                 still.append(r)
         return still
@@ -211,12 +205,12 @@ class LLM:
 
 @dataclass
 class _Running:
-    """A sequence in flight: its request's output, sampling state, cache handle and prefill progress."""
+    """A sequence in flight: its key, its request's output, sampling state and prefill progress."""
 
+    key: str
     out: RequestOutput
     seq: Sequence
     want_prompt_logits: bool = False
     prefilled: int = 0
-    cache: SeqCache | None = None
     prompt_logits: list | None = field(default_factory=list)
     store_at: int | None = None  # prompt length at which to store the prefix in the KV-cache service

@@ -151,7 +151,10 @@ class PagedKVCache:
         if left < 0 or max_seqs < 1:
             raise ValueError(f"a KV budget of {budget_bytes} B cannot hold the fixed state of {max_seqs} sequences "
                              f"({kb.fixed_per_seq} B each); raise the budget or lower max_seqs")
-        num_blocks = left // kb.per_block if kb.per_block else 0
+        if kb.per_block:
+            num_blocks = left // kb.per_block
+        else:  # sliding-window-only model: blocks hold no bytes, only the fixed state limits sequences
+            num_blocks = max_seqs * -(-cfg.max_position_embeddings // block_size)
         return cls(cfg, int(num_blocks), max_seqs, dtype, block_size, fmt)
 
     @property
