@@ -43,6 +43,11 @@ class LLM:
     enable_prefix_caching: reuse cached prompt prefixes (multiples of 128 tokens) through the cluster's
     KVCacheService actor, starting a local Ray if none is running (`address` joins another cluster); each
     output reports `num_cached_tokens`.
+    num_expert_shards > 0: run the model as a replica of Ray actors — `num_routers` Router actors (attention,
+    gates, cache, each with `kv_cache_bytes` / `max_num_seqs`) and `num_expert_shards` ExpertShard actors
+    holding contiguous ranges of the routed experts, exchanging tokens by all-to-all (gloo on CPU, NCCL on
+    GPU). A local Ray on 127.0.0.1 is started unless `address` names a cluster. `replica_options` are further
+    `ReplicaConfig` fields (resources, timeouts, redundant experts). Call `shutdown()` to release the actors.
     """
 
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", keep_quantized: bool = False,
@@ -50,7 +55,8 @@ class LLM:
                  block_size: int = DEFAULT_BLOCK_SIZE, enable_prefix_caching: bool = False,
                  prefix_cache_bytes: int = 1 << 30, address: str | None = None,
                  kv_cache_service: str = "v4ray-kv-cache", kv_cache_bytes: int = 256 << 20,
-                 max_num_seqs: int = 64):
+                 max_num_seqs: int = 64, num_routers: int = 1, num_expert_shards: int = 0,
+                 replica_options: dict | None = None):
         path = Path(model)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model={str(model)!r} is not a checkpoint directory (no config.json); create a "
@@ -75,9 +81,39 @@ class LLM:
             prefix_cache = PrefixCacheClient(root_key(model_identity(path), layout), budget_bytes=prefix_cache_bytes,
                                              name=kv_cache_service)
         self.prefix_cache = prefix_cache
-        self.model = load_model(path, self.dtype, keep_quantized=keep_quantized, cfg=self.config)
-        self.runner = ModelRunner(self.model, kv_cache_bytes, max_num_seqs, block_size, prefix_cache=prefix_cache)
+        self.replica = None
+        if num_expert_shards > 0:
+            from .local_ray import ensure_ray
+            from .replica import Replica, ReplicaConfig
+
+            ensure_ray(address)
+            prefix_cfg = ({"root": prefix_cache.root, "budget_bytes": prefix_cache_bytes, "name": kv_cache_service}
+                          if prefix_cache is not None else None)
+            self.replica = Replica(ReplicaConfig(
+                model=str(path), num_routers=num_routers, num_expert_shards=num_expert_shards,
+                dtype="float32" if self.dtype == torch.float32 else "bfloat16", kv_cache_bytes=kv_cache_bytes,
+                max_num_seqs=max_num_seqs, block_size=block_size, prefix_cache=prefix_cfg,
+                **(replica_options or {}))).start()
+            self.model, self.runner = None, self.replica
+        else:
+            if num_routers != 1:
+                raise ValueError("num_routers > 1 needs num_expert_shards >= 1 (a distributed replica)")
+            self.model = load_model(path, self.dtype, keep_quantized=keep_quantized, cfg=self.config)
+            self.runner = ModelRunner(self.model, kv_cache_bytes, max_num_seqs, block_size,
+                                      prefix_cache=prefix_cache)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Release a distributed replica's actors and placement group (no-op for a single process)."""
+        if self.replica is not None:
+            self.replica.shutdown()
+            self.replica = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -128,8 +164,9 @@ class LLM:
                     running.append(waiting.pop(0))
                 running = self._step(running)
         finally:
-            for r in running + waiting:
-                self.runner.release(r.key)
+            if self.replica is None or not self.replica.failed:
+                for r in running + waiting:
+                    self.runner.release(r.key)
         for out in outputs:
             out.outputs.sort(key=lambda c: c.index)
         return outputs

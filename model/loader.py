@@ -143,8 +143,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, expert_rang
     ckpt = Checkpoint(path)
     if expert_range is not None:
         e0, e1 = expert_range
-        if not 0 <= e0 < e1 <= cfg.n_routed_experts:
-            raise ValueError(f"expert_range {expert_range} must satisfy 0 <= e0 < e1 <= {cfg.n_routed_experts}")
+        if not 0 <= e0 <= e1 <= cfg.n_routed_experts:
+            raise ValueError(f"expert_range {expert_range} must satisfy 0 <= e0 <= e1 <= {cfg.n_routed_experts} "
+                             f"(e0 == e1: no routed experts, as on a router)")
     model = V4Model(cfg, dtype, expert_range)
     linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, Linear)}
     wanted = {}  # official name -> (module, attr)
@@ -190,3 +191,39 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, expert_rang
         owner._buffers[attr] = t
     model.eval()
     return model
+
+
+def load_expert_weights(path: str | Path, expert_ids: list[int], dtype: torch.dtype = torch.float32,
+                        keep_quantized: bool = True, cfg: V4Config | None = None,
+                        ) -> list[dict[int, tuple[QuantTensor, QuantTensor, QuantTensor]]]:
+    """The routed experts `expert_ids` of every layer, reading only their tensors (an expert shard's load).
+
+    Returns per layer {expert id: (w1, w2, w3)}; FP8/FP4 stay as stored unless keep_quantized is False."""
+    cfg = cfg or V4Config.from_file(path)
+    ckpt = Checkpoint(path)
+    bad = [e for e in expert_ids if not 0 <= e < cfg.n_routed_experts]
+    if bad:
+        raise ValueError(f"expert ids {bad} are outside [0, {cfg.n_routed_experts})")
+    D, I = cfg.hidden_size, cfg.moe_intermediate_size
+    shapes = {"w1": (I, D), "w2": (D, I), "w3": (I, D)}
+    names = [f"layers.{L}.ffn.experts.{e}.{w}" for L in range(cfg.num_hidden_layers) for e in expert_ids
+             for w in shapes]
+    missing = [n + ".weight" for n in names if n + ".weight" not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt.dir} lacks {len(missing)} expert tensor(s): {missing[:3]}")
+    tensors = ckpt.read([n + ".weight" for n in names] + [n + ".scale" for n in names if n + ".scale" in ckpt])
+    out = []
+    for L in range(cfg.num_hidden_layers):
+        layer = {}
+        for e in expert_ids:
+            ws = []
+            for w, shape in shapes.items():
+                name = f"layers.{L}.ffn.experts.{e}.{w}"
+                t, scale = tensors[name + ".weight"], tensors.get(name + ".scale")
+                q = QuantTensor(t, scale, _weight_format(name + ".weight", t, scale, shape))
+                if q.fmt is None or not keep_quantized:
+                    q = QuantTensor(q.dequantize(dtype))
+                ws.append(q)
+            layer[e] = tuple(ws)
+        out.append(layer)
+    return out

@@ -350,6 +350,8 @@ class MoE(nn.Module):
         self.experts = nn.ModuleDict({str(e): Expert(cfg.hidden_size, cfg.moe_intermediate_size)
                                       for e in range(*expert_range)})
         self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size)
+        # Routed-expert step: local experts by default; an expert-parallel router installs its all-to-all here.
+        self.route = self.route_local
 
     def expert_weights(self) -> dict[int, tuple[QuantTensor, QuantTensor, QuantTensor]]:
         return {int(e): (m.w1.qweight(), m.w2.qweight(), m.w3.qweight()) for e, m in self.experts.items()}
@@ -362,15 +364,19 @@ class MoE(nn.Module):
         s = self.shared_experts
         return s.w2(swiglu_clamped(s.w1(x), s.w3(x), self.cfg.swiglu_limit))
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        weights, idx = self.gate(x, token_ids)
+    def route_local(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's experts of weight * Expert(x), all experts in this process. -> [N, D] fp32."""
         N, K = idx.shape
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)                            # group rows by expert
         tok = order // K
         y = self.compute_experts(x[tok], flat[order], weights.reshape(-1)[order])
-        routed = torch.zeros(N, x.shape[1], dtype=torch.float32).index_add_(0, tok, y.float())
-        return (routed + self.shared(x).float()).to(x.dtype)
+        return torch.zeros(N, x.shape[1], dtype=torch.float32).index_add_(0, tok, y.float())
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        weights, idx = self.gate(x, token_ids)                              # gate
+        routed = self.route(x, weights, idx)                                # expert compute (local or all-to-all)
+        return (routed + self.shared(x).float()).to(x.dtype)                # combine
 
 
 # ---- block and model ------------------------------------------------------------------------------------

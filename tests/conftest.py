@@ -41,16 +41,31 @@ def tiny_ckpt(tmp_path_factory):
     return get
 
 
+SIMULATED_NODES = 3
+
+
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole test session (started on first use, shut down at the end)."""
+def ray_cluster():
+    """One Ray for the whole session: a `ray.cluster_utils.Cluster` of 3 simulated nodes on 127.0.0.1, each
+    with 2 CPUs and one `expert_slot` (so at most one expert shard per node when shards ask for it)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"expert_slot": 1}})
+    for _ in range(SIMULATED_NODES - 1):
+        cluster.add_node(num_cpus=2, resources={"expert_slot": 1})
+    ray.init(address=cluster.address, namespace="v4ray", log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
     import ray
 
-    from v4ray.cluster.local_ray import ensure_ray
-
-    ensure_ray(num_cpus=4)
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 def parity_prompt(length: int = PARITY_PROMPT_LEN, seed: int = 0) -> torch.Tensor:

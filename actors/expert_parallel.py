@@ -1,0 +1,126 @@
+"""The MoE all-to-all between routers and expert shards, over torch.distributed (NCCL on GPUs, gloo on CPUs).
+
+Ranks: routers 0..R-1, expert shards R..R+S-1, one process group per model replica. Every rank takes part in
+every MoE layer's exchange, in layer order, so routers step in lockstep; a rank with nothing to send sends
+zero rows. Per layer:
+
+1. counts: all_to_all_single of int64 [world] — how many (token, expert) rows each rank sends to each rank
+   (the one host synchronisation per MoE layer);
+2. dispatch: all_to_all_single of the rows [M, D + 2] = hidden vector, expert id, routing weight (fp32);
+3. combine: all_to_all_single of the weighted expert outputs [M, D] back, with the split sizes reversed.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import defaultdict
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from v4ray.kernels import expert_mlp
+from v4ray.model.expert_placement import ExpertPlacement
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def init_group(init_method: str, rank: int, world_size: int, timeout_s: float, backend: str | None = None) -> str:
+    """Join the replica's process group (every collective then has `timeout_s`). Returns the backend."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    return backend
+
+
+class PhaseTimer:
+    """Accumulated seconds per phase and call counts, for statistics."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def add(self, phase: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] += now - t0
+        return now
+
+
+def _exchange_counts(send: torch.Tensor) -> torch.Tensor:
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send)
+    return recv
+
+
+class RouterExchange:
+    """A router's side of the exchange: installed as every MoE layer's `route` function."""
+
+    def __init__(self, rank: int, world_size: int, num_routers: int, placement: ExpertPlacement, hidden: int):
+        self.rank, self.world, self.num_routers = rank, world_size, num_routers
+        self.placement, self.hidden = placement, hidden
+        self.timer = PhaseTimer()
+
+    def install(self, model) -> None:
+        for block in model.layers:
+            block.ffn.route = self.route
+
+    def route(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [N, D], weights/idx [N, K] -> sum_k w_k Expert_{idx_k}(x) [N, D] fp32, experts on the shards."""
+        t0 = time.perf_counter()
+        N, K = idx.shape
+        flat_e = idx.reshape(-1)
+        rows = torch.arange(N * K)
+        tok = rows // K
+        dest = self.num_routers + self.placement.destinations(flat_e, rows)   # global rank of the holder shard
+        order = torch.argsort(dest * self.placement.num_experts + flat_e, stable=True)
+        send_counts = torch.bincount(dest[order], minlength=self.world)
+        payload = torch.cat([x[tok[order]].float(), flat_e[order].float()[:, None],
+                             weights.reshape(-1)[order].float()[:, None]], dim=1)      # [M, D + 2]
+        t0 = self.timer.add("router_prepare", t0)
+        recv_counts = _exchange_counts(send_counts)
+        recv = torch.empty(int(recv_counts.sum()), self.hidden + 2)                    # routers receive none
+        dist.all_to_all_single(recv, payload, recv_counts.tolist(), send_counts.tolist())
+        t0 = self.timer.add("dispatch", t0)
+        back = torch.empty(payload.shape[0], self.hidden)
+        dist.all_to_all_single(back, torch.empty(0, self.hidden), send_counts.tolist(), recv_counts.tolist())
+        t0 = self.timer.add("combine", t0)
+        return torch.zeros(N, self.hidden).index_add_(0, tok[order], back)
+
+    def idle(self, num_layers: int) -> None:
+        """Take part in a step with no tokens of our own."""
+        empty = torch.empty(0, self.hidden)
+        for _ in range(num_layers):
+            self.route(empty, torch.empty(0, 1), torch.empty(0, 1, dtype=torch.long))
+
+
+class ShardServer:
+    """An expert shard's side: per step, for every MoE layer, receive rows, run the experts, send results."""
+
+    def __init__(self, world_size: int, hidden: int, experts: list[dict], dtype: torch.dtype, swiglu_limit: float):
+        self.world, self.hidden, self.experts, self.dtype = world_size, hidden, experts, dtype
+        self.limit = swiglu_limit
+        self.timer = PhaseTimer()
+        self.tokens_per_expert = [defaultdict(int) for _ in experts]   # per layer: expert -> rows served
+
+    def serve_step(self) -> int:
+        rows_served = 0
+        zeros = torch.zeros(self.world, dtype=torch.long)
+        for layer, experts in enumerate(self.experts):
+            t0 = time.perf_counter()
+            recv_counts = _exchange_counts(zeros)
+            recv = torch.empty(int(recv_counts.sum()), self.hidden + 2)
+            dist.all_to_all_single(recv, torch.empty(0, self.hidden + 2), recv_counts.tolist(), zeros.tolist())
+            t0 = self.timer.add("dispatch_wait", t0)
+            x, e, w = recv[:, :self.hidden].to(self.dtype), recv[:, self.hidden].long(), recv[:, self.hidden + 1]
+            y = expert_mlp(x, e, w, experts, self.limit).float()
+            for eid, n in zip(*torch.unique(e, return_counts=True)):
+                self.tokens_per_expert[layer][int(eid)] += int(n)
+            rows_served += x.shape[0]
+            t0 = self.timer.add("expert", t0)
+            dist.all_to_all_single(torch.empty(0, self.hidden), y, zeros.tolist(), recv_counts.tolist())
+            self.timer.add("combine", t0)
+        return rows_served

@@ -1,0 +1,52 @@
+"""ExpertShard actor: holds routed experts of every MoE layer (a contiguous range of global ids, plus any
+redundant copies), kept in their checkpoint format, and serves them to the routers each step."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from v4ray.model.config import V4Config
+from v4ray.model.loader import load_expert_weights
+
+from .expert_parallel import ShardServer, init_group
+
+
+class ExpertShard:
+    def __init__(self, model_path: str, rank: int, world_size: int, shard_index: int, expert_ids: list[int],
+                 dtype: str, collective_timeout_s: float, keep_quantized: bool = True):
+        self.model_path, self.rank, self.world, self.shard_index = model_path, rank, world_size, shard_index
+        self.expert_ids = list(expert_ids)
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        self.timeout_s, self.keep_quantized = collective_timeout_s, keep_quantized
+        self.server: ShardServer | None = None
+        self.steps = 0
+
+    def info(self) -> dict:
+        import ray
+
+        return {"rank": self.rank, "role": "expert_shard", "shard": self.shard_index, "experts": self.expert_ids,
+                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def start(self, init_method: str) -> dict:
+        t0 = time.perf_counter()
+        backend = init_group(init_method, self.rank, self.world, self.timeout_s)
+        cfg = V4Config.from_file(self.model_path)
+        experts = load_expert_weights(self.model_path, self.expert_ids, self.dtype, self.keep_quantized, cfg)
+        self.server = ShardServer(self.world, cfg.hidden_size, experts, self.dtype, cfg.swiglu_limit)
+        nbytes = sum(w.nbytes for layer in experts for ws in layer.values() for w in ws)
+        return {"backend": backend, "load_s": time.perf_counter() - t0, "expert_bytes": nbytes}
+
+    def ping(self) -> bool:
+        return True
+
+    def step(self) -> int:
+        self.steps += 1
+        return self.server.serve_step()
+
+    def stats(self) -> dict:
+        return {"rank": self.rank, "shard": self.shard_index, "steps": self.steps,
+                "phases": dict(self.server.timer.seconds),
+                "tokens_per_expert": [dict(d) for d in self.server.tokens_per_expert]}

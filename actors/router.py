@@ -1,0 +1,99 @@
+"""Router actor: embedding, mHC, attention, gates, shared expert and head for its own sequences; routed experts
+through the all-to-all with the expert shards. Wraps the same ModelRunner as the single-process path."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from v4ray.model.expert_placement import ExpertPlacement
+from v4ray.model.loader import load_model
+from v4ray.model.runner import ModelRunner
+
+from .expert_parallel import RouterExchange, free_port, init_group
+
+
+class Router:
+    """Constructed cheaply; `start()` joins the process group and loads the dense weights."""
+
+    def __init__(self, model_path: str, rank: int, world_size: int, num_routers: int, placement: ExpertPlacement,
+                 dtype: str, kv_cache_bytes: int, max_num_seqs: int, block_size: int, collective_timeout_s: float,
+                 prefix_cache: dict | None = None):
+        self.model_path, self.rank, self.world, self.num_routers = model_path, rank, world_size, num_routers
+        self.placement, self.dtype = placement, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        self.kv_cache_bytes, self.max_num_seqs, self.block_size = kv_cache_bytes, max_num_seqs, block_size
+        self.timeout_s, self.prefix_cache_cfg = collective_timeout_s, prefix_cache
+        self.runner: ModelRunner | None = None
+        self.steps, self.step_seconds = 0, 0.0
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+    def info(self) -> dict:
+        import ray
+
+        return {"rank": self.rank, "role": "router", "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def rendezvous_address(self) -> str:
+        """Rank 0 publishes where the process group meets."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        return f"tcp://{host}:{free_port(host)}"
+
+    def start(self, init_method: str) -> dict:
+        t0 = time.perf_counter()
+        backend = init_group(init_method, self.rank, self.world, self.timeout_s)
+        model = load_model(self.model_path, self.dtype, expert_range=(0, 0))   # no routed experts here
+        self.exchange = RouterExchange(self.rank, self.world, self.num_routers, self.placement, model.cfg.hidden_size)
+        self.exchange.install(model)
+        client = None
+        if self.prefix_cache_cfg is not None:
+            from .kv_cache_service import PrefixCacheClient
+
+            client = PrefixCacheClient(**self.prefix_cache_cfg)
+        self.runner = ModelRunner(model, self.kv_cache_bytes, self.max_num_seqs, self.block_size,
+                                  prefix_cache=client)
+        return {"backend": backend, "load_s": time.perf_counter() - t0}
+
+    def ping(self) -> bool:
+        return True
+
+    # ---- the runner's API, remotely ---------------------------------------------------------------------
+    def can_admit(self, num_tokens: int) -> bool:
+        return self.runner.can_admit(num_tokens)
+
+    def fits_ever(self, num_tokens: int) -> bool:
+        return self.runner.fits_ever(num_tokens)
+
+    def admit(self, key: str, num_tokens: int) -> None:
+        self.runner.admit(key, num_tokens)
+
+    def release(self, key: str) -> None:
+        self.runner.release(key)
+
+    def load_prefix(self, key: str, prompt: list[int]) -> int:
+        return self.runner.load_prefix(key, prompt)
+
+    def store_prefix(self, key: str, tokens: list[int]) -> bool:
+        return self.runner.store_prefix(key, tokens)
+
+    def step(self, chunks: list) -> torch.Tensor:
+        """One lockstep step: our chunks through the model, or an idle pass through every MoE exchange."""
+        t0 = time.perf_counter()
+        if chunks:
+            out = self.runner.step(chunks)
+        else:
+            self.exchange.idle(self.runner.model.cfg.num_hidden_layers)
+            out = torch.empty(0, self.runner.model.cfg.vocab_size)
+        self.steps += 1
+        self.step_seconds += time.perf_counter() - t0
+        return out
+
+    def stats(self) -> dict:
+        t = dict(self.exchange.timer.seconds)
+        t["attention_and_dense"] = self.step_seconds - sum(t.values())
+        return {"rank": self.rank, "steps": self.steps, "step_seconds": self.step_seconds, "phases": t,
+                "kv_free_blocks": self.runner.cache.blocks.num_free, "kv_blocks": self.runner.cache.blocks.num,
+                "running": len(self.runner.seqs)}

@@ -1,0 +1,257 @@
+"""One model replica on Ray: a placement group of Router and ExpertShard actors joined by one process group.
+
+`Replica` offers the ModelRunner API (admit, step, release, prefixes), so the offline `LLM` (and later the
+engine) drives a distributed replica exactly like a single-process model. Sequences are assigned to routers
+when admitted (least loaded first); each step calls every router with its chunks and every shard once, and
+they meet in each MoE layer's all-to-all.
+
+Health: every remote call waits at most `step_timeout_s`; every collective at most `collective_timeout_s`.
+When a step fails, each rank is probed and the error names the ranks that died or stopped answering; the
+replica is then unusable and `shutdown()` tears it down (a new Replica rebuilds it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from v4ray.model.config import V4Config
+from v4ray.model.expert_placement import ExpertPlacement
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaError(RuntimeError):
+    """The replica failed (a rank died or hung); it must be rebuilt."""
+
+
+@dataclass
+class ReplicaConfig:
+    """Layout and limits of one model replica."""
+
+    model: str
+    num_routers: int = 1
+    num_expert_shards: int = 1
+    dtype: str = "float32"
+    redundant_experts: dict[int, list[int]] = field(default_factory=dict)  # expert -> extra holder shards
+    router_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    shard_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    placement_strategy: str = "SPREAD"
+    kv_cache_bytes: int = 256 << 20   # per router
+    max_num_seqs: int = 64            # per router
+    block_size: int = 256
+    collective_timeout_s: float = 60.0
+    step_timeout_s: float = 120.0
+    start_timeout_s: float = 300.0
+    prefix_cache: dict | None = None  # PrefixCacheClient kwargs for the routers, or None
+    shard_model_dirs: list[str] | None = None  # per-shard checkpoint copies (e.g. node-local, own experts only)
+
+    def validate(self, cfg: V4Config) -> None:
+        if self.num_routers < 1:
+            raise ValueError(f"num_routers must be >= 1, got {self.num_routers}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.shard_model_dirs is not None and len(self.shard_model_dirs) != self.num_expert_shards:
+            raise ValueError(f"shard_model_dirs has {len(self.shard_model_dirs)} entries for "
+                             f"{self.num_expert_shards} shards")
+        for name in ("collective_timeout_s", "step_timeout_s", "start_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+class Replica:
+    def __init__(self, config: ReplicaConfig):
+        self.config = config
+        self.cfg = V4Config.from_file(config.model)
+        config.validate(self.cfg)
+        self.placement = ExpertPlacement.contiguous(self.cfg.n_routed_experts, config.num_expert_shards,
+                                                    config.redundant_experts)
+        self.world = config.num_routers + config.num_expert_shards
+        self.routers, self.shards, self.pg = [], [], None
+        self.assignment: dict[str, int] = {}  # sequence key -> router index
+        self.failed: str | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> "Replica":
+        """Reserve the placement group, start every rank, rendezvous, load weights — all under timeouts."""
+        import ray
+        from ray.util.placement_group import get_current_placement_group, placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from v4ray.actors.expert_shard import ExpertShard
+        from v4ray.actors.router import Router
+
+        c = self.config
+        bundles = [dict(c.router_resources) for _ in range(c.num_routers)] + \
+                  [dict(c.shard_resources) for _ in range(c.num_expert_shards)]
+        current = get_current_placement_group()
+        offset = 0
+        if current is not None and len(current.bundle_specs) >= len(bundles) + 1:
+            self.pg, offset, self._own_pg = current, 1, False   # inside a Serve replica: bundle 0 is the replica
+        else:
+            self.pg, self._own_pg = placement_group(bundles, strategy=c.placement_strategy), True
+            try:
+                ray.get(self.pg.ready(), timeout=c.start_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                self.shutdown()
+                raise ReplicaError(f"placement group of {len(bundles)} bundles {bundles} was not placed within "
+                                   f"{c.start_timeout_s:.0f}s: the cluster lacks those resources")
+
+        def opts(i: int, resources: dict) -> dict:
+            res = dict(resources)
+            return {"num_cpus": res.pop("CPU", 0), "num_gpus": res.pop("GPU", 0), "resources": res or None,
+                    "max_concurrency": 2, "max_restarts": 0,
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i + offset)}
+
+        model = str(Path(c.model).resolve())
+        prefix = dict(c.prefix_cache) if c.prefix_cache else None
+        for r in range(c.num_routers):
+            self.routers.append(ray.remote(Router).options(**opts(r, c.router_resources)).remote(
+                model, r, self.world, c.num_routers, self.placement, c.dtype, c.kv_cache_bytes, c.max_num_seqs,
+                c.block_size, c.collective_timeout_s, prefix))
+        for s in range(c.num_expert_shards):
+            shard_model = str(Path(c.shard_model_dirs[s]).resolve()) if c.shard_model_dirs else model
+            self.shards.append(ray.remote(ExpertShard).options(**opts(c.num_routers + s, c.shard_resources)).remote(
+                shard_model, c.num_routers + s, self.world, s, self.placement.shard_experts(s), c.dtype,
+                c.collective_timeout_s))
+        init = self._get(self.routers[0].rendezvous_address.remote(), c.start_timeout_s, "rendezvous")
+        self.start_info = self._get([a.start.remote(init) for a in self.ranks], c.start_timeout_s, "start")
+        return self
+
+    @property
+    def ranks(self) -> list:
+        return self.routers + self.shards
+
+    def role(self, rank: int) -> str:
+        r = self.config.num_routers
+        return f"rank {rank} (router {rank})" if rank < r else f"rank {rank} (expert shard {rank - r})"
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for a in self.ranks:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.routers, self.shards = [], []
+        if self.pg is not None and self._own_pg:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+        self.pg = None
+
+    # ---- health -----------------------------------------------------------------------------------------
+    def _get(self, refs, timeout_s: float, what: str):
+        import ray
+
+        if self.failed:
+            raise ReplicaError(f"replica already failed ({self.failed}); shut it down and build a new one")
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            self.failed = self._diagnose(what, e)
+            raise ReplicaError(self.failed) from e
+
+    def _diagnose(self, what: str, err: Exception) -> str:
+        """Probe every rank: name the dead and the unresponsive ones."""
+        import ray
+
+        dead, hung = [], []
+        probes = [(i, a.ping.remote()) for i, a in enumerate(self.ranks)]
+        for i, ref in probes:
+            try:
+                ray.get(ref, timeout=5)
+            except ray.exceptions.RayActorError:
+                dead.append(self.role(i))
+            except (ray.exceptions.GetTimeoutError, TimeoutError):
+                hung.append(self.role(i))
+            except ray.exceptions.RayError:
+                dead.append(self.role(i))
+        parts = [f"{what} failed"]
+        if dead:
+            parts.append(f"dead: {', '.join(dead)}")
+        if hung:
+            parts.append(f"not answering: {', '.join(hung)}")
+        if not dead and not hung:
+            parts.append(f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+        return "; ".join(parts)
+
+    # ---- the ModelRunner API ----------------------------------------------------------------------------
+    def _router_for(self, num_tokens: int) -> int | None:
+        load = [sum(1 for r in self.assignment.values() if r == i) for i in range(len(self.routers))]
+        for i in sorted(range(len(self.routers)), key=lambda i: load[i]):
+            if self._get(self.routers[i].can_admit.remote(num_tokens), self.config.step_timeout_s, "can_admit"):
+                return i
+        return None
+
+    def can_admit(self, num_tokens: int) -> bool:
+        return self._router_for(num_tokens) is not None
+
+    def fits_ever(self, num_tokens: int) -> bool:
+        return self._get(self.routers[0].fits_ever.remote(num_tokens), self.config.step_timeout_s, "fits_ever")
+
+    def admit(self, key: str, num_tokens: int) -> None:
+        i = self._router_for(num_tokens)
+        if i is None:
+            from v4ray.model.kv_cache import CacheFullError
+            raise CacheFullError(f"no router has room for {num_tokens} tokens")
+        self._get(self.routers[i].admit.remote(key, num_tokens), self.config.step_timeout_s, "admit")
+        self.assignment[key] = i
+
+    def release(self, key: str) -> None:
+        i = self.assignment.pop(key, None)
+        if i is not None and not self.failed:
+            self._get(self.routers[i].release.remote(key), self.config.step_timeout_s, "release")
+
+    def load_prefix(self, key: str, prompt: list[int]) -> int:
+        return self._get(self.routers[self.assignment[key]].load_prefix.remote(key, prompt),
+                         self.config.step_timeout_s, "load_prefix")
+
+    def store_prefix(self, key: str, tokens: list[int]) -> bool:
+        return self._get(self.routers[self.assignment[key]].store_prefix.remote(key, tokens),
+                         self.config.step_timeout_s, "store_prefix")
+
+    def step(self, chunks: list) -> torch.Tensor:
+        """All routers (each with its chunks, possibly none) and all shards step together."""
+        per_router: list[list] = [[] for _ in self.routers]
+        where = []
+        for ch in chunks:
+            i = self.assignment[ch[0]]
+            where.append((i, len(per_router[i]), len(ch[2])))
+            per_router[i].append(ch)
+        refs = [r.step.remote(c) for r, c in zip(self.routers, per_router)] + [s.step.remote() for s in self.shards]
+        out = self._get(refs, self.config.step_timeout_s, "step")
+        logits = out[:len(self.routers)]
+        offsets = [[0] for _ in self.routers]
+        for i, c in enumerate(per_router):
+            for ch in c:
+                offsets[i].append(offsets[i][-1] + len(ch[2]))
+        pieces = [logits[i][offsets[i][j]:offsets[i][j] + n] for i, j, n in where]
+        return torch.cat(pieces) if pieces else torch.empty(0, self.cfg.vocab_size)
+
+    # ---- observability ----------------------------------------------------------------------------------
+    def actor_info(self) -> list[dict]:
+        return self._get([a.info.remote() for a in self.ranks], self.config.step_timeout_s, "info")
+
+    def stats(self) -> dict:
+        """Per-phase times and tokens per expert / per shard per layer (load imbalance)."""
+        routers = self._get([r.stats.remote() for r in self.routers], self.config.step_timeout_s, "stats")
+        shards = self._get([s.stats.remote() for s in self.shards], self.config.step_timeout_s, "stats")
+        L = self.cfg.num_hidden_layers
+        per_expert = [[0] * self.cfg.n_routed_experts for _ in range(L)]
+        per_shard = [[0] * len(self.shards) for _ in range(L)]
+        for s in shards:
+            for layer, counts in enumerate(s["tokens_per_expert"]):
+                for e, n in counts.items():
+                    per_expert[layer][int(e)] += n
+                    per_shard[layer][s["shard"]] += n
+        imbalance = [max(row) / (sum(row) / len(row)) if sum(row) else 0.0 for row in per_shard]
+        return {"routers": routers, "shards": shards, "tokens_per_expert": per_expert,
+                "tokens_per_shard": per_shard, "shard_imbalance": imbalance}

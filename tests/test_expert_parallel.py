@@ -1,0 +1,156 @@
+"""Router and ExpertShard actors with all-to-all, on a 3-node simulated Ray cluster, against the single-process
+model (the same ModelRunner without actors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from v4ray.cluster.replica import Replica, ReplicaConfig, ReplicaError
+from v4ray.model.expert_placement import ExpertPlacement
+from v4ray.model.loader import INDEX_FILE, load_model
+from v4ray.model.runner import ModelRunner
+from v4ray.model.tiny import expert_files
+
+from conftest import parity_prompt, rel_err
+from test_parity import PARITY_RTOL, TIE_GAP
+
+DECODE_STEPS = 32
+PROMPTS = {"a": 200, "b": 77, "c": 131}
+
+
+def _shard_copies(ckpt, tmp_path, placement: ExpertPlacement) -> list[str]:
+    """One checkpoint copy per shard with the files holding only other shards' experts deleted."""
+    dirs = []
+    for s in range(placement.num_shards):
+        d = tmp_path / f"shard{s}"
+        shutil.copytree(ckpt, d)
+        mine = set(placement.shard_experts(s))
+        for fname, ids in expert_files(d).items():
+            if -1 not in ids and ids.isdisjoint(mine):
+                (d / fname).unlink()
+        dirs.append(str(d))
+    return dirs
+
+
+def _unbalanced(ckpt, tmp_path):
+    """Every score-routed layer picks experts 0 and 1; hash layers map every token into experts 0..3."""
+    dst = tmp_path / "unbalanced"
+    shutil.copytree(ckpt, dst)
+    wm = json.loads((dst / INDEX_FILE).read_text())["weight_map"]
+    for fname in set(wm.values()):
+        t = load_file(dst / fname)
+        changed = False
+        for name in list(t):
+            if name.endswith("ffn.gate.bias"):
+                t[name] = torch.zeros_like(t[name])
+                t[name][:2] = 100.0
+                changed = True
+            elif name.endswith("tid2eid"):
+                g = torch.Generator().manual_seed(0)
+                t[name] = torch.stack([torch.randperm(4, generator=g)[:t[name].shape[1]] for _ in range(t[name].shape[0])])
+                changed = True
+        if changed:
+            save_file(t, dst / fname)
+    return dst
+
+
+def _run(runner, steps: int) -> list[torch.Tensor]:
+    """Prefill three prompts of different lengths (all prompt rows' logits), then greedy-decode together."""
+    for key, n in PROMPTS.items():
+        runner.admit(key, n + steps + 1)
+    outs = [runner.step([(k, parity_prompt(n, seed=n).tolist(), list(range(n))) for k, n in PROMPTS.items()])]
+    last = torch.tensor([sum(list(PROMPTS.values())[:i + 1]) - 1 for i in range(len(PROMPTS))])
+    tokens = outs[0][last].argmax(-1).tolist()
+    for _ in range(steps):
+        out = runner.step([(k, [t], [0]) for k, t in zip(PROMPTS, tokens)])
+        outs.append(out)
+        tokens = out.argmax(-1).tolist()
+    for key in PROMPTS:
+        runner.release(key)
+    return outs
+
+
+def _compare(dist_outs, ref_outs):
+    for step, (a, b) in enumerate(zip(dist_outs, ref_outs)):
+        assert rel_err(a, b).max() <= PARITY_RTOL, f"step {step}"
+        flips = a.argmax(-1) != b.argmax(-1)
+        if flips.any():  # only at a genuine tie; then the two runs fed different tokens: stop comparing
+            top2 = b[flips].topk(2).values
+            assert ((top2[:, 0] - top2[:, 1]) < TIE_GAP).all()
+            return
+
+
+@pytest.mark.parametrize("routers,shards", [(1, 2), (2, 2), (1, 3)])
+def test_layouts_equal_single_process(ray_session, tiny_ckpt, tmp_path, routers, shards):
+    ckpt = tiny_ckpt("v4-tiny")
+    placement = ExpertPlacement.contiguous(8, shards)
+    rep = Replica(ReplicaConfig(model=str(ckpt), num_routers=routers, num_expert_shards=shards,
+                                shard_resources={"CPU": 1, "expert_slot": 1},
+                                shard_model_dirs=_shard_copies(ckpt, tmp_path, placement),
+                                collective_timeout_s=60)).start()
+    try:
+        info = rep.actor_info()
+        shard_nodes = [i["node_id"] for i in info if i["role"] == "expert_shard"]
+        assert len(set(shard_nodes)) == shards, "two shards share a node"
+        dist_outs = _run(rep, DECODE_STEPS)
+        stats = rep.stats()
+    finally:
+        rep.shutdown()
+    ref = ModelRunner(load_model(ckpt, torch.float32), 64 << 20, 8)
+    _compare(dist_outs, _run(ref, DECODE_STEPS))
+    assert all(sum(row) > 0 for row in stats["tokens_per_shard"])
+    assert stats["routers"][0]["phases"]["dispatch"] > 0 and stats["shards"][0]["phases"]["expert"] > 0
+
+
+def test_unbalanced_routing_and_redundant_copy(ray_session, tiny_ckpt, tmp_path):
+    ckpt = _unbalanced(tiny_ckpt("v4-tiny"), tmp_path)
+    ref = _run(ModelRunner(load_model(ckpt, torch.float32), 64 << 20, 8), 8)
+    for redundant in ({}, {0: [1]}):
+        rep = Replica(ReplicaConfig(model=str(ckpt), num_routers=1, num_expert_shards=2,
+                                    redundant_experts=redundant)).start()
+        try:
+            outs = _run(rep, 8)
+            stats = rep.stats()
+        finally:
+            rep.shutdown()
+        _compare(outs, ref)
+        score_layers = range(1, 4)  # v4-tiny: layer 0 is hash-routed
+        for layer in score_layers:
+            counts = stats["tokens_per_expert"][layer]
+            assert counts[0] == counts[1] == sum(counts) / 2        # experts 0 and 1 take every token
+        if not redundant:
+            assert all(row[1] == 0 for row in stats["tokens_per_shard"])   # shard 1 gets none
+        else:
+            shard1 = stats["shards"][1]["tokens_per_expert"]
+            assert all(shard1[layer].get(0, 0) > 0 for layer in score_layers)  # the copy of expert 0 serves
+
+
+def test_killed_shard_fails_fast_and_replica_rebuilds(ray_session, tiny_ckpt):
+    from v4ray import LLM, SamplingParams
+
+    ckpt = tiny_ckpt("v4-tiny")
+    prompt = {"prompt_token_ids": parity_prompt(100, seed=2).tolist()}
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    want = LLM(model=ckpt, dtype="float32").generate(prompt, greedy)[0].outputs[0].token_ids
+    timeout_s = 8.0  # collective timeout for this test only
+    llm = LLM(model=ckpt, dtype="float32", num_expert_shards=2,
+              replica_options={"collective_timeout_s": timeout_s, "step_timeout_s": 3 * timeout_s})
+    victim = next(i for i in llm.replica.actor_info() if i["role"] == "expert_shard")
+    killer = threading.Timer(1.5, os.kill, (victim["pid"], signal.SIGKILL))
+    killer.start()
+    t0 = time.time()
+    with pytest.raises(ReplicaError, match=f"dead: rank {victim['rank']} \\(expert shard {victim['shard']}\\)"):
+        llm.generate(prompt, SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True))
+    assert time.time() - t0 < 1.5 + 3 * timeout_s + 10
+    llm.shutdown()
+    with LLM(model=ckpt, dtype="float32", num_expert_shards=2) as rebuilt:
+        assert rebuilt.generate(prompt, greedy)[0].outputs[0].token_ids == want
