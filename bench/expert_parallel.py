@@ -1,0 +1,108 @@
+"""The distributed replica (Router + ExpertShard actors, all-to-all) vs the single-process model.
+
+    python bench/expert_parallel.py [--routers 1] [--shards 2] [--batch 8] [--prompt-len 128] [--new-tokens 32]
+
+Same tiny model and batch on both; reports decode tokens/s and their ratio, per-phase time on the replica
+(attention and dense work, dispatch, expert compute, combine), and the control overhead per step: the
+wall time of a replica step with no tokens anywhere (Ray calls, result transfer and the empty exchanges of
+every MoE layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import table, write  # noqa: E402
+
+
+def decode(runner, prompts, new_tokens, after_prefill=lambda: None):
+    keys = [f"s{i}" for i in range(len(prompts))]
+    for k, p in zip(keys, prompts):
+        runner.admit(k, len(p) + new_tokens + 1)
+    out = runner.step([(k, p, [len(p) - 1]) for k, p in zip(keys, prompts)])
+    tokens = out.argmax(-1).tolist()
+    after_prefill()
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        tokens = runner.step([(k, [tok], [0]) for k, tok in zip(keys, tokens)]).argmax(-1).tolist()
+    elapsed = time.perf_counter() - t
+    for k in keys:
+        runner.release(k)
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="v4-tiny")
+    ap.add_argument("--routers", type=int, default=1)
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+    import torch
+
+    from v4ray.cluster.local_ray import ensure_ray
+    from v4ray.cluster.replica import Replica, ReplicaConfig
+    from v4ray.model.loader import load_model
+    from v4ray.model.runner import ModelRunner
+    from v4ray.model.tiny import make_tiny
+
+    ckpt = make_tiny(Path(tempfile.mkdtemp()) / "ckpt", preset=args.preset, dtype="fp32")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(16, 272, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
+    N = args.new_tokens * args.batch
+
+    local = ModelRunner(load_model(ckpt, torch.float32), 256 << 20, args.batch)
+    decode(local, prompts, 4)
+    local_s = decode(local, prompts, args.new_tokens)
+
+    ensure_ray(num_cpus=max(4, args.routers + args.shards))
+    rep = Replica(ReplicaConfig(model=str(ckpt), num_routers=args.routers, num_expert_shards=args.shards)).start()
+    try:
+        decode(rep, prompts, 4)
+        snap = {}
+        dist_s = decode(rep, prompts, args.new_tokens, lambda: snap.setdefault("before", rep.stats()))
+        before, after = snap["before"], rep.stats()
+        t = time.perf_counter()
+        for _ in range(20):
+            rep.step([])
+        idle_ms = 1e3 * (time.perf_counter() - t) / 20
+    finally:
+        rep.shutdown()
+
+    def delta(side: str, i: int, key: str) -> dict:
+        a, b = after[side][i][key], before[side][i][key]
+        return {k: a[k] - b.get(k, 0.0) for k in a} if isinstance(a, dict) else a - b
+
+    steps = args.new_tokens
+    phases = delta("routers", 0, "phases")
+    expert = sum(delta("shards", i, "phases").get("expert", 0.0) for i in range(args.shards)) / args.shards
+    rows = [{"path": "single process", "tokens_per_s": round(N / local_s, 1), "ms_per_step": round(1e3 * local_s / steps, 2)},
+            {"path": f"replica R={args.routers} S={args.shards}", "tokens_per_s": round(N / dist_s, 1),
+             "ms_per_step": round(1e3 * dist_s / steps, 2)}]
+    print(table(rows, ["path", "tokens_per_s", "ms_per_step"]))
+    per_step = {k: round(1e3 * v / steps, 2) for k, v in phases.items()}
+    per_step["expert (shard mean)"] = round(1e3 * expert / steps, 2)
+    control = round(idle_ms, 2)
+    print(f"replica / single process throughput: {local_s / dist_s:.2f}x")
+    print("router phases per step (ms):", per_step)
+    print(f"control overhead per step (ms): {control}")
+    path = write("expert_parallel", {"preset": args.preset, "routers": args.routers, "shards": args.shards,
+                                     "batch": args.batch, "prompt_len": args.prompt_len,
+                                     "new_tokens": args.new_tokens, "rows": rows,
+                                     "ratio_vs_single_process": round(local_s / dist_s, 3),
+                                     "phase_ms_per_step": per_step, "control_overhead_ms_per_step": control})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
