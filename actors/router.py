@@ -8,9 +8,12 @@ import time
 
 import torch
 
+from v4ray.model.engine_core import EngineCore
 from v4ray.model.expert_placement import ExpertPlacement
 from v4ray.model.loader import load_model
 from v4ray.model.runner import ModelRunner
+from v4ray.model.sampling import SamplingParams
+from v4ray.model.tokenizer import V4Tokenizer
 
 from .expert_parallel import RouterExchange, free_port, init_group
 
@@ -20,12 +23,15 @@ class Router:
 
     def __init__(self, model_path: str, rank: int, world_size: int, num_routers: int, placement: ExpertPlacement,
                  dtype: str, kv_cache_bytes: int, max_num_seqs: int, block_size: int, collective_timeout_s: float,
-                 prefix_cache: dict | None = None):
+                 prefix_cache: dict | None = None, max_model_len: int | None = None,
+                 max_num_batched_tokens: int = 2048):
         self.model_path, self.rank, self.world, self.num_routers = model_path, rank, world_size, num_routers
         self.placement, self.dtype = placement, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         self.kv_cache_bytes, self.max_num_seqs, self.block_size = kv_cache_bytes, max_num_seqs, block_size
         self.timeout_s, self.prefix_cache_cfg = collective_timeout_s, prefix_cache
+        self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self.runner: ModelRunner | None = None
+        self.core: EngineCore | None = None
         self.steps, self.step_seconds = 0, 0.0
 
     # ---- lifecycle --------------------------------------------------------------------------------------
@@ -55,6 +61,9 @@ class Router:
             client = PrefixCacheClient(**self.prefix_cache_cfg)
         self.runner = ModelRunner(model, self.kv_cache_bytes, self.max_num_seqs, self.block_size,
                                   prefix_cache=client)
+        self.core = EngineCore(self.runner, V4Tokenizer.from_dir(self.model_path),
+                               self.max_model_len or model.cfg.max_position_embeddings, self.max_num_batched_tokens,
+                               self.max_num_seqs, prefix_caching=client is not None)
         return {"backend": backend, "load_s": time.perf_counter() - t0}
 
     def ping(self) -> bool:
@@ -91,9 +100,28 @@ class Router:
         self.step_seconds += time.perf_counter() - t0
         return out
 
+    # ---- the engine: requests in, tokens out (scheduling and sampling on this router) ------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        self.core.add_request(request_id, prompt_ids, params, prompt)
+
+    def abort(self, request_id: str) -> bool:
+        return self.core.abort(request_id)
+
+    def engine_step(self) -> tuple[list, bool]:
+        """One lockstep step of this router's engine: schedule, run (or take part idly), sample."""
+        t0 = time.perf_counter()
+        ran = self.core.num_steps
+        outs = self.core.step()
+        if self.core.num_steps == ran:
+            self.exchange.idle(self.runner.model.cfg.num_hidden_layers)
+        self.steps += 1
+        self.step_seconds += time.perf_counter() - t0
+        return outs, self.core.has_work()
+
     def stats(self) -> dict:
         t = dict(self.exchange.timer.seconds)
         t["attention_and_dense"] = self.step_seconds - sum(t.values())
         return {"rank": self.rank, "steps": self.steps, "step_seconds": self.step_seconds, "phases": t,
                 "kv_free_blocks": self.runner.cache.blocks.num_free, "kv_blocks": self.runner.cache.blocks.num,
-                "running": len(self.runner.seqs)}
+                "running": len(self.runner.seqs), "engine": self.core.stats()}

@@ -14,6 +14,6 @@ def __getattr__(name: str):
         from v4ray.model.sampling import SamplingParams
         return SamplingParams
     if name in ("RequestOutput", "CompletionOutput"):
-        from v4ray.cluster import outputs
+        from v4ray.model import outputs
         return getattr(outputs, name)
     raise AttributeError(f"module 'v4ray' has no attribute {name!r}")

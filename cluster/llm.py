@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence as Seq
 
@@ -11,13 +10,12 @@ import torch
 
 from v4ray.model.config import V4Config
 from v4ray.model.kv_cache import DEFAULT_BLOCK_SIZE, PREFIX_UNIT
+from v4ray.model.engine_core import EngineCore
 from v4ray.model.runner import ModelRunner
 from v4ray.model.loader import load_model
-from v4ray.model.sampling import SamplingParams, make_generator
+from v4ray.model.outputs import RequestOutput
+from v4ray.model.sampling import SamplingParams
 from v4ray.model.tokenizer import V4Tokenizer
-
-from .outputs import RequestOutput
-from .sequence import Sequence, prompt_logprobs
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 PromptType = str | dict[str, Any]
@@ -84,7 +82,7 @@ class LLM:
         self.replica = None
         if num_expert_shards > 0:
             from .local_ray import ensure_ray
-            from .replica import Replica, ReplicaConfig
+            from .replica import Replica, ReplicaConfig, ReplicaEngine
 
             ensure_ray(address)
             prefix_cfg = ({"root": prefix_cache.root, "budget_bytes": prefix_cache_bytes, "name": kv_cache_service}
@@ -93,14 +91,17 @@ class LLM:
                 model=str(path), num_routers=num_routers, num_expert_shards=num_expert_shards,
                 dtype="float32" if self.dtype == torch.float32 else "bfloat16", kv_cache_bytes=kv_cache_bytes,
                 max_num_seqs=max_num_seqs, block_size=block_size, prefix_cache=prefix_cfg,
+                max_model_len=self.max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                 **(replica_options or {}))).start()
-            self.model, self.runner = None, self.replica
+            self.model, self.runner, self.engine = None, self.replica, ReplicaEngine(self.replica)
         else:
             if num_routers != 1:
                 raise ValueError("num_routers > 1 needs num_expert_shards >= 1 (a distributed replica)")
             self.model = load_model(path, self.dtype, keep_quantized=keep_quantized, cfg=self.config)
             self.runner = ModelRunner(self.model, kv_cache_bytes, max_num_seqs, block_size,
                                       prefix_cache=prefix_cache)
+            self.engine = EngineCore(self.runner, self.tokenizer, self.max_model_len, max_num_batched_tokens,
+                                     max_num_seqs, prefix_caching=enable_prefix_caching)
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
@@ -137,9 +138,8 @@ class LLM:
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Generate for each prompt; returns one RequestOutput per prompt, in order.
 
-        Sequences (prompts x n) are admitted while the KV cache has room for their prompt plus max_tokens;
-        prompts are prefilled in chunks of at most `max_num_batched_tokens` tokens per step, and every running
-        sequence decodes one token per step."""
+        Every request goes to the engine at once; continuous batching runs them together (chunked prefill
+        under `max_num_batched_tokens`, admission by KV capacity, preemption by recomputation)."""
         if not isinstance(prompts, (list, tuple)):
             prompts = [prompts]
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -147,107 +147,22 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         requests = [self._prompt_ids(p) for p in prompts]  # validate all before running any
-        outputs, waiting = [], []
-        for (text, ids), sp in zip(requests, params):
-            out = RequestOutput(request_id=str(next(self._ids)), prompt=text, prompt_token_ids=ids,
-                                prompt_logprobs=None)
-            outputs.append(out)
-            generator = make_generator(sp.seed)
-            for i in range(sp.n):
-                seq = Sequence(i, ids, sp, self.tokenizer, generator, self.max_model_len)
-                waiting.append(_Running(f"{out.request_id}-{i}", out, seq,
-                                        want_prompt_logits=(i == 0 and sp.prompt_logprobs is not None)))
-        running: list[_Running] = []
+        ids = []
         try:
-            while waiting or running:
-                while waiting and self._admit(waiting[0], idle=not running):
-                    running.append(waiting.pop(0))
-                running = self._step(running)
-        finally:
+            for (text, prompt_ids), sp in zip(requests, params):
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, prompt_ids, sp, text)
+                ids.append(rid)
+            final: dict[str, RequestOutput] = {}
+            while len(final) < len(ids):
+                if not self.engine.has_work():
+                    raise RuntimeError(f"the engine stopped with requests {sorted(set(ids) - set(final))} unfinished")
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        except BaseException:
             if self.replica is None or not self.replica.failed:
-                for r in running + waiting:
-                    self.runner.release(r.key)
-        for out in outputs:
-            out.outputs.sort(key=lambda c: c.index)
-        return outputs
-
-    def _admit(self, r: "_Running", idle: bool) -> bool:
-        """Reserve cache for the sequence's prompt and max_tokens; resume from a cached prefix if any."""
-        prompt = r.seq.prompt_token_ids
-        need = min(len(prompt) + r.seq.params.max_tokens, self.max_model_len)
-        if not self.runner.can_admit(need):
-            if idle:  # nothing running will free space
-                raise ValueError(f"a sequence of {need} tokens (prompt + max_tokens) does not fit in the KV cache; "
-                                 f"raise kv_cache_bytes or lower max_tokens")
-            return False
-        self.runner.admit(r.key, need)
-        if self.enable_prefix_caching and not r.want_prompt_logits:
-            r.prefilled = self.runner.load_prefix(r.key, prompt)
-            if r.seq.index == 0:
-                r.out.num_cached_tokens = r.prefilled
-            store_at = len(prompt) // PREFIX_UNIT * PREFIX_UNIT
-            r.store_at = store_at if store_at > r.prefilled else None
-        return True
-
-    def _step(self, running: list["_Running"]) -> list["_Running"]:
-        """One model step over every running sequence; returns those still running."""
-        budget = self.max_num_batched_tokens
-        chunks, planned = [], []
-        for r in running:
-            prompt = r.seq.prompt_token_ids
-            if r.prefilled < len(prompt):
-                end = r.store_at if r.store_at is not None else len(prompt)  # stop at the unit boundary to store
-                n = min(end - r.prefilled, budget)
-                if n <= 0:
-                    continue
-                new = prompt[r.prefilled:r.prefilled + n]
-            else:
-                new, n = [r.seq.output_token_ids[-1]], 1
-            budget -= n
-            done_prompt = r.prefilled + n >= len(prompt)
-            if r.want_prompt_logits and r.prefilled < len(prompt):
-                rows = list(range(n))
-            else:
-                rows = [n - 1] if done_prompt else []
-            chunks.append((r.key, new, rows))
-            planned.append((r, n, rows, done_prompt))
-        logits = self.runner.step(chunks)
-        at = 0
-        for r, n, rows, done_prompt in planned:
-            mine = logits[at:at + len(rows)]
-            at += len(rows)
-            prompt = r.seq.prompt_token_ids
-            if r.want_prompt_logits and r.prefilled < len(prompt):
-                r.prompt_logits.append(mine)
-            r.prefilled = min(r.prefilled + n, len(prompt))
-            if r.store_at is not None and r.prefilled == r.store_at:
-                self.runner.store_prefix(r.key, prompt[:r.store_at])
-                r.store_at = None
-            if not done_prompt:
-                continue
-            if r.want_prompt_logits and r.prompt_logits is not None:
-                k = r.seq.params.prompt_logprobs
-                r.out.prompt_logprobs = prompt_logprobs(torch.cat(r.prompt_logits), prompt, k, self.tokenizer)
-                r.prompt_logits = None
-            r.seq.step(mine[-1])
-        still = []
-        for r in running:
-            if r.seq.finished:
-                r.out.outputs.append(r.seq.output())
-                self.runner.release(r.key)
-            else:
-                still.append(r)
-        return still
-
-
-@dataclass
-class _Running:
-    """A sequence in flight: its key, its request's output, sampling state and prefill progress."""
-
-    key: str
-    out: RequestOutput
-    seq: Sequence
-    want_prompt_logits: bool = False
-    prefilled: int = 0
-    prompt_logits: list | None = field(default_factory=list)
-    store_at: int | None = None  # prompt length at which to store the prefix in the KV-cache service
+                for rid in ids:
+                    self.engine.abort(rid)
+            raise
+        return [final[r] for r in ids]

@@ -48,6 +48,8 @@ class ReplicaConfig:
     step_timeout_s: float = 120.0
     start_timeout_s: float = 300.0
     prefix_cache: dict | None = None  # PrefixCacheClient kwargs for the routers, or None
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 2048   # per router and step
     shard_model_dirs: list[str] | None = None  # per-shard checkpoint copies (e.g. node-local, own experts only)
 
     def validate(self, cfg: V4Config) -> None:
@@ -112,7 +114,7 @@ class Replica:
         for r in range(c.num_routers):
             self.routers.append(ray.remote(Router).options(**opts(r, c.router_resources)).remote(
                 model, r, self.world, c.num_routers, self.placement, c.dtype, c.kv_cache_bytes, c.max_num_seqs,
-                c.block_size, c.collective_timeout_s, prefix))
+                c.block_size, c.collective_timeout_s, prefix, c.max_model_len, c.max_num_batched_tokens))
         for s in range(c.num_expert_shards):
             shard_model = str(Path(c.shard_model_dirs[s]).resolve()) if c.shard_model_dirs else model
             self.shards.append(ray.remote(ExpertShard).options(**opts(c.num_routers + s, c.shard_resources)).remote(
@@ -155,6 +157,11 @@ class Replica:
             raise ReplicaError(f"replica already failed ({self.failed}); shut it down and build a new one")
         try:
             return ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, (ValueError, KeyError)):  # the request was invalid, the replica is fine
+                raise e.cause from None
+            self.failed = self._diagnose(what, e)
+            raise ReplicaError(self.failed) from e
         except (ray.exceptions.RayError, TimeoutError) as e:
             self.failed = self._diagnose(what, e)
             raise ReplicaError(self.failed) from e
@@ -255,3 +262,49 @@ class Replica:
         imbalance = [max(row) / (sum(row) / len(row)) if sum(row) else 0.0 for row in per_shard]
         return {"routers": routers, "shards": shards, "tokens_per_expert": per_expert,
                 "tokens_per_shard": per_shard, "shard_imbalance": imbalance}
+
+
+class ReplicaEngine:
+    """The engine API (add_request, abort, step, has_work) over a replica's routers: each request goes to the
+    least loaded router, which schedules and samples it; every step all routers and shards move together."""
+
+    def __init__(self, replica: Replica):
+        self.replica = replica
+        self.request_router: dict[str, int] = {}
+
+    @property
+    def failed(self) -> str | None:
+        return self.replica.failed
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params, prompt: str | None = None) -> None:
+        load = [0] * len(self.replica.routers)
+        for i in self.request_router.values():
+            load[i] += 1
+        i = min(range(len(load)), key=lambda k: load[k])
+        r = self.replica
+        r._get(r.routers[i].add_request.remote(request_id, prompt_ids, params, prompt), r.config.step_timeout_s,
+               "add_request")
+        self.request_router[request_id] = i
+
+    def abort(self, request_id: str) -> bool:
+        i = self.request_router.pop(request_id, None)
+        if i is None or self.replica.failed:
+            return False
+        r = self.replica
+        return r._get(r.routers[i].abort.remote(request_id), r.config.step_timeout_s, "abort")
+
+    def has_work(self) -> bool:
+        return bool(self.request_router)
+
+    def step(self) -> list:
+        r = self.replica
+        refs = [a.engine_step.remote() for a in r.routers] + [s.step.remote() for s in r.shards]
+        results = r._get(refs, r.config.step_timeout_s, "step")
+        outs = [o for outs, _ in results[:len(r.routers)] for o in outs]
+        for o in outs:
+            if o.finished:
+                self.request_router.pop(o.request_id, None)
+        return outs
+
+    def stats(self) -> dict:
+        return self.replica.stats()

@@ -40,6 +40,9 @@ class ModelRunner:
             raise KeyError(f"sequence {key!r} is already admitted")
         self.seqs[key] = self.cache.allocate(num_tokens)
 
+    def can_append(self, key: str, num_tokens: int) -> bool:
+        return self.cache.can_append(self.seqs[key], num_tokens)
+
     def release(self, key: str) -> None:
         seq = self.seqs.pop(key, None)
         if seq is not None:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from v4ray.model.sampling import (SamplingParams, apply_min_tokens, apply_penalties, check_stop, sample_token,
+from .sampling import (SamplingParams, apply_min_tokens, apply_penalties, check_stop, sample_token,
                                   top_logprobs)
-from v4ray.model.tokenizer import V4Tokenizer
+from .tokenizer import V4Tokenizer
 
 from .outputs import CompletionOutput
 

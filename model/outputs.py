@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from v4ray.model.sampling import Logprob
+from .sampling import Logprob
 
 # Per position: token id -> Logprob. Prompt logprobs start with None (the first token has no prediction).
 PositionLogprobs = dict[int, Logprob]
