@@ -43,6 +43,10 @@ class ModelRunner:
     def can_append(self, key: str, num_tokens: int) -> bool:
         return self.cache.can_append(self.seqs[key], num_tokens)
 
+    def reserve(self, key: str, num_tokens: int) -> None:
+        """Allocate the blocks `num_tokens` more tokens of `key` will need (a later step uses them)."""
+        self.cache.append(self.seqs[key], num_tokens)
+
     def release(self, key: str) -> None:
         seq = self.seqs.pop(key, None)
         if seq is not None:

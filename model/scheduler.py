@@ -25,6 +25,7 @@ class Capacity(Protocol):
     def can_admit(self, num_tokens: int) -> bool: ...
     def fits_ever(self, num_tokens: int) -> bool: ...
     def can_append(self, key: str, num_tokens: int) -> bool: ...
+    def reserve(self, key: str, num_tokens: int) -> None: ...
 
 
 @dataclass
@@ -111,6 +112,7 @@ class Scheduler:
                     break
             if s not in self.running:
                 continue
+            self.capacity.reserve(s.key, n)  # later checks in this step see these blocks as taken
             plan.append(self._chunk(s, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

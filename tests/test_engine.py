@@ -1,0 +1,167 @@
+"""The engine: continuous batching with random arrivals, preemption under memory pressure, aborts, seeded
+sampling, and the async streaming API — against requests run alone (the naive reference)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from v4ray.model.engine_core import EngineCore
+from v4ray.model.kv_format import kv_bytes
+from v4ray.model.loader import load_model
+from v4ray.model.runner import ModelRunner
+from v4ray.model.sampling import SamplingParams
+from v4ray.model.tokenizer import V4Tokenizer
+
+from conftest import parity_prompt
+from test_parity import TIE_GAP
+
+
+def _core(ckpt, kv_cache_bytes=64 << 20, max_num_seqs=32, budget=512):
+    model = load_model(ckpt, torch.float32)
+    runner = ModelRunner(model, kv_cache_bytes, max_num_seqs)
+    return EngineCore(runner, V4Tokenizer.from_dir(ckpt), 4096, budget, max_num_seqs)
+
+
+def _drain(core, pending=None, seed=0):
+    """Step until done, adding `pending` requests (rid, ids, params) at random steps."""
+    rng = random.Random(seed)
+    pending = list(pending or [])
+    final = {}
+    while pending or core.has_work():
+        while pending and (not core.has_work() or rng.random() < 0.3):
+            core.add_request(*pending.pop(0))
+        for out in core.step():
+            if out.finished:
+                final[out.request_id] = out
+    return final
+
+
+def _alone(ckpt, ids, params):
+    core = _core(ckpt)
+    core.add_request("x", ids, params)
+    return _drain(core)["x"]
+
+
+def _same_or_tie(a, b, ref_logprobs):
+    """Greedy token lists must agree; a first divergence is allowed only at a genuine tie."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            gap = ref_logprobs[i][y].logprob - min(e.logprob for e in ref_logprobs[i].values())
+            top = sorted(ref_logprobs[i].values(), key=lambda e: -e.logprob)
+            assert top[0].logprob - top[1].logprob < TIE_GAP, f"diverged at {i} with gap {gap}"
+            return
+    assert len(a) == len(b)
+
+
+GREEDY = dict(temperature=0, logprobs=2, ignore_eos=True)
+
+
+def _workload(n, seed):
+    rng = random.Random(seed)
+    return [(f"r{i}", parity_prompt(rng.randint(1, 300), seed=100 + i).tolist(),
+             SamplingParams(max_tokens=rng.randint(1, 24), **GREEDY)) for i in range(n)]
+
+
+def test_random_arrivals_on_a_distributed_replica_equal_requests_alone(ray_session, tiny_ckpt):
+    from v4ray.cluster.replica import Replica, ReplicaConfig, ReplicaEngine
+
+    ckpt = tiny_ckpt("v4-tiny")
+    work = _workload(10, seed=1)
+    rep = Replica(ReplicaConfig(model=str(ckpt), num_routers=2, num_expert_shards=2,
+                                max_num_batched_tokens=256)).start()
+    try:
+        engine = ReplicaEngine(rep)
+        final = _drain(engine, work, seed=2)
+        stats = rep.stats()
+    finally:
+        rep.shutdown()
+    assert all(r["engine"]["steps"] > 0 for r in stats["routers"])  # both routers served requests
+    for rid, ids, params in work:
+        alone = _alone(ckpt, ids, params).outputs[0]
+        _same_or_tie(final[rid].outputs[0].token_ids, alone.token_ids, alone.logprobs)
+
+
+def test_preemption_under_memory_pressure_loses_nothing(tiny_ckpt):
+    ckpt = tiny_ckpt("v4-tiny-pro")
+    # prompts just under one 256-token block that cross into a second block while decoding
+    work = [(f"r{i}", parity_prompt(236 + 3 * i, seed=200 + i).tolist(), SamplingParams(max_tokens=26, **GREEDY))
+            for i in range(6)]
+    free = _drain(_core(ckpt), work)
+    cfg = load_model(ckpt, torch.float32).cfg
+    kb = kv_bytes(cfg, "fp32")
+    tight = _core(ckpt, kv_cache_bytes=4 * kb.fixed_per_seq + 3 * kb.per_block, max_num_seqs=4)
+    squeezed = _drain(tight, work)
+    assert tight.scheduler.num_preemptions > 0
+    for rid, _, _ in work:
+        _same_or_tie(squeezed[rid].outputs[0].token_ids, free[rid].outputs[0].token_ids, free[rid].outputs[0].logprobs)
+    cache = tight.runner.cache
+    assert cache.blocks.num_free == cache.blocks.num and cache.slots.num_free == cache.slots.num
+
+
+def test_abort_returns_pools_and_queues_to_baseline(tiny_ckpt):
+    core = _core(tiny_ckpt("v4-tiny"), max_num_seqs=16)
+    cache = core.runner.cache
+    baseline = (cache.blocks.num_free, cache.slots.num_free)
+    for i in range(32):
+        core.add_request(f"r{i}", parity_prompt(20 + 7 * i, seed=i).tolist(), SamplingParams(max_tokens=50, **GREEDY))
+    for _ in range(6):
+        core.step()
+    assert len(core.scheduler.running) == 16 and len(core.scheduler.waiting) == 16
+    aborted = [f"r{i}" for i in range(0, 32, 3)][:10]
+    for rid in aborted:
+        assert core.abort(rid)
+    final = _drain(core)
+    assert set(final) == {f"r{i}" for i in range(32)} - set(aborted)
+    assert not core.scheduler.running and not core.scheduler.waiting and not core.requests
+    assert (cache.blocks.num_free, cache.slots.num_free) == baseline
+
+
+def test_seeded_sampling_is_independent_of_batch_composition(tiny_ckpt):
+    ckpt = tiny_ckpt("v4-tiny", confident=True)
+    p = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=42, presence_penalty=0.5,
+                       repetition_penalty=1.1, n=2)
+    ids = parity_prompt(40, seed=7).tolist()
+    alone = _alone(ckpt, ids, p)
+    core = _core(ckpt)
+    others = [(f"o{i}", parity_prompt(30 + i, seed=i).tolist(), SamplingParams(max_tokens=8, temperature=1.0))
+              for i in range(5)]
+    final = _drain(core, others[:2] + [("me", ids, p)] + others[2:], seed=4)
+    assert [o.token_ids for o in final["me"].outputs] == [o.token_ids for o in alone.outputs]
+
+
+def test_async_engine_streams_and_aborts(tiny_ckpt):
+    from v4ray.cluster.engine import AsyncEngine
+
+    core = _core(tiny_ckpt("v4-tiny-swa"))
+    engine = AsyncEngine(core)
+
+    async def main():
+        ids = parity_prompt(30).tolist()
+        seen = []
+        async for out in engine.generate(ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)):
+            seen.append(len(out.outputs[0].token_ids))
+        assert seen[-1] == 6 and seen == sorted(seen) and len(seen) >= 2
+
+        async def stop_early():
+            async for out in engine.generate(ids, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True),
+                                             request_id="quitter"):
+                if len(out.outputs[0].token_ids) >= 3:
+                    break  # like a client disconnecting
+
+        await asyncio.gather(*[stop_early()] + [asyncio.sleep(0)])
+        for _ in range(100):
+            if not core.has_work():
+                break
+            await asyncio.sleep(0.02)
+        assert not core.has_work() and not core.requests
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+    cache = core.runner.cache
+    assert cache.blocks.num_free == cache.blocks.num
