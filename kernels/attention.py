@@ -22,6 +22,27 @@ def sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, si
     return torch.einsum("hts,sd->thd", probs, kv.float()).to(q.dtype)
 
 
+def sparse_sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
+                              scale: float) -> torch.Tensor:
+    """Each query row with its own gathered keys: q [n, H, d], kv [n, K, d], bias [n, K] (0 / -inf, e.g. padding)
+    -> [n, H, d]. The decode form: window ring + selected compressed entries per sequence."""
+    logits = torch.einsum("nhd,nkd->nhk", q.float(), kv.float()) * scale + bias.float()[:, None, :]
+    sink_col = sinks.float()[None, :, None].expand(q.shape[0], -1, 1)
+    combined = torch.cat([logits, sink_col], dim=-1)
+    probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    return torch.einsum("nhk,nkd->nhd", probs, kv.float()).to(q.dtype)
+
+
+def sparse_sink_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """Dispatch point for sparse decode attention over per-query gathered keys (torch reference today)."""
+    n, H, d = q.shape
+    if kv.dim() != 3 or kv.shape[0] != n or kv.shape[2] != d or bias.shape != kv.shape[:2] or sinks.shape != (H,):
+        raise ValueError(f"sparse_sink_attention: q [n,H,d]={tuple(q.shape)}, kv [n,K,d]={tuple(kv.shape)}, "
+                         f"bias [n,K]={tuple(bias.shape)}, sinks [H]={tuple(sinks.shape)} do not fit")
+    return sparse_sink_attention_ref(q, kv, bias, sinks, scale)
+
+
 def sink_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
                    scale: float) -> torch.Tensor:
     """Dispatch point for sparse attention over window + compressed entries (torch reference today)."""

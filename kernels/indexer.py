@@ -36,3 +36,26 @@ def indexer_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, lo:
         raise ValueError(f"indexer_topk: q [T,h,dI]={tuple(q.shape)}, keys [C,dI]={tuple(keys.shape)}, "
                          f"weights [T,h]={tuple(weights.shape)} do not fit")
     return indexer_topk_ref(q, keys, weights, lo, hi, topk)
+
+
+def indexer_topk_padded_ref(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
+                            topk: int) -> torch.Tensor:
+    """Each query with its own candidate keys: q [n, h, dI], keys [n, E, dI], weights [n, h], valid [n, E]
+    -> indices [n, min(topk, E)] into each row's E (-1 = none). Same scores and tie rule as `indexer_topk`."""
+    n, E = valid.shape
+    k = min(topk, E)
+    if E == 0:
+        return torch.empty(n, 0, dtype=torch.long)
+    scores = torch.einsum("nhd,ned->nhe", q.float(), keys.float()).relu() * (q.shape[-1] ** -0.5)
+    scores = (scores * weights.float()[..., None]).sum(dim=1).masked_fill(~valid, float("-inf"))  # [n, E]
+    idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.where(valid.gather(1, idx), idx, torch.full_like(idx, -1))
+
+
+def indexer_topk_padded(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
+                        topk: int) -> torch.Tensor:
+    """Dispatch point for decode-time indexer scoring over per-query candidates (torch reference today)."""
+    if keys.dim() != 3 or keys.shape[0] != q.shape[0] or valid.shape != keys.shape[:2]:
+        raise ValueError(f"indexer_topk_padded: q {tuple(q.shape)}, keys [n,E,dI] {tuple(keys.shape)}, valid "
+                         f"{tuple(valid.shape)} do not fit")
+    return indexer_topk_padded_ref(q, keys, weights, valid, topk)

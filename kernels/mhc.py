@@ -23,10 +23,10 @@ def mhc_weights_ref(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale
     pre = torch.sigmoid(pre_w * s[0] + pre_b) + hc_eps
     post = 2 * torch.sigmoid(post_w * s[1] + post_b)
     comb = torch.softmax(comb_w.view(-1, n, n) * s[2] + comb_b.view(n, n), dim=-1) + hc_eps
-    comb = comb / (comb.sum(dim=-2, keepdim=True) + hc_eps)
-    for _ in range(sinkhorn_iters - 1):
-        comb = comb / (comb.sum(dim=-1, keepdim=True) + hc_eps)
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + hc_eps)
+    comb.div_(comb.sum(dim=-2, keepdim=True).add_(hc_eps))
+    for _ in range(sinkhorn_iters - 1):  # in place: this loop is ~40 tiny ops per call
+        comb.div_(comb.sum(dim=-1, keepdim=True).add_(hc_eps))
+        comb.div_(comb.sum(dim=-2, keepdim=True).add_(hc_eps))
     return pre, post, comb
 
 

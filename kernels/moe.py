@@ -23,11 +23,13 @@ def expert_mlp_ref(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Ten
     out = torch.zeros_like(x)
     if x.shape[0] == 0:
         return out
-    for e in torch.unique(expert_idx).tolist():
-        rows = (expert_idx == e).nonzero(as_tuple=True)[0]
+    order = torch.argsort(expert_idx, stable=True)
+    ids, counts = torch.unique_consecutive(expert_idx[order], return_counts=True)
+    outs = []
+    for e, xe in zip(ids.tolist(), x[order].split(counts.tolist())):  # contiguous rows per expert
         w1, w2, w3 = (w.dequantize(x.dtype) for w in experts[e])
-        h = swiglu_clamped(F.linear(x[rows], w1), F.linear(x[rows], w3), limit)
-        out[rows] = F.linear(h, w2) * weights[rows, None].to(x.dtype)
+        outs.append(F.linear(swiglu_clamped(F.linear(xe, w1), F.linear(xe, w3), limit), w2))
+    out[order] = torch.cat(outs) * weights[order, None].to(x.dtype)
     return out
 
 

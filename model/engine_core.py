@@ -10,7 +10,6 @@ import itertools
 
 import torch
 
-from .kv_cache import CacheFullError
 from .outputs import RequestOutput
 from .runner import ModelRunner
 from .sampling import SamplingParams, make_generator
@@ -78,18 +77,22 @@ class EngineCore:
         logits = self.runner.step([(c.state.key, c.state.tokens[c.start:c.start + c.num_tokens], c.logit_rows)
                                    for c in plan])
         self.num_steps += 1
+        # one batched log-softmax and argmax for every sampled row (per-row Python work stays small)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        argmax = logits.argmax(dim=-1).tolist()
         touched: dict[str, _Request] = {}
         at = 0
         for c in plan:
-            rows = logits[at:at + len(c.logit_rows)]
-            at += len(c.logit_rows)
-            self._advance(c, rows)
+            n = len(c.logit_rows)
+            self._advance(c, logits[at:at + n], logprobs[at + n - 1] if n else None, argmax[at + n - 1] if n else None)
+            at += n
             req = self.requests.get(c.state.request_id)
             if req is not None:
                 touched[req.out.request_id] = req
         return [self._snapshot(req) for req in touched.values()]
 
-    def _advance(self, c: ScheduledChunk, rows: torch.Tensor) -> None:
+    def _advance(self, c: ScheduledChunk, rows: torch.Tensor, last_logprobs: torch.Tensor | None,
+                 last_argmax: int | None) -> None:
         s = c.state
         prompt = s.seq.prompt_token_ids
         if s.want_prompt_logits and c.start < len(prompt):
@@ -105,7 +108,7 @@ class EngineCore:
             req.out.prompt_logprobs = prompt_logprobs(torch.cat(s.prompt_logits)[:len(prompt)], prompt,
                                                       req.params.prompt_logprobs, self.tokenizer)
             s.want_prompt_logits, s.prompt_logits = False, []
-        s.seq.step(rows[-1])
+        s.seq.step(rows[-1], last_logprobs, last_argmax if s.seq.plain_greedy else None)
         if s.seq.finished:
             self.scheduler.remove(s.key)
             self.runner.release(s.key)

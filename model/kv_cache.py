@@ -221,6 +221,14 @@ class WindowLayout:
 
 
 @dataclass
+class DecodeTables:
+    rows: torch.Tensor         # [n] batch row of each sequence's token
+    slots: torch.Tensor        # [n] state slot
+    cached: torch.Tensor       # [n] tokens cached before this step (= the new token's position)
+    block_tables: torch.Tensor  # [n, max blocks] (padding points at block 0 and is masked by entry counts)
+
+
+@dataclass
 class RingWrites:
     """Writes of a step's newest rows into per-sequence rings: (slot, ring row) <- batch row."""
 
@@ -291,18 +299,50 @@ class StepBatch:
         """Row index of each chunk's last token (where the next token is predicted)."""
         return torch.tensor([a + n - 1 for _, a, n in self.chunks])
 
+    PREFILL_GROUP_ROWS = 512  # short prompt chunks share one dense attention call up to this many rows
+
     @property
-    def groups(self) -> list[tuple[int, ...]]:
-        if "groups" not in self._layouts:
-            decode = tuple(i for i, (_, _, n) in enumerate(self.chunks) if n == 1)
-            prefill = [(i,) for i, (_, _, n) in enumerate(self.chunks) if n > 1]
-            self._layouts["groups"] = ([decode] if decode else []) + prefill
-        return self._layouts["groups"]
+    def decode_group(self) -> tuple[int, ...]:
+        """Chunks of one token (decode steps): attended sparsely, each with its own gathered keys."""
+        if "decode" not in self._layouts:
+            self._layouts["decode"] = tuple(i for i, (_, _, n) in enumerate(self.chunks) if n == 1)
+        return self._layouts["decode"]
+
+    @property
+    def prefill_groups(self) -> list[tuple[int, ...]]:
+        """Multi-token chunks, packed into dense attention calls of at most PREFILL_GROUP_ROWS rows."""
+        if "prefill" not in self._layouts:
+            groups, cur, rows = [], [], 0
+            for i, (_, _, n) in enumerate(self.chunks):
+                if n == 1:
+                    continue
+                if cur and rows + n > self.PREFILL_GROUP_ROWS:
+                    groups.append(tuple(cur))
+                    cur, rows = [], 0
+                cur.append(i)
+                rows += n
+            if cur:
+                groups.append(tuple(cur))
+            self._layouts["prefill"] = groups
+        return self._layouts["prefill"]
 
     def _cached(self, key, fn):
         if key not in self._layouts:
             self._layouts[key] = fn()
         return self._layouts[key]
+
+    def decode_tables(self, group: tuple[int, ...]) -> "DecodeTables":
+        """Per-row tensors of a decode group (one new token per sequence): state slot, cached length, and the
+        block table padded to the longest one."""
+        def build() -> DecodeTables:
+            seqs = [self.chunks[i][0] for i in group]
+            width = max(1, max(len(s.block_table) for s in seqs))
+            return DecodeTables(torch.tensor([self.chunks[i][1] for i in group], dtype=torch.long),
+                                torch.tensor([s.slot for s in seqs], dtype=torch.long),
+                                torch.tensor([s.num_tokens for s in seqs], dtype=torch.long),
+                                torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
+                                             dtype=torch.long))
+        return self._cached(("decode", group), build)
 
     def window_layout(self, window: int, group: tuple[int, ...]) -> WindowLayout:
         return self._cached(("window", window, group), lambda: self._window_layout(window, group))

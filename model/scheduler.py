@@ -28,7 +28,7 @@ class Capacity(Protocol):
     def reserve(self, key: str, num_tokens: int) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)
 class SeqState:
     """A sequence as the scheduler sees it."""
 

@@ -38,15 +38,24 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def step(self, logits: torch.Tensor) -> int:
-        """Sample the next token from this position's raw logits [V] (fp32) and update stop state."""
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that reshapes the logits: the batch's argmax is this sequence's token."""
         p = self.params
-        eos = self.tokenizer.eos_token_id
-        shaped = apply_penalties(logits, self.output_token_ids, self.prompt_token_ids, p)
-        shaped = apply_min_tokens(shaped, len(self.output_token_ids), p, eos)
-        token = sample_token(shaped, p, self.generator)
+        return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+                and p.frequency_penalty == 0.0 and len(self.output_token_ids) >= p.min_tokens)
+
+    def step(self, logits: torch.Tensor, logprobs: torch.Tensor | None = None, token: int | None = None) -> int:
+        """Sample the next token from this position's raw logits [V] (fp32) and update stop state.
+
+        A batched caller may pass this row's log-softmax and, for `plain_greedy` sequences, its argmax."""
+        p = self.params
+        if token is None:
+            shaped = apply_penalties(logits, self.output_token_ids, self.prompt_token_ids, p)
+            shaped = apply_min_tokens(shaped, len(self.output_token_ids), p, self.tokenizer.eos_token_id)
+            token = sample_token(shaped, p, self.generator)
         self.output_token_ids.append(token)
-        raw = torch.log_softmax(logits.float(), dim=-1)
+        raw = torch.log_softmax(logits.float(), dim=-1) if logprobs is None else logprobs
         self.cumulative_logprob += float(raw[token])
         if self.logprobs is not None:
             self.logprobs.append(top_logprobs(logits, p.logprobs, token, self.tokenizer.decode_token))

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from v4ray.kernels import compress_pool, expert_mlp, indexer_topk, mhc_weights, sink_attention
+from v4ray.kernels import (compress_pool, expert_mlp, indexer_topk, indexer_topk_padded, mhc_weights, sink_attention,
+                           sparse_sink_attention)
 from v4ray.kernels.moe import swiglu_clamped
 from v4ray.kernels.quant import QuantTensor
 
@@ -267,7 +268,10 @@ class Attention(nn.Module):
             self._emit(self.indexer.compressor, u, positions, step, lc.write_index, lc.index_state_kv,
                        lc.index_state_gate)
         out = torch.empty_like(q)
-        for group in step.groups:
+        if step.decode_group:
+            dec = step.decode_tables(step.decode_group)
+            out[dec.rows] = self._attend_decode(u, c_q, q, kv, positions, lc, dec)
+        for group in step.prefill_groups:
             win = step.window_layout(self.window, group)
             r = win.rows
             keys = torch.cat([lc.read_main(lc.swa, win.ring_slots, win.ring_rows, kv.dtype), kv[r]])
@@ -284,6 +288,40 @@ class Attention(nn.Module):
         writes = step.ring_writes(self.window)                              # after every read
         lc.write_main(lc.swa, writes.slots, writes.rows, kv[writes.src])
         return out
+
+    def _attend_decode(self, u, c_q, q, kv, positions, lc: LayerCache, dec) -> torch.Tensor:
+        """Single-token chunks, paged-attention style: each query reads its own window ring (the ring row of
+        the position falling out of the window is the one this token replaces) and its own compressed entries
+        through its block table — the indexer's top-k of them for CSA — then attends sparsely."""
+        r, w = dec.rows, self.window
+        n = r.shape[0]
+        ring = lc.read_main(lc.swa, dec.slots[:, None], torch.arange(w)[None, :], kv.dtype)        # [n, w, d]
+        ring[torch.arange(n), dec.cached % w] = kv[r]
+        keys = [ring]
+        valid = [torch.arange(w)[None, :] <= dec.cached[:, None]]       # rows not yet written are empty
+        if self.compressor is not None:
+            per_block = lc.entries.shape[1]                                 # entries per token block
+            count = (dec.cached + 1) // self.ratio                                                 # [n]
+            width = dec.block_tables.shape[1] * per_block
+            slot = torch.arange(width)[None, :]
+            ok = slot < count[:, None]
+            blocks = dec.block_tables.repeat_interleave(per_block, dim=1)                         # [n, width]
+            offsets = (slot % per_block).expand(n, -1)
+            if self.indexer is not None and width:
+                ix = self.indexer
+                cos, sin = rope_cos_sin(positions[r], self.inv_freq)
+                iq = apply_rope(ix.wq_b(c_q[r]).view(n, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
+                ikeys = lc.read_index(blocks, offsets, torch.float32)                              # [n, width, dI]
+                wts = ix.weights_proj(u[r]) * ix.n_heads ** -0.5
+                top = indexer_topk_padded(iq, ikeys, wts, ok, ix.topk)                            # [n, k]
+                ok = top >= 0
+                blocks, offsets = blocks.gather(1, top.clamp(min=0)), offsets.gather(1, top.clamp(min=0))
+            if ok.shape[1]:
+                keys.append(lc.read_main(lc.entries, blocks, offsets, kv.dtype))
+                valid.append(ok)
+        keys_t, valid_t = torch.cat(keys, dim=1), torch.cat(valid, dim=1)
+        bias = torch.zeros(valid_t.shape).masked_fill(~valid_t, float("-inf"))
+        return sparse_sink_attention(q[r], keys_t.to(q.dtype), bias, self.attn_sink, self.head_dim ** -0.5)
 
     def _emit(self, comp: Compressor, u: torch.Tensor, positions: torch.Tensor, step: StepBatch,
               write, ring_kv: torch.Tensor, ring_gate: torch.Tensor) -> None:
