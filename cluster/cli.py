@@ -42,6 +42,49 @@ def _plan_kv(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    """Deploy the config's application on an embedded local Ray (or --address), print the URL, and serve
+    until Ctrl-C or SIGTERM; then shut Serve (and the embedded Ray) down."""
+    import signal
+    import threading
+
+    import yaml
+
+    from v4ray.cluster.local_ray import ensure_ray
+
+    with open(args.config) as f:
+        conf = yaml.safe_load(f) or {}
+    apps = conf.get("applications") or []
+    if len(apps) != 1:
+        raise ValueError(f"{args.config}: 'applications' must hold exactly one v4ray application")
+    app_conf = apps[0]
+    http = conf.get("http_options") or {}
+    host, port = http.get("host", "127.0.0.1"), int(args.port or http.get("port", 8000))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ensure_ray(args.address)
+    from ray import serve
+
+    from v4ray.cluster.app import build_app
+
+    try:
+        serve.start(http_options={"host": host, "port": port}, proxy_location=conf.get("proxy_location", "HeadOnly"))
+        serve.run(build_app(app_conf.get("args") or {}), name=app_conf.get("name", "v4ray"),
+                  route_prefix=app_conf.get("route_prefix", "/"))
+        print(f"v4ray is serving the OpenAI API at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+        stop.wait()
+    finally:
+        print("shutting down", flush=True)
+        import ray
+        if args.address:
+            serve.delete(app_conf.get("name", "v4ray"))
+        else:
+            serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from v4ray.model.config import preset_names
     from v4ray.model.tiny import DTYPES
@@ -70,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     g.add_argument("--json", action="store_true", help="one JSON object per completion")
     g.set_defaults(func=_generate)
+
+    sv = sub.add_parser("serve", help="serve the OpenAI API with Ray Serve")
+    sv.add_argument("--config", default="ray_config.yaml", help="a Ray Serve config file (default ray_config.yaml)")
+    sv.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+    sv.add_argument("--port", type=int, default=None, help="override http_options.port")
+    sv.set_defaults(func=_serve)
 
     plan = sub.add_parser("plan", help="capacity planning").add_subparsers(dest="plan", required=True)
     k = plan.add_parser("kv", help="KV-cache bytes per token and per sequence, against DeepSeek-V3.2")
