@@ -20,4 +20,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+        # "local": always a new instance, never silently joining another cluster found on this machine
+        ray.init(address="local", num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False,
+                 log_to_driver=False)
