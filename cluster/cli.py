@@ -42,6 +42,12 @@ def _plan_kv(args) -> int:
     return 0
 
 
+def _score(args) -> int:
+    from v4ray.cluster.score import main as score_main
+
+    return score_main(args)
+
+
 def _serve(args) -> int:
     """Deploy the config's application on an embedded local Ray (or --address), print the URL, and serve
     until Ctrl-C or SIGTERM; then shut Serve (and the embedded Ray) down."""
@@ -114,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per completion")
     g.set_defaults(func=_generate)
 
+    sc = sub.add_parser("score", help="batch scoring of a JSONL file (also as `ray job submit -- v4ray score ...`)")
+    sc.add_argument("--model", required=True, help="checkpoint directory")
+    sc.add_argument("--input", required=True, help="JSONL rows: {id, prompt} | {id, messages} | OpenAI Batch rows")
+    sc.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
+    sc.add_argument("--mode", default="complete", choices=["complete", "logprobs"])
+    sc.add_argument("--routers", type=int, default=1)
+    sc.add_argument("--expert-shards", type=int, default=0, help="> 0: a Router/ExpertShard replica on Ray")
+    sc.add_argument("--max-tokens", type=int, default=64, help="default max_tokens of completion rows")
+    sc.add_argument("--max-in-flight", type=int, default=32, help="rows admitted to the engine at once")
+    sc.add_argument("--max-model-len", type=int, default=8192)
+    sc.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    sc.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS inside a Ray job)")
+    sc.set_defaults(func=_score)
+
     sv = sub.add_parser("serve", help="serve the OpenAI API with Ray Serve")
     sv.add_argument("--config", default="ray_config.yaml", help="a Ray Serve config file (default ray_config.yaml)")
     sv.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
@@ -128,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--block-size", type=int, default=256)
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=_plan_kv)
+    from v4ray.cluster.planner import add_layout_parser
+    add_layout_parser(plan)  # `plan layout`
     return p
 
 

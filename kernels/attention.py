@@ -1,11 +1,21 @@
 """Shared-KV multi-query attention with a per-head sink (V4_MODEL.md §2.2).
 
 p_{h,s} = exp(l_{h,s}) / (sum_s' exp(l_{h,s'}) + exp(sink_h)); o_h = sum_s p_{h,s} v_s with v = k (K = V).
+
+Triton path: one program per (query row, block of heads) streams that row's keys once for all heads of the block
+(K = V is one shared head, so a key tile serves every head) with an online softmax whose running max and sum
+start at the sink (m = sink_h, l = 1), so the sink needs no extra column and a row whose keys are all masked
+returns zeros like the reference. Key blocks whose bias is all -inf are skipped. Prefill (`sink_attention`)
+runs the same kernel with the shared keys broadcast to every query row (stride 0).
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+from .backend import kernel_backend, record_triton_call, triton_interpreted
 
 
 def sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
@@ -33,21 +43,109 @@ def sparse_sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, bias: torch.Ten
     return torch.einsum("nhk,nkd->nhd", probs, kv.float()).to(q.dtype)
 
 
+@triton.jit
+def _sink_attention_kernel(q_ptr, kv_ptr, bias_ptr, sink_ptr, out_ptr, H, K, D, scale,
+                           stride_qn, stride_qh, stride_kn, stride_kk, stride_bn, stride_on, stride_oh,
+                           DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    h_mask, d_mask = h < H, d < D
+    q = tl.load(q_ptr + row * stride_qn + h[:, None] * stride_qh + d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32).to(DOT_DTYPE)   # [BH, BD]
+    m = tl.load(sink_ptr + h, mask=h_mask, other=0.0).to(tl.float32)      # running max, starts at the sink
+    l = tl.zeros((BLOCK_H,), dtype=tl.float32) + 1.0                        # exp(sink - m)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        b = tl.load(bias_ptr + row * stride_bn + k, mask=k_mask, other=float("-inf")).to(tl.float32)   # [BK]
+        if tl.max(b, axis=0) > float("-inf"):                               # skip fully masked key blocks
+            kv = tl.load(kv_ptr + row * stride_kn + k[:, None] * stride_kk + d[None, :],
+                         mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32).to(DOT_DTYPE)
+            logits = tl.dot(q, tl.trans(kv), input_precision=PRECISION) * scale + b[None, :]  # [BH, BK]
+            m_new = tl.maximum(m, tl.max(logits, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(logits - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), kv, input_precision=PRECISION)
+            m = m_new
+    out = acc / l[:, None]
+    tl.store(out_ptr + row * stride_on + h[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=h_mask[:, None] & d_mask[None, :])
+
+
+_TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _launch_sink_attention(q: torch.Tensor, kv: torch.Tensor, stride_kn: int, bias: torch.Tensor,
+                           sinks: torch.Tensor, scale: float, name: str) -> torch.Tensor:
+    """q [n, H, d]; kv rows of row i at kv + i * stride_kn ([K, d], unit stride in d); bias [n, K]."""
+    n, H, d = q.shape
+    for t, what in ((q, "q"), (kv, "kv")):
+        if t.dtype not in _TL_FLOAT:
+            raise ValueError(f"{name}: {what} must be fp32/bf16/fp16, got {t.dtype}")
+    if q.dtype != kv.dtype:
+        raise ValueError(f"{name}: q ({q.dtype}) and kv ({kv.dtype}) must share a dtype")
+    if not (q.device == kv.device == bias.device == sinks.device):
+        raise ValueError(f"{name}: q, kv, bias, sinks must be on one device, got {q.device}, {kv.device}, "
+                         f"{bias.device}, {sinks.device}")
+    if q.stride(2) != 1 or kv.stride(-1) != 1 or bias.stride(-1) != 1:
+        raise ValueError(f"{name}: the last dims of q, kv and bias must be contiguous (strides {q.stride()}, "
+                         f"{kv.stride()}, {bias.stride()})")
+    out = torch.empty_like(q)
+    K = bias.shape[1]
+    if n == 0 or H == 0:
+        return out
+    interp_or_fp32 = triton_interpreted() or q.dtype == torch.float32
+    dot_dtype = tl.float32 if interp_or_fp32 else _TL_FLOAT[q.dtype]
+    block_h = 16 if H <= 16 else 32          # tl.dot needs >= 16 rows; 32 heads share each key tile
+    block_d = triton.next_power_of_2(d)
+    block_k = 32 if block_d >= 256 else 64
+    _sink_attention_kernel[(n, triton.cdiv(H, block_h))](
+        q, kv, bias, sinks.contiguous(), out, H, K, d, float(scale),
+        q.stride(0), q.stride(1), stride_kn, kv.stride(-2), bias.stride(0), out.stride(0), out.stride(1),
+        DOT_DTYPE=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
+        BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8 if block_d >= 256 else 4)
+    record_triton_call(name)
+    return out
+
+
+def sparse_sink_attention_triton(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
+                                 scale: float) -> torch.Tensor:
+    """Triton form of `sparse_sink_attention_ref`: q [n, H, d], kv [n, K, d], bias [n, K], sinks [H] -> [n, H, d]
+    in q's dtype (fp32 softmax and accumulation)."""
+    return _launch_sink_attention(q, kv, kv.stride(0), bias, sinks, scale, "sparse_sink_attention")
+
+
+def sink_attention_triton(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """Triton form of `sink_attention_ref` (q [T, H, d], kv [S, d], bias [T, S]): the decode kernel with every
+    query row reading the same keys. Not query-tiled: each (row, head block) program streams the keys not
+    masked for it, so it suits windowed/sparse bias patterns, not dense long prefill."""
+    return _launch_sink_attention(q, kv, 0, bias, sinks, scale, "sink_attention")
+
+
 def sparse_sink_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
                           scale: float) -> torch.Tensor:
-    """Dispatch point for sparse decode attention over per-query gathered keys (torch reference today)."""
+    """Dispatch point for sparse decode attention over per-query gathered keys: Triton or the torch reference."""
     n, H, d = q.shape
     if kv.dim() != 3 or kv.shape[0] != n or kv.shape[2] != d or bias.shape != kv.shape[:2] or sinks.shape != (H,):
         raise ValueError(f"sparse_sink_attention: q [n,H,d]={tuple(q.shape)}, kv [n,K,d]={tuple(kv.shape)}, "
                          f"bias [n,K]={tuple(bias.shape)}, sinks [H]={tuple(sinks.shape)} do not fit")
+    if kernel_backend(q.device) == "triton":
+        return sparse_sink_attention_triton(q, kv, bias, sinks, scale)
     return sparse_sink_attention_ref(q, kv, bias, sinks, scale)
 
 
 def sink_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
                    scale: float) -> torch.Tensor:
-    """Dispatch point for sparse attention over window + compressed entries (torch reference today)."""
+    """Dispatch point for sparse attention over window + compressed entries: Triton or the torch reference."""
     T, H, d = q.shape
     if kv.dim() != 2 or kv.shape[1] != d or bias.shape != (T, kv.shape[0]) or sinks.shape != (H,):
         raise ValueError(f"sink_attention: q [T,H,d]={tuple(q.shape)}, kv [S,d]={tuple(kv.shape)}, "
                          f"bias [T,S]={tuple(bias.shape)}, sinks [H]={tuple(sinks.shape)} do not fit")
+    if kernel_backend(q.device) == "triton":
+        return sink_attention_triton(q, kv, bias, sinks, scale)
     return sink_attention_ref(q, kv, bias, sinks, scale)

