@@ -1,5 +1,5 @@
-"""Hot ops of the V4 forward, one dispatch function each. Today each is backed by its torch reference;
-Triton kernels slot in behind the same functions."""
+"""Hot ops of the V4 forward, one dispatch function each: a Triton kernel beside its torch reference, chosen per
+call by `backend.kernel_backend` (V4RAY_KERNELS=auto|triton|torch; auto = Triton on CUDA tensors)."""
 
 from .attention import sink_attention, sparse_sink_attention
 from .compressor import compress_pool

@@ -147,7 +147,7 @@ def _moe_down_kernel(h_ptr, order_ptr, weight_ptr, tile_group_ptr, tile_row0_ptr
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
               torch.float8_e4m3fn: tl.float8e4nv, torch.int8: tl.uint8, torch.uint8: tl.uint8}
-_POINTER_TABLES: dict[tuple, torch.Tensor] = {}
+_POINTER_TABLES: dict[tuple, torch.Tensor] = {}  # device-side tables by the host values they hold
 
 
 def _pointer_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -160,6 +160,17 @@ def _pointer_table(tensors: list[torch.Tensor], device: torch.device) -> torch.T
             _POINTER_TABLES.clear()
         table = _POINTER_TABLES[key] = torch.tensor(ptrs, dtype=torch.int64, device=device)
     return table
+
+
+def _expert_slots(keys: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Global expert id -> position in `keys` (-1 elsewhere), cached: building it per call would upload (sync)."""
+    key = ("slots", str(device), keys)
+    lut = _POINTER_TABLES.get(key)
+    if lut is None:
+        lut = torch.full((max(keys) + 1,), -1, dtype=torch.long)
+        lut[list(keys)] = torch.arange(len(keys))
+        lut = _POINTER_TABLES[key] = lut.to(device)
+    return lut
 
 
 def _check_experts(experts: dict[int, tuple[QuantTensor, QuantTensor, QuantTensor]], D: int, device: torch.device):
@@ -191,7 +202,7 @@ def _tile_schedule(slot: torch.Tensor, G: int, block_m: int):
     host sync): -> order [M], per-tile (group or -1, first sorted row, end row of its group), grid size."""
     M = slot.shape[0]
     order = torch.argsort(slot, stable=True)
-    counts = torch.bincount(slot, minlength=G)
+    counts = torch.zeros(G, dtype=torch.long, device=slot.device).scatter_add_(0, slot, torch.ones_like(slot))
     starts = torch.cumsum(counts, 0) - counts
     tiles = (counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles, 0)
@@ -226,8 +237,7 @@ def expert_mlp_triton(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.
     fmt, I = _check_experts(experts, D, x.device)
     keys = list(experts)
     G = len(keys)
-    lut = torch.full((max(keys) + 1,), -1, dtype=torch.long, device=x.device)
-    lut[torch.tensor(keys, device=x.device)] = torch.arange(G, device=x.device)
+    lut = _expert_slots(tuple(keys), x.device)
     idx = expert_idx.long()
     torch._assert_async(((idx >= 0) & (idx < lut.shape[0])).all(),
                         "expert_mlp_triton: an expert_idx is not among the given experts")

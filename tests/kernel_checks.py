@@ -46,7 +46,6 @@ BF16_REL = 2e-2        # bf16 outputs: the interpreter truncates on the final ca
 BF16_COS_MIN = 0.9995
 MODEL_FP32_REL = 1e-4  # whole-model logits, triton vs torch path, per position max|diff| / max|ref|
 
-torch.set_num_threads(2)
 RESULTS: list[dict] = []
 
 

@@ -105,4 +105,5 @@ def test_wrappers_reject_bad_inputs():
     with pytest.raises(ValueError, match="kv must be fp32/bf16/fp16"):
         sparse_sink_attention_triton(q, kv, torch.zeros(2, 5), torch.zeros(4), 0.25)
     with pytest.raises(ValueError, match="must be contiguous"):
-        sparse_sink_attention_triton(q, torch.randn(2, 16, 5).transpose(1, 2), torch.zeros(2, 5), torch.zeros(4), 0.25)
+        kv_t = torch.randn(2, 16, 5).transpose(1, 2)
+        sparse_sink_attention_triton(q, kv_t, torch.zeros(2, 5), torch.zeros(4), 0.25)

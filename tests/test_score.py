@@ -44,23 +44,39 @@ def head(tmp_path_factory):
                                    "--include-dashboard=true", "--disable-usage-stats", *ports],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while True:
-        r = subprocess.run(RAY + ["job", "list", "--address", url], capture_output=True, text=True, env=env)
-        if r.returncode == 0:
-            break
-        assert time.time() < deadline and proc.poll() is None, f"head did not start: {r.stderr[-2000:]}"
-        time.sleep(1)
+
+    def stop():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # gcs, raylet, dashboard, workers share the group
+        except ProcessLookupError:
+            pass
+        _kill_job_drivers(gcs)  # job drivers run in sessions of their own
+
+    try:
+        deadline = time.time() + 120
+        while True:
+            r = subprocess.run(RAY + ["job", "list", "--address", url], capture_output=True, text=True, env=env)
+            if r.returncode == 0:
+                break
+            assert time.time() < deadline and proc.poll() is None, f"head did not start: {r.stderr[-2000:]}"
+            time.sleep(1)
+    except BaseException:
+        stop()
+        raise
     yield {"url": url, "env": env}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # gcs, raylet, workers share the group: none is left behind
-    except ProcessLookupError:
-        pass
+    stop()
+
+
+def _kill_job_drivers(gcs_port: int) -> None:
+    """Kill processes whose RAY_ADDRESS points at our head (job drivers outlive the head otherwise)."""
+    needle = f"RAY_ADDRESS=127.0.0.1:{gcs_port}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def _rows(n: int) -> list[dict]:
@@ -122,10 +138,15 @@ def test_killed_job_resubmitted_completes_without_duplicates_or_gaps(head, tiny_
     args = ["--model", str(ckpt), "--input", str(inp), "--output", str(out), "--mode", "complete",
             "--max-tokens", "24", "--max-in-flight", "4"]
     r = _submit(head, *args, wait=False)
-    job = next(w for w in r.stdout.split() if w.startswith("raysubmit_"))
-    deadline = time.time() + 300
-    while not out.exists() or len(_read(out)) < 12:
-        assert time.time() < deadline, "the job wrote nothing"
+    job = next((w.strip("'\"") for w in (r.stdout + r.stderr).split() if "raysubmit_" in w), None)
+    assert job, r.stdout[-2000:] + r.stderr[-2000:]
+    job = job[job.index("raysubmit_"):].strip("'\".,")
+    deadline = time.time() + 120
+    while not out.exists() or len(out.read_text().splitlines()) < 12:
+        if time.time() > deadline:
+            logs = subprocess.run(RAY + ["job", "logs", "--address", head["url"], job], capture_output=True,
+                                  text=True, env=head["env"])
+            pytest.fail(f"the job wrote nothing: {r.stdout[-1000:]} {logs.stdout[-3000:]} {logs.stderr[-1000:]}")
         time.sleep(0.2)
     subprocess.run(RAY + ["job", "stop", "--address", head["url"], job], capture_output=True, env=head["env"],
                    timeout=120)
