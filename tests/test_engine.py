@@ -103,14 +103,14 @@ def test_preemption_under_memory_pressure_loses_nothing(tiny_ckpt):
 
 
 def test_abort_returns_pools_and_queues_to_baseline(tiny_ckpt):
-    core = _core(tiny_ckpt("v4-tiny"), max_num_seqs=16)
+    core = _core(tiny_ckpt("v4-tiny"), max_num_seqs=32, budget=1024)
     cache = core.runner.cache
     baseline = (cache.blocks.num_free, cache.slots.num_free)
     for i in range(32):
         core.add_request(f"r{i}", parity_prompt(20 + 7 * i, seed=i).tolist(), SamplingParams(max_tokens=50, **GREEDY))
-    for _ in range(6):
-        core.step()
-    assert len(core.scheduler.running) == 16 and len(core.scheduler.waiting) == 16
+    while any(s.num_computed < s.num_tokens - 1 for s in core.scheduler.running) or core.scheduler.waiting:
+        core.step()                                   # until all 32 are decoding
+    assert len(core.scheduler.running) == 32 and not core.scheduler.waiting
     aborted = [f"r{i}" for i in range(0, 32, 3)][:10]
     for rid in aborted:
         assert core.abort(rid)
