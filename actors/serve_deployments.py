@@ -18,7 +18,9 @@ from ray import serve
 
 from v4ray.model.tokenizer import V4Tokenizer
 
-from .openai_protocol import (APIError, Parsed, chat_logprobs, chat_message, completion_logprobs, final_body,
+from v4ray.model.chat import split_reasoning
+
+from .openai_protocol import (APIError, Parsed, chat_logprobs, completion_logprobs, final_body,
                               parse_json, parse_request, sse, usage)
 
 log = logging.getLogger("v4ray.serve")
@@ -304,8 +306,8 @@ class OpenAIIngress:
     def _chat_delta(self, p: Parsed, text: str, sent: int) -> dict:
         if not p.thinking:
             return {"content": text[sent:]}
-        old_r, old_c = _split(text[:sent])
-        new_r, new_c = _split(text)
+        old_r, old_c = split_reasoning(text[:sent])
+        new_r, new_c = split_reasoning(text)
         d = {}
         if len(new_r or "") > len(old_r or ""):
             d["reasoning_content"] = (new_r or "")[len(old_r or ""):]
@@ -393,8 +395,3 @@ def _slice(c, start: int):
     from dataclasses import replace
 
     return replace(c, token_ids=c.token_ids[start:], logprobs=c.logprobs[start:] if c.logprobs else c.logprobs)
-
-
-def _split(text: str):
-    from v4ray.model.chat import split_reasoning
-    return split_reasoning(text)

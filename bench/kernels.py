@@ -88,9 +88,8 @@ def moe_cases(k, m, dev):
             flops = 2 * rows * D * I * 3
             byts = hit * w_bytes_per_expert + 2 * nbytes(x) + rows * I * 2
             yield (f"expert_mlp {fmt}", f"{phase} rows={rows} E={E} D={D} I={I}",
-                   lambda: k["moe"].expert_mlp_triton(x, idx, w, experts, 10.0),
-                   lambda: k["moe"].expert_mlp_ref(x, idx, w, experts, 10.0), flops, byts)
-        del experts
+                   lambda x=x, idx=idx, w=w, ex=experts: k["moe"].expert_mlp_triton(x, idx, w, ex, 10.0),
+                   lambda x=x, idx=idx, w=w, ex=experts: k["moe"].expert_mlp_ref(x, idx, w, ex, 10.0), flops, byts)
 
 
 def attention_cases(k, m, dev):

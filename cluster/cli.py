@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "make-tiny":
-        from v4ray.model.config import ConfigError, preset_names
+        from v4ray.model.config import preset_names
         if args.preset not in preset_names():
             print(f"v4ray make-tiny: error: unknown preset {args.preset!r}; choose one of "
                   f"{', '.join(preset_names())}", file=sys.stderr)

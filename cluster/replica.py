@@ -13,7 +13,6 @@ replica is then unusable and `shutdown()` tears it down (a new Replica rebuilds 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 

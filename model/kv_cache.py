@@ -195,20 +195,6 @@ class PagedKVCache:
         self.slots.free([seq.slot])
         seq.block_table, seq.num_tokens, seq.slot = [], 0, -1
 
-    # ---- addressing --------------------------------------------------------------------------------------
-    def entry_slots(self, seq: SeqCache, ratio: int, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block ids, offsets) of a sequence's entries [first, last) of a layer with compression `ratio`."""
-        per_block = self.block_size // ratio
-        j = torch.arange(first, last)
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        return table[j // per_block], j % per_block
-
-    def gather_entries(self, pool: torch.Tensor, seq: SeqCache, ratio: int, count: int) -> torch.Tensor:
-        """The first `count` entries of a sequence from a paged pool [blocks, B/m, dim] -> [count, dim]."""
-        per_block = self.block_size // ratio
-        n_blocks = -(-count // per_block)
-        return pool[seq.block_table[:n_blocks]].flatten(0, 1)[:count]
-
 
 @dataclass
 class WindowLayout:

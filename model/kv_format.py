@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import CSA, HCA, SWA, V4Config
+from .config import CSA, SWA, V4Config
 
 ENTRY_FORMATS = ("fp32", "bf16", "fp8")
 NOPE_SCALE_BLOCK = 64

@@ -52,9 +52,6 @@ class ModelRunner:
         if seq is not None:
             self.cache.free(seq)
 
-    def num_cached(self, key: str) -> int:
-        return self.seqs[key].num_tokens
-
     # ---- prefixes ----------------------------------------------------------------------------------------
     def load_prefix(self, key: str, prompt: list[int]) -> int:
         """Resume `key` from the longest cached prefix of `prompt` (at least one prompt token is left to

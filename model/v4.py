@@ -21,7 +21,7 @@ from v4ray.kernels import (compress_pool, expert_mlp, indexer_topk, indexer_topk
 from v4ray.kernels.moe import swiglu_clamped
 from v4ray.kernels.quant import QuantTensor
 
-from .config import CSA, HCA, SWA, V4Config, yarn_inv_freq
+from .config import CSA, SWA, V4Config, yarn_inv_freq
 from .kv_cache import LayerCache, StepBatch
 
 # Tensors kept in fp32 whatever the compute dtype (transformers' `_keep_in_fp32_modules_strict`, REF alike).

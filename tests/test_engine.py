@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 
-import pytest
 import torch
 
 from v4ray.model.engine_core import EngineCore

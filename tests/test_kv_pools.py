@@ -15,7 +15,6 @@ from v4ray.model.kv_format import capacity, kv_bytes, pack_index, pack_main, unp
 from v4ray.model.loader import load_model
 
 from conftest import SHARED_REFERENCE, parity_prompt, rel_err
-from test_parity import PARITY_RTOL
 
 
 def _plan(model: str, dtype: str) -> str:

@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from v4ray.actors.kv_cache_service import UNIT_TOKENS, chain_keys, get_or_start_service
 from v4ray.model.kv_format import kv_bytes
