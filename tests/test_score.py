@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-
 # Log-likelihoods from the job vs the offline LLM: same fp32 model, different batch compositions; summation
 # order differences are ~1e-6 per token, so 1e-3 on a sum over <= 40 tokens is tight but safe.
 LL_ABS_TOL = 1e-3
