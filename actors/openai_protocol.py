@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from v4ray.model.chat import ChatFormatError, render_chat, split_reasoning
 from v4ray.model.outputs import RequestOutput
-from v4ray.model.sampling import SamplingParams
+from v4ray.model.sampling import SamplingParamError, SamplingParams
 from v4ray.model.tokenizer import V4Tokenizer
 
 
@@ -32,18 +32,116 @@ def bad(param: str, message: str) -> APIError:
     return APIError(400, message, param=param)
 
 
+MAX_JSON_DEPTH = 64  # nesting of objects/arrays in a request body; chat content parts need 5
+
+
 def parse_json(raw: bytes) -> dict:
+    """The body as a JSON object, or a 400: invalid UTF-8 or JSON, NaN/Infinity literals, nesting deeper than
+    MAX_JSON_DEPTH, or strings that are not valid Unicode (lone surrogates such as "\\ud800")."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise APIError(400, "request body is not valid UTF-8", code="invalid_encoding")
+    if _max_depth_bound(text) > MAX_JSON_DEPTH:
+        raise APIError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
+        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json")
+    except (ValueError, RecursionError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json")
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    check_strings(body, "")
     return body
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _max_depth_bound(text: str) -> int:
+    """An upper bound of the JSON nesting depth, without recursion: brackets inside strings count too, so a
+    body can be refused only when its brackets alone could nest that deep."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return 0
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_JSON_DEPTH:
+                    return _exact_depth(text)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _exact_depth(text: str) -> int:
+    """The nesting depth of `text`, skipping brackets inside strings (called only for bracket-heavy bodies)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def check_strings(value, path: str) -> None:
+    """Every string (keys included) must encode as UTF-8: JSON's "\\ud800" escapes decode to lone surrogates
+    that the tokenizer cannot take. Iterative, so depth is no concern."""
+    stack = [(value, path)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            _encodable(v, at)
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                where = f"{at}.{k}" if at else str(k)
+                _encodable(k, where)
+                stack.append((item, where))
+        elif isinstance(v, list):
+            stack.extend((item, f"{at}[{i}]") for i, item in enumerate(v))
+
+
+def _encodable(s: str, param: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"'{param}' holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode",
+                       param=param or None, code="invalid_encoding") from None
+
+
+# Fields each endpoint takes. Anything else is refused with a 400 naming it (vLLM's behaviour), except the
+# fields listed in IGNORED_FIELDS, which OpenAI clients send routinely and which change nothing here.
+SAMPLING_FIELDS = {"model", "n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "min_tokens", "seed", "stop",
+                   "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                   "logit_bias", "skip_special_tokens", "stream", "stream_options"}
+COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo", "logprobs"}
+CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
+                                 "chat_template_kwargs", "tools", "tool_choice", "functions", "response_format"}
+IGNORED_FIELDS = {"user", "metadata", "store", "service_tier"}
+
+
+def check_fields(kind: str, body: dict) -> None:
+    allowed = (CHAT_FIELDS if kind == "chat" else COMPLETION_FIELDS) | IGNORED_FIELDS
+    unknown = sorted(k for k in body if k not in allowed)
+    if unknown:
+        raise bad(unknown[0], f"unknown field(s) {unknown}: not supported by this endpoint; remove them "
+                              f"(supported: {sorted(allowed)})")
 
 
 def _typed(body: dict, name: str, types, default=None):
@@ -72,7 +170,10 @@ class Parsed:
 
 
 def parse_request(kind: str, body: dict, tokenizer: V4Tokenizer, max_model_len: int, max_n: int,
-                  model_name: str) -> Parsed:
+                  model_name: str, max_output_entries: int | None = None) -> Parsed:
+    """Validate one completions/chat body. `max_output_entries` caps n x (logprobs + 1) x max_tokens: the
+    size of what one request may make the server produce and send."""
+    check_fields(kind, body)
     model = body.get("model")
     if model is None:
         raise bad("model", "'model' is required")
@@ -82,6 +183,12 @@ def parse_request(kind: str, body: dict, tokenizer: V4Tokenizer, max_model_len: 
     thinking = False
     if kind == "chat":
         kwargs = _typed(body, "chat_template_kwargs", dict, {})
+        for key in kwargs:
+            if key not in ("thinking", "enable_thinking"):
+                raise bad(f"chat_template_kwargs.{key}", f"unknown chat_template_kwargs key {key!r} "
+                                                         f"(supported: 'thinking', 'enable_thinking')")
+            if not isinstance(kwargs[key], bool):
+                raise bad(f"chat_template_kwargs.{key}", f"chat_template_kwargs.{key} must be a boolean")
         thinking = bool(kwargs.get("thinking", kwargs.get("enable_thinking", False)))
         try:
             text = render_chat(body.get("messages"), thinking=thinking)
@@ -139,22 +246,31 @@ def parse_request(kind: str, body: dict, tokenizer: V4Tokenizer, max_model_len: 
     if isinstance(stop, list) and len(stop) > 4:
         raise bad("stop", "'stop' may hold at most 4 sequences")
     stream_options = _typed(body, "stream_options", dict, {})
+    for key, value in stream_options.items():
+        if key not in ("include_usage", "continuous_usage_stats"):
+            raise bad(f"stream_options.{key}", f"unknown stream_options key {key!r} (supported: 'include_usage')")
+        if not isinstance(value, bool):
+            raise bad(f"stream_options.{key}", f"stream_options.{key} must be a boolean")
+    if max_output_entries is not None and n * ((logprobs or 0) + 1) * max_tokens > max_output_entries:
+        raise bad("logprobs" if logprobs else mt_name,
+                  f"n x (logprobs + 1) x {mt_name} = {n} x {(logprobs or 0) + 1} x {max_tokens} = "
+                  f"{n * ((logprobs or 0) + 1) * max_tokens} exceeds this server's max_output_entries "
+                  f"({max_output_entries}); lower n, logprobs or {mt_name}")
     try:
         params = SamplingParams(
             n=n, max_tokens=max_tokens, min_tokens=_typed(body, "min_tokens", int, 0),
-            temperature=float(_typed(body, "temperature", (int, float), 1.0)),
-            top_p=float(_typed(body, "top_p", (int, float), 1.0)), top_k=_typed(body, "top_k", int, 0),
-            min_p=float(_typed(body, "min_p", (int, float), 0.0)), seed=_typed(body, "seed", int, None),
+            temperature=_typed(body, "temperature", (int, float), 1.0),
+            top_p=_typed(body, "top_p", (int, float), 1.0), top_k=_typed(body, "top_k", int, 0),
+            min_p=_typed(body, "min_p", (int, float), 0.0), seed=_typed(body, "seed", int, None),
             stop=stop, stop_token_ids=_typed(body, "stop_token_ids", list, None),
             ignore_eos=bool(_typed(body, "ignore_eos", bool, False)), logprobs=logprobs,
-            presence_penalty=float(_typed(body, "presence_penalty", (int, float), 0.0)),
-            frequency_penalty=float(_typed(body, "frequency_penalty", (int, float), 0.0)),
-            repetition_penalty=float(_typed(body, "repetition_penalty", (int, float), 1.0)),
+            presence_penalty=_typed(body, "presence_penalty", (int, float), 0.0),
+            frequency_penalty=_typed(body, "frequency_penalty", (int, float), 0.0),
+            repetition_penalty=_typed(body, "repetition_penalty", (int, float), 1.0),
             logit_bias=_typed(body, "logit_bias", dict, None),
             skip_special_tokens=bool(_typed(body, "skip_special_tokens", bool, True)))
-    except ValueError as e:  # SamplingParams names the field first
-        msg = str(e)
-        raise bad(msg.split()[0].strip("'"), msg)
+    except SamplingParamError as e:
+        raise bad(e.param, str(e))
     if params.logit_bias and any(t >= tokenizer.vocab_size for t in params.logit_bias):
         raise bad("logit_bias", f"logit_bias token ids must be below {tokenizer.vocab_size}")
     if params.stop_token_ids and any(not isinstance(t, int) or t < 0 for t in params.stop_token_ids):
@@ -171,11 +287,14 @@ def parse_request(kind: str, body: dict, tokenizer: V4Tokenizer, max_model_len: 
 # ---- responses -------------------------------------------------------------------------------------------
 
 def usage(out: RequestOutput) -> dict:
-    gen = sum(len(c.token_ids) for c in out.outputs)
-    u = {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": gen,
-         "total_tokens": len(out.prompt_token_ids) + gen}
-    if out.num_cached_tokens:
-        u["prompt_tokens_details"] = {"cached_tokens": out.num_cached_tokens}
+    return usage_counts(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs), out.num_cached_tokens)
+
+
+def usage_counts(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+         "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens:
+        u["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
     return u
 
 

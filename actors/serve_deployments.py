@@ -8,20 +8,23 @@ streams Server-Sent Events, maps failures to OpenAI-shaped errors and exports Pr
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 
 from v4ray.model.tokenizer import V4Tokenizer
 
 from v4ray.model.chat import split_reasoning
+from v4ray.model.sampling import RequestOutputKind
 
 from .openai_protocol import (APIError, Parsed, chat_logprobs, completion_logprobs, final_body,
-                              parse_json, parse_request, sse, usage)
+                              parse_json, parse_request, sse, usage_counts)
 
 log = logging.getLogger("v4ray.serve")
 
@@ -66,8 +69,9 @@ class V4Server:
         self.engine = AsyncEngine(engine, max_pending=cfg.max_num_seqs * cfg.num_routers + cfg.max_queue_len)
         self.started = time.time()
 
-    async def generate(self, prompt_ids: list[int], params, request_id: str, prompt: str | None = None):
-        async for out in self.engine.generate(prompt_ids, params, request_id, prompt):
+    async def generate(self, prompt_ids: list[int], params, prompt: str | None = None):
+        """Stream one request's outputs (the engine generates its key; no client id reaches the engine)."""
+        async for out in self.engine.generate(prompt_ids, params, prompt):
             yield out
 
     def stats(self) -> dict:
@@ -85,6 +89,7 @@ class V4Server:
         return s
 
     def check_health(self) -> None:
+        """Serve's health check: red as soon as the engine is dead (Serve then replaces this replica)."""
         if self.engine.dead:
             raise RuntimeError(self.engine.dead)
 
@@ -122,7 +127,9 @@ def _metrics():
     }
 
 
-app = FastAPI(title="v4ray", description="OpenAI-compatible API for DeepSeek-V4 on Ray")
+# FastAPI's own /docs, /redoc and /openapi.json are off; `enable_docs: true` serves /docs and /openapi.json below.
+app = FastAPI(title="v4ray", description="OpenAI-compatible API for DeepSeek-V4 on Ray", docs_url=None,
+              redoc_url=None, openapi_url=None)
 
 
 @app.exception_handler(APIError)
@@ -130,12 +137,21 @@ async def _api_error(request: Request, e: APIError):
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-_API_KEY: dict[str, str | None] = {"key": None}  # set by the ingress replica from its config
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError):
+    return JSONResponse(APIError(400, "invalid request").body(), status_code=400)
+
+
+# Set by the ingress replica from its config (the app object is module-level, as Serve's ingress needs).
+_SETTINGS: dict = {"key": None, "docs": False}
 
 
 def _auth(request: Request) -> None:
-    key = _API_KEY["key"]
-    if key and request.headers.get("authorization", "") != f"Bearer {key}":
+    key = _SETTINGS["key"]
+    if key is None:
+        return
+    sent = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(sent, f"Bearer {key}".encode()):
         raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                        type_="authentication_error", code="invalid_api_key")
 
@@ -152,7 +168,7 @@ class OpenAIIngress:
         path = cfg.resolve_model()
         self.tokenizer = V4Tokenizer.from_dir(path)
         self.model_name = cfg.served_model_name or cfg.model.rstrip("/").split("/")[-1]
-        _API_KEY["key"] = cfg.api_key()
+        _SETTINGS["key"], _SETTINGS["docs"] = cfg.api_key(), cfg.enable_docs
         self.registry, self.m = _metrics()
         self.created = int(time.time())
 
@@ -174,32 +190,45 @@ class OpenAIIngress:
         self.m["requests"].labels(endpoint, str(status)).inc()
 
     def _engine_error(self, e: BaseException) -> APIError:
-        from v4ray.cluster.engine import EngineDeadError, QueueFullError
+        from v4ray.cluster.engine import EngineDeadError, QueueFullError, RequestFailedError
 
         cause = getattr(e, "cause", None) or e
-        if isinstance(cause, QueueFullError) or isinstance(e, QueueFullError):
+        if isinstance(cause, QueueFullError):
             return APIError(429, f"server busy: {cause}", type_="rate_limit_error", code="queue_full",
                             headers={"Retry-After": "1"})
-        if isinstance(cause, EngineDeadError) or isinstance(e, EngineDeadError):
-            return APIError(503, f"the model replica is unavailable: {cause}", type_="server_error",
-                            code="replica_unavailable", headers={"Retry-After": "5"})
+        if isinstance(cause, EngineDeadError):
+            return APIError(503, "the model replica is unavailable; it is being rebuilt, retry shortly",
+                            type_="server_error", code="replica_unavailable", headers={"Retry-After": "5"})
+        if isinstance(cause, RequestFailedError):
+            return APIError(500, "this request failed in the engine; other requests are unaffected",
+                            type_="server_error", code="request_failed")
         if isinstance(cause, ValueError):
-            return APIError(400, str(cause))
-        return APIError(500, f"internal error: {type(cause).__name__}: {cause}", type_="server_error")
+            return APIError(400, str(cause), param=getattr(cause, "param", None))
+        return APIError(500, f"internal error ({type(cause).__name__})", type_="server_error")
+
+    @staticmethod
+    def _client_request_id(request: Request) -> str | None:
+        """The client's x-request-id, echoed and logged only (never an engine key); overlong values dropped."""
+        rid = request.headers.get("x-request-id")
+        return rid if rid and len(rid) <= 256 and rid.isprintable() else None
 
     async def _run(self, endpoint: str, kind: str, request: Request):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:24]
+        rid = uuid.uuid4().hex[:24]  # names the response (cmpl-<rid>); the engine keys requests itself
+        client_rid = self._client_request_id(request)
         try:
             p = parse_request(kind, await self._body(request), self.tokenizer, self.cfg.max_model_len,
-                              self.cfg.max_n, self.model_name)
+                              self.cfg.max_n, self.model_name, self.cfg.max_output_entries)
         except APIError as e:
             self._count(endpoint, e.status)
             raise
         p.request_id = rid
-        log.info("request %s %s: %d prompt tokens, max_tokens %d, n %d, stream %s", rid, endpoint,
-                 len(p.prompt_ids), p.params.max_tokens, p.params.n, p.stream)
-        gen = self.server.options(stream=True).generate.remote(p.prompt_ids, p.params, rid, p.prompt_text)
+        # Streams get only what is new each step; a non-streamed request gets one output when it finishes.
+        p.params.output_kind = RequestOutputKind.DELTA if p.stream else RequestOutputKind.FINAL_ONLY
+        log.info("request %s (client id %s) %s: %d prompt tokens, max_tokens %d, n %d, stream %s", rid, client_rid,
+                 endpoint, len(p.prompt_ids), p.params.max_tokens, p.params.n, p.stream)
+        gen = self.server.options(stream=True).generate.remote(p.prompt_ids, p.params, p.prompt_text)
         t0 = time.monotonic()
+        deadline = t0 + self.cfg.request_timeout_s
         try:
             first = await asyncio.wait_for(gen.__anext__(), self.cfg.request_timeout_s)
         except asyncio.TimeoutError:
@@ -207,20 +236,25 @@ class OpenAIIngress:
             self._count(endpoint, 408)
             raise APIError(408, f"request {rid} timed out after {self.cfg.request_timeout_s:.0f}s",
                            code="timeout")
+        except asyncio.CancelledError:  # the client went away: free the request's cache
+            gen.cancel()
+            raise
         except Exception as e:  # noqa: BLE001
             gen.cancel()
             err = self._engine_error(e)
             self._count(endpoint, err.status)
             raise err
-        self.m["ttft"].observe(time.monotonic() - t0)
-        self.m["prompt_tokens"].inc(len(p.prompt_ids))
-        headers = {"x-request-id": rid}
+        headers = {"x-request-id": client_rid or rid}
         if p.stream:
+            self.m["ttft"].observe(time.monotonic() - t0)
+            self.m["prompt_tokens"].inc(len(p.prompt_ids))
             self._count(endpoint, 200)
-            return StreamingResponse(self._sse(p, first, gen, t0), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(self._sse(p, first, gen, t0, deadline), media_type="text/event-stream",
+                                     headers=headers)
+        self.m["prompt_tokens"].inc(len(p.prompt_ids))
         out = first
         try:
-            async with asyncio.timeout(max(0.0, self.cfg.request_timeout_s - (time.monotonic() - t0))):
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 async for out in gen:
                     pass
         except TimeoutError:
@@ -234,28 +268,28 @@ class OpenAIIngress:
             err = self._engine_error(e)
             self._count(endpoint, err.status)
             raise err
-        self._finish(out, t0)
+        self._finish(sum(len(c.token_ids) for c in out.outputs), t0)
         self._count(endpoint, 200)
         return JSONResponse(final_body(p, out, self.model_name, self.tokenizer), headers=headers)
 
-    def _finish(self, out, t0: float) -> None:
-        gen_tokens = sum(len(c.token_ids) for c in out.outputs)
+    def _finish(self, gen_tokens: int, t0: float) -> None:
         self.m["generation_tokens"].inc(gen_tokens)
         e2e = time.monotonic() - t0
         self.m["e2e"].observe(e2e)
         if gen_tokens > 1:
             self.m["tpot"].observe(e2e / gen_tokens)
 
-    async def _sse(self, p: Parsed, first, gen, t0: float):
-        """Chunks with each choice's new text; a stop string's possible beginning is held back until it is
-        known not to be one, so streamed text equals the non-streamed text."""
+    async def _sse(self, p: Parsed, first, gen, t0: float, deadline: float):
+        """One chunk per choice per engine output, each carrying only that output's delta (the engine holds
+        back a possible stop string's beginning, so the streamed text equals the non-streamed text). The
+        request's deadline covers the whole stream: past it the stream ends with a timeout error."""
         n = p.params.n
-        hold = max((len(s) for s in p.params.stop or []), default=1) - 1
-        sent_text, sent_tok, done = [0] * n, [0] * n, [False] * n
+        text_sent, tokens_sent = [0] * n, [0] * n
+        full_text = [""] * n  # thinking mode splits reasoning from content on the whole text
+        cached = 0
         base = {"id": f"{'chatcmpl' if p.kind == 'chat' else 'cmpl'}-{p.request_id}",
                 "object": "chat.completion.chunk" if p.kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": self.model_name}
-        out = first
         try:
             if p.kind == "chat":
                 for i in range(n):
@@ -265,49 +299,55 @@ class OpenAIIngress:
                 for i in range(n):
                     yield sse({**base, "choices": [{"index": i, "text": p.prompt_text, "logprobs": None,
                                                     "finish_reason": None}]})
-            item = first
+            out = first
             while True:
-                out = item
+                cached = max(cached, out.num_cached_tokens)
                 for c in out.outputs:
                     i = c.index
-                    if done[i]:
-                        continue
-                    text = c.text if c.finish_reason else c.text[:max(sent_text[i], len(c.text) - hold)]
-                    delta, new_tokens = text[sent_text[i]:], c.token_ids[sent_tok[i]:]
-                    if not delta and not c.finish_reason:
+                    if not c.text and not c.token_ids and not c.finish_reason:
                         continue
                     choice = {"index": i, "finish_reason": c.finish_reason}
                     if p.kind == "chat":
-                        choice["delta"] = self._chat_delta(p, c.text[:len(text)], sent_text[i])
-                        choice["logprobs"] = (chat_logprobs(_slice(c, sent_tok[i]), self.tokenizer,
-                                                            p.params.logprobs or 0) if p.chat_logprobs else None)
+                        choice["delta"] = self._chat_delta(p, full_text[i], c.text)
+                        choice["logprobs"] = (chat_logprobs(c, self.tokenizer, p.params.logprobs or 0)
+                                              if p.chat_logprobs else None)
+                        full_text[i] += c.text
                     else:
-                        choice["text"] = delta
-                        choice["logprobs"] = (completion_logprobs(_slice(c, sent_tok[i]), self.tokenizer)
+                        choice["text"] = c.text
+                        choice["logprobs"] = (completion_logprobs(c, self.tokenizer, text_sent[i])
                                               if p.params.logprobs is not None else None)
-                    sent_text[i], sent_tok[i] = len(text), sent_tok[i] + len(new_tokens)
-                    done[i] = c.finish_reason is not None
+                    text_sent[i] += len(c.text)
+                    tokens_sent[i] += len(c.token_ids)
                     yield sse({**base, "choices": [choice]})
                 if out.finished:
                     break
-                item = await gen.__anext__()
-            self._finish(out, t0)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                out = await asyncio.wait_for(gen.__anext__(), remaining)
+            self._finish(sum(tokens_sent), t0)
             if p.include_usage:
-                yield sse({**base, "choices": [], "usage": usage(out)})
+                yield sse({**base, "choices": [], "usage": usage_counts(len(p.prompt_ids), sum(tokens_sent), cached)})
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
             gen.cancel()  # the client disconnected: abort the request and free its cache
             raise
+        except (TimeoutError, asyncio.TimeoutError):
+            gen.cancel()
+            yield sse(APIError(408, f"request {p.request_id} timed out after {self.cfg.request_timeout_s:.0f}s",
+                               code="timeout").body())
+            yield "data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band
             gen.cancel()
             yield sse(self._engine_error(e).body())
             yield "data: [DONE]\n\n"
 
-    def _chat_delta(self, p: Parsed, text: str, sent: int) -> dict:
+    @staticmethod
+    def _chat_delta(p: Parsed, before: str, new: str) -> dict:
         if not p.thinking:
-            return {"content": text[sent:]}
-        old_r, old_c = split_reasoning(text[:sent])
-        new_r, new_c = split_reasoning(text)
+            return {"content": new}
+        old_r, old_c = split_reasoning(before)
+        new_r, new_c = split_reasoning(before + new)
         d = {}
         if len(new_r or "") > len(old_r or ""):
             d["reasoning_content"] = (new_r or "")[len(old_r or ""):]
@@ -332,6 +372,9 @@ class OpenAIIngress:
     @v1.post("/tokenize")
     async def tokenize(self, request: Request):
         body = await self._body(request)
+        unknown = sorted(set(body) - {"model", "prompt", "messages", "add_special_tokens"})
+        if unknown:
+            raise APIError(400, f"unknown field(s) {unknown}", param=unknown[0])
         if "messages" in body:
             from v4ray.model.chat import ChatFormatError, render_chat
             try:
@@ -339,7 +382,10 @@ class OpenAIIngress:
             except ChatFormatError as e:
                 raise APIError(400, str(e), param=e.param)
         elif isinstance(body.get("prompt"), str):
-            ids = self.tokenizer.encode(body["prompt"], add_bos=bool(body.get("add_special_tokens", True)))
+            add = body.get("add_special_tokens", True)
+            if not isinstance(add, bool):
+                raise APIError(400, "'add_special_tokens' must be a boolean", param="add_special_tokens")
+            ids = self.tokenizer.encode(body["prompt"], add_bos=add)
         else:
             raise APIError(400, "'prompt' (a string) or 'messages' is required", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": self.cfg.max_model_len}
@@ -347,27 +393,37 @@ class OpenAIIngress:
     @v1.post("/detokenize")
     async def detokenize(self, request: Request):
         body = await self._body(request)
+        unknown = sorted(set(body) - {"model", "tokens"})
+        if unknown:
+            raise APIError(400, f"unknown field(s) {unknown}", param=unknown[0])
         ids = body.get("tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise APIError(400, "'tokens' must be a list of token ids", param="tokens")
+        vocab = self.tokenizer.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                for t in ids):
+            raise APIError(400, f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
         return {"prompt": self.tokenizer.decode(ids, skip_special_tokens=False)}
 
     @app.get("/health")
     async def health(self):
+        """Liveness of the HTTP front; says nothing about the model (see /ready)."""
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready(self):
+        """200 while the model replica serves, 503 otherwise; the reason goes to the log, not to the caller."""
         try:
             s = await asyncio.wait_for(self.server.stats.remote(), 10)
+            reason = s.get("dead")
         except Exception as e:  # noqa: BLE001
-            return JSONResponse({"status": "not ready", "reason": str(e)}, status_code=503)
-        if s.get("dead"):
-            return JSONResponse({"status": "not ready", "reason": s["dead"]}, status_code=503)
+            reason = f"{type(e).__name__}: {e}"
+        if reason:
+            log.warning("not ready: %s", reason)
+            return JSONResponse({"status": "not ready"}, status_code=503)
         return {"status": "ready"}
 
-    @app.get("/metrics")
+    @v1.get("/metrics")
     async def metrics(self):
+        """Prometheus metrics; behind the API key like /v1 (scrape with a bearer token)."""
         from prometheus_client import generate_latest
 
         try:
@@ -385,13 +441,20 @@ class OpenAIIngress:
             log.warning("metrics: server stats unavailable: %s", e)
         return PlainTextResponse(generate_latest(self.registry).decode(), media_type="text/plain; version=0.0.4")
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self):
+        if not _SETTINGS["docs"]:
+            raise APIError(404, "not found (set enable_docs: true to serve the API schema)", code="not_found")
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        if not _SETTINGS["docs"]:
+            raise APIError(404, "not found (set enable_docs: true to serve the API docs)", code="not_found")
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="v4ray")
+
 
 app.include_router(v1)
 OpenAIIngress = serve.ingress(app)(OpenAIIngress)  # after the /v1 router (with its auth) joined the app
-
-
-def _slice(c, start: int):
-    """A copy of completion `c` holding only tokens from `start` (for per-chunk logprobs)."""
-    from dataclasses import replace
-
-    return replace(c, token_ids=c.token_ids[start:], logprobs=c.logprobs[start:] if c.logprobs else c.logprobs)

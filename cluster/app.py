@@ -23,7 +23,8 @@ def build_app(args: dict | None = None) -> Application:
     server = serve.deployment(V4Server).options(
         name="V4Server", num_replicas=1, max_ongoing_requests=limit, placement_group_bundles=bundles,
         placement_group_strategy="PACK" if not cfg.num_expert_shards else "SPREAD",
-        health_check_period_s=10, graceful_shutdown_timeout_s=5).bind(cfg.model_dump())
+        # a dead engine fails 3 checks in ~6 s; Serve then replaces the replica with no operator
+        health_check_period_s=2, health_check_timeout_s=10, graceful_shutdown_timeout_s=5).bind(cfg.model_dump())
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=1, max_ongoing_requests=4 * limit + 64,
         ray_actor_options={"num_cpus": 0})

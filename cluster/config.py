@@ -40,6 +40,11 @@ class ServeConfig(BaseModel):
     api_key_file: str | None = Field(None, description=f"File holding the API key for /v1 routes (or set "
                                                        f"${ENV_API_KEY}); never put the key itself here.")
     collective_timeout_s: float = Field(60.0, gt=0, description="Timeout of every all-to-all collective.")
+    max_output_entries: int = Field(1 << 18, ge=1, description="Cap on n x (logprobs + 1) x max_tokens of one "
+                                                               "request (what it makes the server produce and send); "
+                                                               "larger requests get 400.")
+    enable_docs: bool = Field(False, description="Serve /docs and /openapi.json (off: they describe the API to "
+                                                 "anyone who can reach the port).")
 
     @field_validator("dtype")
     @classmethod

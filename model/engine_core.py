@@ -7,15 +7,18 @@ Router actor for a distributed replica. `step()` returns the progress of every r
 from __future__ import annotations
 
 import itertools
+import logging
 
 import torch
 
 from .outputs import RequestOutput
 from .runner import ModelRunner
-from .sampling import SamplingParams, make_generator
+from .sampling import RequestOutputKind, SamplingParamError, SamplingParams, make_generator
 from .scheduler import ScheduledChunk, Scheduler, SeqState
 from .sequence import Sequence, prompt_logprobs
 from .tokenizer import V4Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class _Request:
@@ -24,12 +27,17 @@ class _Request:
                                  prompt_logprobs=None, finished=False)
         self.params = params
         self.states: list[SeqState] = []
+        self.emitted = False  # a DELTA output was sent
 
 
 class EngineCore:
     def __init__(self, runner: ModelRunner, tokenizer: V4Tokenizer, max_model_len: int,
-                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 64, prefix_caching: bool = False):
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 64, prefix_caching: bool = False,
+                 lockstep: bool = False):
+        """lockstep: this engine is one rank of a distributed replica. A failed forward then leaves the
+        collectives out of step, so it fails the replica (raises) instead of only the requests of that step."""
         self.runner, self.tokenizer, self.max_model_len = runner, tokenizer, max_model_len
+        self.lockstep = lockstep
         self.scheduler = Scheduler(runner, max_num_batched_tokens, max_num_seqs, prefix_caching)
         self.requests: dict[str, _Request] = {}
         self._arrival = itertools.count()
@@ -42,6 +50,11 @@ class EngineCore:
             raise ValueError(f"request_id {request_id!r} is already running")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}")
+        vocab = self.tokenizer.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise SamplingParamError("prompt", f"prompt token ids must be integers in [0, {vocab})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise SamplingParamError("logit_bias", f"logit_bias token ids must be below the vocabulary size {vocab}")
         if not self.runner.fits_ever(min(len(prompt_ids) + params.max_tokens, self.max_model_len)):
             raise ValueError(f"a sequence of {len(prompt_ids)} prompt tokens plus max_tokens={params.max_tokens} "
                              f"cannot fit in this replica's KV cache; lower max_tokens or raise the cache size")
@@ -70,12 +83,24 @@ class EngineCore:
 
     # ---- stepping ---------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample; returns snapshots of requests that progressed."""
+        """Schedule, run the model once, sample; returns the outputs of requests that progressed, each in its
+        `output_kind`. A failure that belongs to one request (its sampling or bookkeeping raised) fails only that
+        request: it is dropped and its output carries `error`."""
         plan = self.scheduler.schedule(self._admit, self._preempt, self._load_prefix)
         if not plan:
             return []
-        logits = self.runner.step([(c.state.key, c.state.tokens[c.start:c.start + c.num_tokens], c.logit_rows)
-                                   for c in plan])
+        failed: dict[str, str] = {}
+        try:
+            logits = self.runner.step([(c.state.key, c.state.tokens[c.start:c.start + c.num_tokens], c.logit_rows)
+                                       for c in plan])
+        except Exception as e:
+            if self.lockstep:
+                raise
+            # One process: the cache rows of this step's sequences are suspect, the engine is not.
+            log.exception("model step failed; failing the %d requests of this step", len(plan))
+            for c in plan:
+                failed[c.state.request_id] = f"model step failed: {type(e).__name__}: {e}"
+            return [self._fail(rid, msg) for rid, msg in failed.items() if rid in self.requests]
         self.num_steps += 1
         # one batched log-softmax and argmax for every sampled row (per-row Python work stays small)
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -84,12 +109,29 @@ class EngineCore:
         at = 0
         for c in plan:
             n = len(c.logit_rows)
-            self._advance(c, logits[at:at + n], logprobs[at + n - 1] if n else None, argmax[at + n - 1] if n else None)
+            rid = c.state.request_id
+            if rid in self.requests:  # else it failed earlier in this step
+                try:
+                    self._advance(c, logits[at:at + n], logprobs[at + n - 1] if n else None,
+                                  argmax[at + n - 1] if n else None)
+                    touched[rid] = self.requests[rid]
+                except Exception as e:  # noqa: BLE001 - isolate the request that raised
+                    log.exception("request %s failed in sampling", rid)
+                    failed[rid] = f"{type(e).__name__}: {e}"
+                    touched.pop(rid, None)
+                    self.abort(rid)
             at += n
-            req = self.requests.get(c.state.request_id)
-            if req is not None:
-                touched[req.out.request_id] = req
-        return [self._snapshot(req) for req in touched.values()]
+        outs = [self._output(req) for req in touched.values()]
+        outs += [self._failed_output(rid, msg) for rid, msg in failed.items()]
+        return [o for o in outs if o is not None]
+
+    def _fail(self, request_id: str, message: str) -> RequestOutput:
+        self.abort(request_id)
+        return self._failed_output(request_id, message)
+
+    @staticmethod
+    def _failed_output(request_id: str, message: str) -> RequestOutput:
+        return RequestOutput(request_id, None, [], None, [], finished=True, error=message)
 
     def _advance(self, c: ScheduledChunk, rows: torch.Tensor, last_logprobs: torch.Tensor | None,
                  last_argmax: int | None) -> None:
@@ -113,14 +155,24 @@ class EngineCore:
             self.scheduler.remove(s.key)
             self.runner.release(s.key)
 
-    def _snapshot(self, req: _Request) -> RequestOutput:
+    def _output(self, req: _Request) -> RequestOutput | None:
+        """This step's output of a request in its output kind (None: nothing to send yet)."""
         out = req.out
-        out.outputs = [s.seq.output() for s in req.states]
-        out.finished = all(s.seq.finished for s in req.states)
-        if out.finished:
+        finished = all(s.seq.finished for s in req.states)
+        if finished:
             self.requests.pop(out.request_id, None)
+        kind = req.params.output_kind
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        if kind == RequestOutputKind.DELTA:  # the prompt and its logprobs travel once, with the first delta
+            first = not req.emitted
+            req.emitted = True
+            prompt_lps, out.prompt_logprobs = out.prompt_logprobs, None
+            return RequestOutput(out.request_id, out.prompt if first else None,
+                                 out.prompt_token_ids if first else [], prompt_lps,
+                                 [s.seq.delta_output() for s in req.states], finished, out.num_cached_tokens)
         return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, out.prompt_logprobs,
-                             list(out.outputs), out.finished, out.num_cached_tokens)
+                             [s.seq.output() for s in req.states], finished, out.num_cached_tokens)
 
     # ---- scheduler callbacks ----------------------------------------------------------------------------
     def _admit(self, s: SeqState, num_tokens: int) -> None:

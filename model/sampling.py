@@ -8,6 +8,7 @@ temperature -> top_k -> top_p -> min_p -> multinomial (`sample_token`). Reported
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,14 +17,42 @@ import torch
 GREEDY_TEMPERATURE_EPS = 1e-5  # vLLM's _SAMPLING_EPS: below this temperature, sampling is argmax
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 MAX_LOGIT_BIAS = 100.0  # OpenAI's logit_bias value limit
+# Bounds that keep every intermediate of sampling finite in fp32 for any finite model logits (|l| < 1e4):
+# l / temperature, l * r and l / r stay below 1e9. vLLM accepts any positive value and can then produce inf/NaN
+# probabilities (e.g. repetition_penalty 1e-39); OpenAI's own range for temperature is [0, 2].
+MAX_TEMPERATURE = 100.0
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_PENALTY = 2.0  # presence / frequency penalties, OpenAI's range [-2, 2]
+MAX_TOP_K = 1 << 31
+MAX_SEED = (1 << 64) - 1  # torch.Generator seeds are unsigned 64-bit
+MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, MAX_STOP_LEN = 16, 256, 256
+MAX_LOGIT_BIAS_ENTRIES = 1024
+
+
+class SamplingParamError(ValueError):
+    """An invalid sampling parameter; `param` names the field (the OpenAI error's `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+class RequestOutputKind:
+    """What the engine emits for a request each step (vLLM's names): the whole output so far, only what is new
+    since the last emission (streaming: traffic linear in the output), or one output when it finishes."""
+
+    CUMULATIVE, DELTA, FINAL_ONLY = "cumulative", "delta", "final_only"
+    ALL = (CUMULATIVE, DELTA, FINAL_ONLY)
 
 
 @dataclass
 class SamplingParams:
-    """Per-request sampling settings; field names, defaults and ranges follow vLLM / the OpenAI API.
+    """Per-request sampling settings; field names and defaults follow vLLM / the OpenAI API.
 
-    `top_k` 0 or -1 disables top-k; `stop` is normalised to a list; `logprobs` / `prompt_logprobs` are the
-    number of top alternatives to report per token (None = do not report).
+    Every value is checked once, here, against finite bounds (module constants above), so that sampling
+    cannot fail for a request that was accepted. `top_k` 0 or -1 disables top-k; `stop` is normalised to a
+    list; `logprobs` / `prompt_logprobs` are the number of top alternatives to report per token (None = do not
+    report). `output_kind` chooses cumulative, delta or final-only outputs (`RequestOutputKind`).
     """
 
     n: int = 1
@@ -44,64 +73,82 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    output_kind: str = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
-        _check_int("n", self.n, minimum=1)
-        _check_int("max_tokens", self.max_tokens, minimum=1)
-        _check_int("min_tokens", self.min_tokens, minimum=0)
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
-        _check_number("temperature", self.temperature)
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        _check_number("top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        _check_int("top_k", self.top_k, minimum=-1)
-        _check_number("min_p", self.min_p)
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        _check_int("n", self.n, minimum=1, maximum=1024)
+        _check_int("max_tokens", self.max_tokens, minimum=1, maximum=1 << 30)
+        _check_int("min_tokens", self.min_tokens, minimum=0, maximum=self.max_tokens)
+        self.temperature = _check_number("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        self.top_p = _check_number("top_p", self.top_p, 0.0, 1.0)
+        if self.top_p == 0:
+            raise SamplingParamError("top_p", "top_p must be in (0, 1], got 0 (use temperature 0 for greedy)")
+        _check_int("top_k", self.top_k, minimum=-1, maximum=MAX_TOP_K)
+        self.min_p = _check_number("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=-(2**63))
-        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+            _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
+        self.stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(self.stop, (list, tuple, type(None))):
+            raise SamplingParamError("stop", f"stop must be a string or a list of strings, got {self.stop!r}")
+        self.stop = list(self.stop or [])
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise SamplingParamError("stop", f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         for stop in self.stop:
-            if not isinstance(stop, str) or not stop:
-                raise ValueError(f"stop must be a string or a list of non-empty strings, got {stop!r} in {self.stop!r}")
+            if not isinstance(stop, str) or not stop or len(stop) > MAX_STOP_LEN:
+                raise SamplingParamError("stop", f"stop strings must be non-empty strings of at most {MAX_STOP_LEN} "
+                                                 f"characters, got {stop!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple, type(None))):
+            raise SamplingParamError("stop_token_ids", f"stop_token_ids must be a list of token ids, "
+                                                       f"got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise SamplingParamError("stop_token_ids", f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids")
         for token_id in self.stop_token_ids:
-            _check_int("stop_token_ids", token_id, minimum=0)
+            _check_int("stop_token_ids", token_id, minimum=0, maximum=MAX_TOP_K)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=0, maximum=MAX_LOGPROBS)
         for name in ("presence_penalty", "frequency_penalty"):
-            _check_number(name, getattr(self, name))
-            if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        _check_number("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+            setattr(self, name, _check_number(name, getattr(self, name), -MAX_PENALTY, MAX_PENALTY))
+        self.repetition_penalty = _check_number("repetition_penalty", self.repetition_penalty,
+                                                MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
         self.logit_bias = _normalise_logit_bias(self.logit_bias)
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise SamplingParamError(name, f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.output_kind not in RequestOutputKind.ALL:
+            raise SamplingParamError("output_kind", f"output_kind must be one of {RequestOutputKind.ALL}, "
+                                                    f"got {self.output_kind!r}")
 
     @property
     def greedy(self) -> bool:
         """True when sampling reduces to argmax (temperature 0 or below 1e-5)."""
         return self.temperature < GREEDY_TEMPERATURE_EPS
 
+    @property
+    def stop_holdback(self) -> int:
+        """Characters of text held back while streaming: the longest stop string could still begin there."""
+        return max((len(s) for s in self.stop), default=1) - 1
 
-def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
+
+def _check_int(name: str, value: object, minimum: int, maximum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be {allowed}, got {value}")
+        raise SamplingParamError(name, f"{name} must be an integer, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise SamplingParamError(name, f"{name} must be in [{minimum}, {maximum}], got {value}")
 
 
-def _check_number(name: str, value: object) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
-        raise ValueError(f"{name} must be a number, got {value!r}")
+def _check_number(name: str, value: object, minimum: float, maximum: float) -> float:
+    """A finite int or float in [minimum, maximum], returned as float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise SamplingParamError(name, f"{name} must be a number, got {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        raise SamplingParamError(name, f"{name} must be in [{minimum}, {maximum}], got {value}") from None
+    if not math.isfinite(value) or not minimum <= value <= maximum:
+        raise SamplingParamError(name, f"{name} must be a finite number in [{minimum}, {maximum}], got {value}")
+    return value
 
 
 def _normalise_logit_bias(logit_bias: dict | None) -> dict[int, float] | None:
@@ -109,17 +156,19 @@ def _normalise_logit_bias(logit_bias: dict | None) -> dict[int, float] | None:
     if logit_bias is None:
         return None
     if not isinstance(logit_bias, dict):
-        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(logit_bias).__name__}")
+        raise SamplingParamError("logit_bias", f"logit_bias must be a dict of token id -> bias, "
+                                               f"got {type(logit_bias).__name__}")
+    if len(logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise SamplingParamError("logit_bias", f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} entries")
     normalised = {}
     for key, bias in logit_bias.items():
         try:
             token_id = int(key)
         except (TypeError, ValueError):
-            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
-        _check_number("logit_bias", bias)
-        if token_id < 0 or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
-            raise ValueError(f"logit_bias must map ids >= 0 to biases in [-100, 100], got {key!r}: {bias}")
-        normalised[token_id] = float(bias)
+            raise SamplingParamError("logit_bias", f"logit_bias keys must be token ids, got {key!r}") from None
+        if not 0 <= token_id < MAX_TOP_K:
+            raise SamplingParamError("logit_bias", f"logit_bias token ids must be in [0, {MAX_TOP_K}), got {key!r}")
+        normalised[token_id] = _check_number("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
     return normalised
 
 

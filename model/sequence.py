@@ -29,6 +29,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self._decoder = tokenizer.incremental_decoder(params.skip_special_tokens)
+        self._sent_tokens = self._sent_text = 0  # what earlier DELTA outputs carried
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -88,6 +89,19 @@ class Sequence:
     def output(self) -> CompletionOutput:
         return CompletionOutput(index=self.index, text=self.text, token_ids=list(self.output_token_ids),
                                 cumulative_logprob=self.cumulative_logprob, logprobs=self.logprobs,
+                                finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+
+    def delta_output(self) -> CompletionOutput:
+        """Only what is new since the last call: tokens, their logprobs, and text. While running, the last
+        `stop_holdback` characters are held back (a stop string may still begin there and be cut), so the
+        concatenated deltas equal the final text."""
+        hold = 0 if self.finished else self.params.stop_holdback
+        end = max(self._sent_text, len(self.text) - hold)
+        text, self._sent_text = self.text[self._sent_text:end], end
+        start, self._sent_tokens = self._sent_tokens, len(self.output_token_ids)
+        return CompletionOutput(index=self.index, text=text, token_ids=self.output_token_ids[start:],
+                                cumulative_logprob=self.cumulative_logprob,
+                                logprobs=self.logprobs[start:] if self.logprobs is not None else None,
                                 finish_reason=self.finish_reason, stop_reason=self.stop_reason)
 
 

@@ -146,8 +146,7 @@ def test_async_engine_streams_and_aborts(tiny_ckpt):
         assert seen[-1] == 6 and seen == sorted(seen) and len(seen) >= 2
 
         async def stop_early():
-            async for out in engine.generate(ids, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True),
-                                             request_id="quitter"):
+            async for out in engine.generate(ids, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)):
                 if len(out.outputs[0].token_ids) >= 3:
                     break  # like a client disconnecting
 

@@ -232,10 +232,13 @@ def test_overload_gets_429_with_retry_after_and_nothing_is_lost(server):
 
 
 def test_api_key_guards_every_v1_route(server):
-    schema = requests.get(f"{server['url']}/secure/openapi.json", timeout=30).json()  # the served route table
-    routes = [(path, method.upper()) for path, ops in schema["paths"].items() if path.startswith("/v1")
-              for method in ops]
-    assert {p for p, _ in routes} >= {"/v1/models", "/v1/completions", "/v1/chat/completions"}
+    from v4ray.actors.serve_deployments import app
+
+    # the app's whole route table: everything but the two probes needs the key
+    routes = [(path, method.upper()) for path, ops in app.openapi()["paths"].items()
+              if path not in ("/health", "/ready") for method in ops]
+    assert {p for p, _ in routes} >= {"/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics",
+                                      "/tokenize", "/detokenize"}
     for path, method in routes:
         url = f"{server['url']}/secure{path}"
         r = requests.request(method, url, json={}, timeout=30)
