@@ -1,8 +1,9 @@
 """KVCacheService: a named Ray actor keeping finished prefixes of V4's compressed cache for reuse.
 
 Keys. A prefix is a chain of 128-token units; unit i's key is sha256(key of unit i-1 || its 128 token ids),
-and the chain starts from a root that hashes the model's identity and the cache layout, so replicas of
-different models (or storage formats) never share entries.
+and the chain starts from a root that hashes the model's identity (`model_identity`: every weight byte, the
+tokenizer, the config, the dtype) and the cache layout, so replicas of different models (or storage formats)
+never share entries. Keys are 64 lowercase hex digits; the service refuses anything else.
 
 Values. Each unit holds the compressed entries and indexer keys of every layer (one flat uint8 array). To
 resume exactly at a prefix end a router also needs the boundary state there (window rings, compressor rings);
@@ -12,24 +13,56 @@ entries. Arrays travel through Ray's object store as numpy buffers (zero-copy), 
 Budget. Prefixes are the LRU unit: evicting one drops its boundary state and every unit no other stored
 prefix uses. A store call is one actor method call with all its arrays as arguments: a caller that dies before
 the call runs stores nothing, so no entry is ever half-written.
+
+Spill. With a `spill_dir`, an evicted prefix is written to `<last key>.kvspill` (safetensors: raw array bytes
+plus the unit keys and a sha256 of the arrays in its metadata, never pickle) and reloaded on a lookup that
+reaches it. Writes are atomic (a temp file in the same directory, fsync, rename), files are 0600 in a 0700
+directory, and the directory has its own byte budget (`spill_budget_bytes`, LRU: the oldest spill goes first).
+A file that is torn or fails its checksum is deleted and counted (`spill_dropped`); its lookup is a miss. At
+start the service takes an exclusive lock on the directory (one service per directory), removes leftover temp
+files, and indexes the spill files already there (so a service Ray restarts keeps its spilled prefixes) after
+checking their headers; unreadable ones are deleted. Other files in the directory are left alone.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import logging
+import os
+import re
+import tempfile
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "v4ray-kv-cache"
 SERVICE_NAMESPACE = "v4ray"
 UNIT_TOKENS = 128
+# Disk budget of a spill directory. A fixed size rather than a multiple of the memory budget, so raising the
+# memory budget never silently multiplies disk use; 8 GiB holds 8x the default in-memory budget.
+SPILL_BUDGET_BYTES = 8 << 30
+SPILL_SUFFIX = ".kvspill"
+SPILL_FORMAT = "v4ray-kv-spill/1"
+_TMP_PREFIX = ".v4ray-tmp-"  # atomic writes: temp files in the target's directory
+_SPILL_LOCK = ".kvspill.lock"
+_MAX_HEADER_BYTES = 64 << 20
+_KEY = re.compile(r"[0-9a-f]{64}")
+
+# Files besides the weights that decide what a token id means or how the model computes.
+IDENTITY_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+IDENTITY_SIDECAR = ".v4ray-identity.json"
+_HASH_CHUNK_BYTES = 16 << 20
 
 
 def chain_keys(root: str, token_ids: list[int], unit: int = UNIT_TOKENS) -> list[str]:
@@ -46,25 +79,165 @@ def root_key(model_identity: str, layout: str) -> str:
     return hashlib.sha256(f"v4ray-prefix/1|{model_identity}|{layout}".encode()).hexdigest()
 
 
-def model_identity(ckpt_dir: str | Path) -> str:
-    """Content identity of a checkpoint: its config and, per weight file, size and hashes of the first and last
-    64 KiB (different random seeds or fine-tunes differ there; reading whole files would be too slow)."""
+def model_identity(ckpt_dir: str | Path, dtype: object = None, layout: str | None = None) -> str:
+    """Identity of a checkpoint as the prefix cache sees it: sha256 over the content hash of every weight file,
+    the bytes of the config, index and tokenizer files (`IDENTITY_FILES`, those present), the compute `dtype`
+    (a torch dtype or its name) and the cache `layout` string. Any changed byte changes the identity.
+
+    Why a content hash, and not size + mtime_ns + safetensors headers (+ an operator-set revision): the cache
+    is shared across the cluster, so replicas on different nodes, each with its own copy of the checkpoint,
+    must agree on the identity. Copies made by a download or `cp` carry new mtimes and would never share an
+    entry under an mtime identity, while a fine-tune that keeps shapes (same headers, same sizes) and an
+    operator who forgets to bump a revision would share entries they must not. Hashing every byte costs one
+    read of the checkpoint, once: each weight file's sha256 is kept beside it in `IDENTITY_SIDECAR`, keyed by
+    the file's size and mtime_ns, so later starts only stat the files and a rewritten file is hashed again.
+    Files are hashed in parallel (sha256 releases the GIL; ~1-2 GB/s per core). A file's sha256 is also its
+    Hugging Face hub LFS object id, so it can be checked against the hub. The sidecar is trusted as far as its
+    key: an edit that restores both size and mtime_ns keeps the old digest (delete the sidecar to rehash). A
+    read-only checkpoint gets no sidecar (a warning) and is hashed at every start.
+    """
     d = Path(ckpt_dir)
-    h = hashlib.sha256((d / "config.json").read_bytes())
-    for f in sorted(d.glob("*.safetensors")):
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(65536)
-            fh.seek(max(0, size - 65536))
-            tail = fh.read()
-        h.update(f.name.encode() + size.to_bytes(8, "little") + hashlib.sha256(head + tail).digest())
+    files = {}
+    for name in IDENTITY_FILES:
+        if name == "config.json" or (d / name).is_file():  # config.json is required: a missing one raises
+            files[name] = hashlib.sha256((d / name).read_bytes()).hexdigest()
+    files.update(_weight_digests(d, _weight_files(d)))
+    dtype_name = None if dtype is None else str(dtype).removeprefix("torch.")
+    record = {"version": 2, "files": files, "dtype": dtype_name, "layout": layout}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _weight_files(d: Path) -> list[str]:
+    """The safetensors files the loader reads: those the index names, else every one in the directory."""
+    try:
+        names = set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return sorted(p.name for p in d.glob("*.safetensors"))
+    # Entries outside the directory are refused by the loader; they are not read here either.
+    return sorted(n for n in names if isinstance(n, str) and not Path(n).is_absolute() and ".." not in Path(n).parts)
+
+
+def _weight_digests(d: Path, names: list[str]) -> dict[str, str]:
+    sidecar = d / IDENTITY_SIDECAR
+    try:
+        known = json.loads(sidecar.read_text())["files"]
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        known = {}
+    entries, todo = {}, []
+    for name in names:
+        st = (d / name).stat()  # before hashing: a file changed meanwhile is hashed again next time
+        k = known.get(name)
+        if (isinstance(k, dict) and k.get("size") == st.st_size and k.get("mtime_ns") == st.st_mtime_ns
+                and isinstance(k.get("sha256"), str)):
+            entries[name] = k
+        else:
+            todo.append((name, st))
+    if todo:
+        with ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1, 8))) as pool:
+            digests = list(pool.map(lambda t: _file_sha256(d / t[0]), todo))
+        for (name, st), digest in zip(todo, digests):
+            entries[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        try:
+            _write_atomic(sidecar, json.dumps({"version": 1, "files": entries}, sort_keys=True).encode(), 0o644)
+        except OSError as e:
+            log.warning("cannot write %s (%s): the checkpoint will be hashed again at the next start",
+                        sidecar, repr(e))
+    return {name: entries[name]["sha256"] for name in names}
+
+
+def _file_sha256(path: Path) -> str:
+    h, buf = hashlib.sha256(), bytearray(_HASH_CHUNK_BYTES)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write `path` so that it holds either its old content or all of `data`, even across a crash."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def check_keys(keys: list[str]) -> None:
+    """Every key must be a sha256 in lowercase hex (`chain_keys`' output): keys become spill file names."""
+    if not isinstance(keys, list):
+        raise ValueError(f"prefix cache keys must be a list of hex strings, got {type(keys).__name__}")
+    for k in keys:
+        if not isinstance(k, str) or not _KEY.fullmatch(k):
+            raise ValueError(f"prefix cache key {k!r} is not 64 lowercase hex digits (a sha256 from chain_keys)")
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = arrays[name]
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
+
+
+def _spill_keys(meta: dict, last: str) -> tuple[list[str], int]:
+    """The unit keys and spill sequence number recorded in a spill file's metadata, checked against its name."""
+    if not isinstance(meta, dict) or meta.get("format") != SPILL_FORMAT:
+        raise ValueError(f"not a {SPILL_FORMAT} file")
+    keys = json.loads(meta["keys"])
+    check_keys(keys)
+    if not keys or keys[-1] != last:
+        raise ValueError("its keys do not end with its file name")
+    return keys, int(meta["seq"])
+
+
+def _read_spill_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= _MAX_HEADER_BYTES:
+            raise ValueError(f"header length {n}")
+        return json.loads(f.read(n))["__metadata__"]
+
+
+def _read_spill(path: Path, last: str) -> tuple[list[str], dict[int, np.ndarray], np.ndarray]:
+    """Keys, units and boundary of a spill file; ValueError/OSError/SafetensorError if torn or corrupt."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    if not 0 < n <= min(_MAX_HEADER_BYTES, len(data) - 8):
+        raise ValueError(f"header length {n} in a {len(data)}-byte file")
+    meta = json.loads(data[8:8 + n])["__metadata__"]
+    keys, _ = _spill_keys(meta, last)
+    arrays = safetensors.numpy.load(data)
+    if set(arrays) != {"boundary", *(f"u{i}" for i in range(len(keys)))}:
+        raise ValueError(f"arrays {sorted(arrays)} do not match its {len(keys)} keys")
+    if _arrays_digest(arrays) != meta.get("sha256"):
+        raise ValueError("checksum mismatch")
+    return keys, {i: arrays[f"u{i}"] for i in range(len(keys))}, arrays["boundary"]
 
 
 @dataclass
 class _Prefix:
     keys: list[str]          # unit keys, in order
     boundary: np.ndarray     # uint8 boundary state at the prefix end
+
+
+@dataclass
+class _Spilled:
+    keys: list[str]          # unit keys, in order
+    nbytes: int              # file size
 
 
 @dataclass
@@ -79,28 +252,44 @@ class _Stats:
     spilled: int = 0
     reloaded: int = 0
     rejected: int = 0
+    spill_evictions: int = 0   # spill files deleted for the disk budget
+    spill_dropped: int = 0     # spill files deleted as torn or corrupt (at start or on reload)
+    spill_errors: int = 0      # spills that could not be written (disk full, permissions)
+    spill_tmp_removed: int = 0  # leftover temp files removed at start
 
 
 class KVCacheService:
-    """The actor class (wrapped with `ray.remote` by `start_service`). All methods run one at a time."""
+    """The actor class (wrapped with `ray.remote` by `start_service`). All methods run one at a time.
 
-    def __init__(self, budget_bytes: int, spill_dir: str | None = None):
+    budget_bytes: memory for units and boundaries. spill_dir: where evicted prefixes go (None: they are
+    dropped); the directory belongs to this service (made 0700, locked). spill_budget_bytes: disk budget of
+    the spill files, default `SPILL_BUDGET_BYTES` (8 GiB)."""
+
+    def __init__(self, budget_bytes: int, spill_dir: str | None = None,
+                 spill_budget_bytes: int = SPILL_BUDGET_BYTES):
         if budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be positive, got {budget_bytes}")
+        if spill_budget_bytes <= 0:
+            raise ValueError(f"spill_budget_bytes must be positive, got {spill_budget_bytes}")
         self.budget = budget_bytes
         self.units: dict[str, tuple[np.ndarray, int]] = {}        # key -> (payload, refcount)
         self.prefixes: OrderedDict[str, _Prefix] = OrderedDict()  # last unit key -> prefix, LRU order
-        self.spill_dir = Path(spill_dir) if spill_dir else None
-        self.spilled: dict[str, list[str]] = {}                   # last key -> unit keys, on disk
-        if self.spill_dir:
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
         self.stats_ = _Stats()
         self.unit_bytes = 0
         self.boundary_bytes = 0
+        self.spill_dir = Path(spill_dir) if spill_dir else None
+        self.spill_budget = spill_budget_bytes
+        self.spilled: OrderedDict[str, _Spilled] = OrderedDict()  # last key -> file, oldest spill first
+        self.spill_bytes = 0
+        self._spill_seq = 0  # spill order, kept in each file: the LRU order survives a restart
+        self._spill_lock = None
+        if self.spill_dir:
+            self._open_spill_dir()
 
     # ---- queries --------------------------------------------------------------------------------------------
     def lookup(self, keys: list[str]) -> int:
         """Number of leading units of `keys` that can be resumed from (a stored prefix ends there)."""
+        check_keys(keys)
         self.stats_.lookups += 1
         self.stats_.lookup_tokens += len(keys) * UNIT_TOKENS
         for n in range(len(keys), 0, -1):
@@ -113,6 +302,7 @@ class KVCacheService:
 
     def fetch(self, keys: list[str]) -> tuple[list[np.ndarray], np.ndarray] | None:
         """Units and boundary of the stored prefix ending at keys[-1]; None if it was evicted meanwhile."""
+        check_keys(keys)
         p = self.prefixes.get(keys[-1]) if keys else None
         if p is None or p.keys != keys:
             return None
@@ -123,11 +313,13 @@ class KVCacheService:
 
     def missing(self, keys: list[str]) -> list[int]:
         """Indices of units the service does not hold (the caller sends only those)."""
+        check_keys(keys)
         return [i for i, k in enumerate(keys) if k not in self.units]
 
     # ---- updates --------------------------------------------------------------------------------------------
     def store(self, keys: list[str], units: dict[int, np.ndarray], boundary: np.ndarray) -> bool:
         """Store the prefix ending at keys[-1]: `units` maps index -> payload for units not yet held."""
+        check_keys(keys)
         if not keys or keys[-1] in self.prefixes:
             return False
         if any(k not in self.units and i not in units for i, k in enumerate(keys)):
@@ -136,6 +328,7 @@ class KVCacheService:
         if new_bytes > self.budget:
             self.stats_.rejected += 1
             return False
+        self._delete_spilled(keys[-1])  # held in memory now: a spilled copy would only be stale disk use
         for i, k in enumerate(keys):
             if k in self.units:
                 payload, refs = self.units[k]
@@ -164,24 +357,87 @@ class KVCacheService:
                 self.units[k] = (payload, refs - 1)
         self.stats_.evictions += 1
 
+    # ---- spill ----------------------------------------------------------------------------------------------
+    def _open_spill_dir(self) -> None:
+        """Make the directory private and ours, remove leftover temp files, index the spill files there."""
+        d = self.spill_dir
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if d.stat().st_mode & 0o077:
+            os.chmod(d, 0o700)
+        lock = open(d / _SPILL_LOCK, "a", opener=lambda p, flags: os.open(p, flags, 0o600))
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise ValueError(f"spill_dir {d} is in use by another KVCacheService; give each service its own "
+                             f"directory") from None
+        self._spill_lock = lock  # held while this object lives; released when it is collected or the process dies
+        found = []
+        for path in d.iterdir():
+            if path.name.startswith(_TMP_PREFIX):
+                path.unlink(missing_ok=True)  # a write that never reached its rename
+                self.stats_.spill_tmp_removed += 1
+            elif path.suffix == SPILL_SUFFIX:
+                try:
+                    keys, seq = _spill_keys(_read_spill_header(path), path.stem)
+                    size = path.stat().st_size
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    log.warning("spill file %s is unreadable (%s); deleting it", path, repr(e))
+                    path.unlink(missing_ok=True)
+                    self.stats_.spill_dropped += 1
+                    continue
+                found.append((seq, path.stem, keys, size))
+        for seq, last, keys, size in sorted(found):  # oldest first: the LRU order they were spilled in
+            self.spilled[last] = _Spilled(keys, size)
+            self.spill_bytes += size
+            self._spill_seq = seq + 1
+        self._make_spill_room(0)
+
+    def _spill_path(self, last: str) -> Path:
+        return self.spill_dir / f"{last}{SPILL_SUFFIX}"
+
     def _spill(self, last: str, p: _Prefix) -> None:
-        arrays = {f"u{i}": self.units[k][0] for i, k in enumerate(p.keys)}
-        np.savez(self.spill_dir / f"{last}.npz", boundary=p.boundary, **arrays)
-        self.spilled[last] = list(p.keys)
+        arrays = {f"u{i}": self.units[k][0] for i, k in enumerate(p.keys)} | {"boundary": p.boundary}
+        meta = {"format": SPILL_FORMAT, "keys": json.dumps(p.keys), "sha256": _arrays_digest(arrays),
+                "seq": str(self._spill_seq)}
+        self._spill_seq += 1
+        data = safetensors.numpy.save(arrays, metadata=meta)
+        self._delete_spilled(last)
+        if len(data) > self.spill_budget:
+            self.stats_.spill_evictions += 1  # larger than the whole disk budget: dropped at once
+            return
+        self._make_spill_room(len(data))
+        try:
+            _write_atomic(self._spill_path(last), data, 0o600)
+        except OSError as e:
+            log.warning("spilling prefix %s failed (%s); dropping it", last, repr(e))
+            self.stats_.spill_errors += 1
+            return
+        self.spilled[last] = _Spilled(list(p.keys), len(data))
+        self.spill_bytes += len(data)
         self.stats_.spilled += 1
 
+    def _make_spill_room(self, nbytes: int) -> None:
+        while self.spilled and self.spill_bytes + nbytes > self.spill_budget:
+            self._delete_spilled(next(iter(self.spilled)))
+            self.stats_.spill_evictions += 1
+
+    def _delete_spilled(self, last: str) -> None:
+        s = self.spilled.pop(last, None)
+        if s is not None:
+            self.spill_bytes -= s.nbytes
+            self._spill_path(last).unlink(missing_ok=True)
+
     def _reload(self, last: str) -> bool:
-        path = self.spill_dir / f"{last}.npz"
+        path = self._spill_path(last)
         try:
-            with np.load(path, allow_pickle=False) as z:
-                keys = self.spilled.pop(last)
-                units = {i: z[f"u{i}"] for i in range(len(keys))}
-                boundary = z["boundary"]
-        except (OSError, KeyError, ValueError) as e:
-            log.warning("spilled prefix %s unreadable (%s); dropping it", last, e)
-            self.spilled.pop(last, None)
+            keys, units, boundary = _read_spill(path, last)
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+            log.warning("spilled prefix %s is torn or corrupt (%s); deleting it", last, repr(e))
+            self._delete_spilled(last)
+            self.stats_.spill_dropped += 1
             return False
-        path.unlink(missing_ok=True)
+        self._delete_spilled(last)
         ok = self.store(keys, {i: u for i, u in units.items() if keys[i] not in self.units}, boundary)
         self.stats_.reloaded += int(ok)
         return ok
@@ -203,6 +459,10 @@ class KVCacheService:
             "token_hit_rate": s.hit_tokens / s.lookup_tokens if s.lookup_tokens else 0.0,
             "bytes_served": s.bytes_served, "evictions": s.evictions, "stores": s.stores,
             "spilled": s.spilled, "reloaded": s.reloaded, "rejected": s.rejected,
+            "spill_files": len(self.spilled), "spill_bytes": self.spill_bytes,
+            "spill_budget_bytes": self.spill_budget, "spill_evictions": s.spill_evictions,
+            "spill_dropped": s.spill_dropped, "spill_errors": s.spill_errors,
+            "spill_tmp_removed": s.spill_tmp_removed,
         }
 
     def ping(self) -> float:
@@ -210,14 +470,15 @@ class KVCacheService:
 
 
 def get_or_start_service(budget_bytes: int = 1 << 30, spill_dir: str | None = None, name: str = SERVICE_NAME,
-                         namespace: str = SERVICE_NAMESPACE):
-    """The cluster's named service actor, started on first use (restarted by Ray if it dies: empty again)."""
+                         namespace: str = SERVICE_NAMESPACE, spill_budget_bytes: int = SPILL_BUDGET_BYTES):
+    """The cluster's named service actor, started on first use (restarted by Ray if it dies: its memory is empty
+    again, its spill directory is indexed again)."""
     import ray
 
     actor = ray.remote(KVCacheService).options(
         name=name, namespace=namespace, get_if_exists=True, lifetime="detached", max_restarts=-1,
         num_cpus=0, max_concurrency=1)
-    return actor.remote(budget_bytes, spill_dir)
+    return actor.remote(budget_bytes, spill_dir, spill_budget_bytes)
 
 
 @dataclass
@@ -233,10 +494,11 @@ class PrefixCacheClient:
     (requests recompute) and the handle is re-resolved on the next call."""
 
     def __init__(self, root: str, timeout_s: float = 30.0, name: str = SERVICE_NAME,
-                 namespace: str = SERVICE_NAMESPACE, budget_bytes: int = 1 << 30, spill_dir: str | None = None):
+                 namespace: str = SERVICE_NAMESPACE, budget_bytes: int = 1 << 30, spill_dir: str | None = None,
+                 spill_budget_bytes: int = SPILL_BUDGET_BYTES):
         self.root, self.timeout_s = root, timeout_s
         self._name, self._namespace = name, namespace
-        self._budget, self._spill = budget_bytes, spill_dir
+        self._budget, self._spill, self._spill_budget = budget_bytes, spill_dir, spill_budget_bytes
         self._actor = None
 
     def _call(self, method: str, *args):
@@ -244,7 +506,8 @@ class PrefixCacheClient:
 
         try:
             if self._actor is None:
-                self._actor = get_or_start_service(self._budget, self._spill, self._name, self._namespace)
+                self._actor = get_or_start_service(self._budget, self._spill, self._name, self._namespace,
+                                                   self._spill_budget)
             return ray.get(getattr(self._actor, method).remote(*args), timeout=self.timeout_s)
         except (ray.exceptions.RayError, ValueError) as e:
             log.warning("KV cache service %s failed (%s): treating as a miss", method, type(e).__name__)

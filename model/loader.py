@@ -60,12 +60,14 @@ class Checkpoint:
         pickles = sorted(p.name for p in self.dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
         index = self.dir / INDEX_FILE
         single = sorted(p.name for p in self.dir.glob("*.safetensors"))
+        source = INDEX_FILE  # what names the files, for errors
         if index.exists():
             try:
                 stored_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}")
         elif len(single) == 1:
+            source = single[0]
             with safe_open(self.dir / single[0], framework="pt") as f:
                 stored_map = {k: single[0] for k in f.keys()}
         elif pickles:
@@ -78,14 +80,37 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir} has no model weights (*.safetensors)")
         self.files: dict[str, tuple[str, str]] = {}
         self.skipped_mtp = 0
+        inside: set[str] = set()  # file names already checked to resolve inside the checkpoint
         for stored, fname in stored_map.items():
+            if not isinstance(fname, str):
+                raise CheckpointError(f"{source} maps tensor '{stored}' to {fname!r}, which is not a file name")
             if Path(fname).suffix in PICKLE_SUFFIXES:
                 raise CheckpointError(f"tensor '{stored}' lives in pickle file {fname}; only safetensors load")
+            if fname not in inside:
+                self._check_inside(source, stored, fname)
+                inside.add(fname)
             name = official_name(stored)
             if name is None:
                 self.skipped_mtp += 1
                 continue
             self.files[name] = (fname, stored)
+
+    def _check_inside(self, source: str, stored: str, fname: str) -> None:
+        """Refuse an index entry naming a file outside the checkpoint: `..`, an absolute path, or a symlink whose
+        target lies elsewhere. The index is data, and a checkpoint assembled from several sources (or an archive)
+        must not make the loader read arbitrary files. One symlink layout is allowed: the Hugging Face hub cache,
+        where `<repo>/snapshots/<rev>/<file>` links to `<repo>/blobs/<sha256>`."""
+        root = self.dir.resolve()
+        roots = [root]
+        if root.parent.name == "snapshots":
+            roots.append(root.parent.parent / "blobs")
+        rel = Path(fname)
+        target = (root / rel).resolve()
+        lexical_ok = not rel.is_absolute() and ".." not in rel.parts and fname.strip() != ""
+        if not lexical_ok or not any(target.is_relative_to(r) for r in roots):
+            raise CheckpointError(
+                f"{source} maps tensor '{stored}' to '{fname}', which resolves to {target}, outside the "
+                f"checkpoint directory {root}; every weight file must lie inside the checkpoint directory")
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
