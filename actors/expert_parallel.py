@@ -16,6 +16,7 @@ import socket
 import time
 from collections import defaultdict
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
@@ -24,17 +25,40 @@ from v4ray.kernels import expert_mlp
 from v4ray.model.expert_placement import ExpertPlacement
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def rendezvous_listener(host: str) -> socket.socket:
+    """A listening socket on `host` with a kernel-chosen port, for rank 0's TCPStore. Holding it from the
+    moment the address is published leaves no window for another process to take the port."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, 0))
+    sock.listen(128)
+    return sock
 
 
-def init_group(init_method: str, rank: int, world_size: int, timeout_s: float, backend: str | None = None) -> str:
-    """Join the replica's process group (every collective then has `timeout_s`). Returns the backend."""
+def tcp_address(host: str, port: int) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def init_group(address: str, rank: int, world_size: int, timeout_s: float, listener: socket.socket | None = None,
+               backend: str | None = None) -> str:
+    """Join the replica's process group through the TCPStore at `address` (tcp://host:port); every collective
+    then has `timeout_s`. Returns the backend.
+
+    Rank 0 serves the store from `listener` (see `rendezvous_listener`): torch's own tcp:// rendezvous would
+    bind the store to every interface, and anyone who reaches it could join or disturb the group."""
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    url = urlsplit(address)
+    if url.scheme != "tcp" or not url.hostname or not url.port:
+        raise ValueError(f"rendezvous address must be tcp://host:port, got {address!r}")
+    timeout = timedelta(seconds=timeout_s)
+    if rank == 0:
+        if listener is None:
+            raise ValueError("rank 0 serves the rendezvous store and needs its listening socket")
+        # The store takes the socket's file descriptor over (and closes it); Python must not close it too.
+        store = dist.TCPStore(url.hostname, url.port, world_size, is_master=True, timeout=timeout,
+                              master_listen_fd=listener.detach())
+    else:
+        store = dist.TCPStore(url.hostname, url.port, world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return backend
 
 

@@ -15,7 +15,7 @@ from v4ray.model.runner import ModelRunner
 from v4ray.model.sampling import SamplingParams
 from v4ray.model.tokenizer import V4Tokenizer
 
-from .expert_parallel import RouterExchange, free_port, init_group
+from .expert_parallel import RouterExchange, init_group, rendezvous_listener, tcp_address
 
 
 class Router:
@@ -33,6 +33,7 @@ class Router:
         self.runner: ModelRunner | None = None
         self.core: EngineCore | None = None
         self.steps, self.step_seconds = 0, 0.0
+        self._listener = None   # rank 0: the rendezvous store's socket, from rendezvous_address() to start()
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -42,15 +43,18 @@ class Router:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def rendezvous_address(self) -> str:
-        """Rank 0 publishes where the process group meets."""
+        """Rank 0 publishes where the process group meets: a store on this node's Ray address, not on every
+        interface."""
         import ray
 
         host = ray.util.get_node_ip_address()
-        return f"tcp://{host}:{free_port(host)}"
+        self._listener = rendezvous_listener(host)
+        return tcp_address(host, self._listener.getsockname()[1])
 
     def start(self, init_method: str) -> dict:
         t0 = time.perf_counter()
-        backend = init_group(init_method, self.rank, self.world, self.timeout_s)
+        listener, self._listener = self._listener, None
+        backend = init_group(init_method, self.rank, self.world, self.timeout_s, listener=listener)
         model = load_model(self.model_path, self.dtype, expert_range=(0, 0))   # no routed experts here
         self.exchange = RouterExchange(self.rank, self.world, self.num_routers, self.placement, model.cfg.hidden_size)
         self.exchange.install(model)
@@ -63,7 +67,7 @@ class Router:
                                   prefix_cache=client)
         self.core = EngineCore(self.runner, V4Tokenizer.from_dir(self.model_path),
                                self.max_model_len or model.cfg.max_position_embeddings, self.max_num_batched_tokens,
-                               self.max_num_seqs, prefix_caching=client is not None)
+                               self.max_num_seqs, prefix_caching=client is not None, lockstep=True)
         return {"backend": backend, "load_s": time.perf_counter() - t0}
 
     def ping(self) -> bool:

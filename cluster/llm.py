@@ -45,7 +45,9 @@ class LLM:
     gates, cache, each with `kv_cache_bytes` / `max_num_seqs`) and `num_expert_shards` ExpertShard actors
     holding contiguous ranges of the routed experts, exchanging tokens by all-to-all (gloo on CPU, NCCL on
     GPU). A local Ray on 127.0.0.1 is started unless `address` names a cluster. `replica_options` are further
-    `ReplicaConfig` fields (resources, timeouts, redundant experts). Call `shutdown()` to release the actors.
+    `ReplicaConfig` fields (resources, timeouts, redundant experts). The layout is checked before any actor is
+    placed, and a start that fails releases what it placed. `shutdown()` (or leaving a `with` block) releases the
+    actors and placement group; an LLM that is deleted or garbage-collected without it is released too.
     """
 
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", keep_quantized: bool = False,

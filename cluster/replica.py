@@ -8,11 +8,16 @@ they meet in each MoE layer's all-to-all.
 Health: every remote call waits at most `step_timeout_s`; every collective at most `collective_timeout_s`.
 When a step fails, each rank is probed and the error names the ranks that died or stopped answering; the
 replica is then unusable and `shutdown()` tears it down (a new Replica rebuilds it).
+
+Lifecycle: the layout is validated against the model config before anything is placed; a start that fails
+kills what it placed and removes its placement group before the error propagates; a Replica that is dropped
+without `shutdown()` is released by a finalizer when it is garbage-collected.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +29,37 @@ from v4ray.model.expert_placement import ExpertPlacement
 log = logging.getLogger(__name__)
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 class ReplicaError(RuntimeError):
     """The replica failed (a rank died or hung); it must be rebuilt."""
+
+
+class _Placed:
+    """What a replica placed on the cluster: its actors and, when it created one, its placement group. The
+    finalizer holds this object, never the Replica, so that a dropped Replica can be collected and released."""
+
+    def __init__(self):
+        self.actors: list = []
+        self.pg = None
+
+    def release(self) -> None:
+        """Kill the actors and remove the placement group; idempotent, never raises (Ray may be gone)."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        actors, pg, self.actors, self.pg = self.actors, self.pg, [], None
+        for a in actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead, or Ray shut down
+                pass
+        if pg is not None:
+            try:
+                remove_placement_group(pg)
+            except Exception:  # noqa: BLE001
+                pass
 
 
 @dataclass
@@ -52,16 +86,51 @@ class ReplicaConfig:
     shard_model_dirs: list[str] | None = None  # per-shard checkpoint copies (e.g. node-local, own experts only)
 
     def validate(self, cfg: V4Config) -> None:
+        """Everything a rank would reject at start, checked here so that a bad layout fails before anything is
+        placed (rank start-up costs minutes on a real model)."""
+        from v4ray.model.kv_cache import PagedKVCache, PrefixIO
+        from v4ray.model.kv_format import kv_bytes
+
         if self.num_routers < 1:
             raise ValueError(f"num_routers must be >= 1, got {self.num_routers}")
+        if not 1 <= self.num_expert_shards <= cfg.n_routed_experts:
+            raise ValueError(f"num_expert_shards must be in [1, {cfg.n_routed_experts}] (the model's routed experts), "
+                             f"got {self.num_expert_shards}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        if self.shard_model_dirs is not None and len(self.shard_model_dirs) != self.num_expert_shards:
-            raise ValueError(f"shard_model_dirs has {len(self.shard_model_dirs)} entries for "
-                             f"{self.num_expert_shards} shards")
+        if self.shard_model_dirs is not None:
+            if len(self.shard_model_dirs) != self.num_expert_shards:
+                raise ValueError(f"shard_model_dirs has {len(self.shard_model_dirs)} entries for "
+                                 f"{self.num_expert_shards} shards")
+            missing = [d for d in self.shard_model_dirs if not (Path(d) / "config.json").is_file()]
+            if missing:
+                raise ValueError(f"shard_model_dirs {missing} are not checkpoint directories (no config.json)")
         for name in ("collective_timeout_s", "step_timeout_s", "start_timeout_s"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, "
+                             f"got {self.placement_strategy!r}")
+        for name in ("router_resources", "shard_resources"):
+            res = getattr(self, name)
+            if not res or any(not isinstance(v, (int, float)) or v < 0 for v in res.values()) or \
+                    not any(v > 0 for v in res.values()):
+                raise ValueError(f"{name} must map resource names to amounts >= 0, at least one positive; got {res!r}")
+        # The routers' KV pool: the same checks as PagedKVCache.from_budget, on a one-slot cache with no blocks
+        # (a few MB; the real pool is allocated on the routers).
+        dtype = torch.float32 if self.dtype == "float32" else torch.bfloat16
+        probe = PagedKVCache(cfg, 0, 1, dtype, self.block_size)   # raises on a block_size the layers cannot use
+        fixed = kv_bytes(cfg, probe.kv_format, self.block_size).fixed_per_seq
+        if self.max_num_seqs * fixed > self.kv_cache_bytes:
+            raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes} cannot hold the fixed state of max_num_seqs="
+                             f"{self.max_num_seqs} sequences ({fixed} B each); raise the budget or lower max_num_seqs")
+        if self.prefix_cache is not None:
+            PrefixIO(probe)   # raises when the compression rates do not divide the prefix unit
 
 
 class Replica:
@@ -75,10 +144,30 @@ class Replica:
         self.routers, self.shards, self.pg = [], [], None
         self.assignment: dict[str, int] = {}  # sequence key -> router index
         self.failed: str | None = None
+        self.rendezvous_address: str | None = None   # tcp://host:port of rank 0's store, once started
+        self._placed = _Placed()
+        # Released when this object is collected (the job's end releases everything anyway, hence no atexit).
+        self._finalizer = weakref.finalize(self, self._placed.release)
+        self._finalizer.atexit = False
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> "Replica":
-        """Reserve the placement group, start every rank, rendezvous, load weights — all under timeouts."""
+        """Reserve the placement group, start every rank, rendezvous, load weights — all under timeouts. If any
+        of it fails, whatever was placed is torn down before the error propagates."""
+        try:
+            self._place()
+            c = self.config
+            self.rendezvous_address = self._get(self.routers[0].rendezvous_address.remote(), c.start_timeout_s,
+                                                "rendezvous")
+            self.start_info = self._get([a.start.remote(self.rendezvous_address) for a in self.ranks],
+                                        c.start_timeout_s, "start")
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def _place(self) -> None:
+        """The placement group (the Serve replica's when we run inside one) and one actor per rank."""
         import ray
         from ray.util.placement_group import get_current_placement_group, placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -92,15 +181,14 @@ class Replica:
         current = get_current_placement_group()
         offset = 0
         if current is not None and len(current.bundle_specs) >= len(bundles) + 1:
-            self.pg, offset, self._own_pg = current, 1, False   # inside a Serve replica: bundle 0 is the replica
+            self.pg, offset = current, 1   # inside a Serve replica: bundle 0 is the replica, Serve owns the group
         else:
-            self.pg, self._own_pg = placement_group(bundles, strategy=c.placement_strategy), True
+            self.pg = self._placed.pg = placement_group(bundles, strategy=c.placement_strategy)
             try:
                 ray.get(self.pg.ready(), timeout=c.start_timeout_s)
             except ray.exceptions.GetTimeoutError:
-                self.shutdown()
                 raise ReplicaError(f"placement group of {len(bundles)} bundles {bundles} was not placed within "
-                                   f"{c.start_timeout_s:.0f}s: the cluster lacks those resources")
+                                   f"{c.start_timeout_s:.0f}s: the cluster lacks those resources") from None
 
         def opts(i: int, resources: dict) -> dict:
             res = dict(resources)
@@ -114,14 +202,13 @@ class Replica:
             self.routers.append(ray.remote(Router).options(**opts(r, c.router_resources)).remote(
                 model, r, self.world, c.num_routers, self.placement, c.dtype, c.kv_cache_bytes, c.max_num_seqs,
                 c.block_size, c.collective_timeout_s, prefix, c.max_model_len, c.max_num_batched_tokens))
+            self._placed.actors.append(self.routers[-1])
         for s in range(c.num_expert_shards):
             shard_model = str(Path(c.shard_model_dirs[s]).resolve()) if c.shard_model_dirs else model
             self.shards.append(ray.remote(ExpertShard).options(**opts(c.num_routers + s, c.shard_resources)).remote(
                 shard_model, c.num_routers + s, self.world, s, self.placement.shard_experts(s), c.dtype,
                 c.collective_timeout_s))
-        init = self._get(self.routers[0].rendezvous_address.remote(), c.start_timeout_s, "rendezvous")
-        self.start_info = self._get([a.start.remote(init) for a in self.ranks], c.start_timeout_s, "start")
-        return self
+            self._placed.actors.append(self.shards[-1])
 
     @property
     def ranks(self) -> list:
@@ -132,21 +219,9 @@ class Replica:
         return f"rank {rank} (router {rank})" if rank < r else f"rank {rank} (expert shard {rank - r})"
 
     def shutdown(self) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
-        for a in self.ranks:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-        self.routers, self.shards = [], []
-        if self.pg is not None and self._own_pg:
-            try:
-                remove_placement_group(self.pg)
-            except Exception:  # noqa: BLE001
-                pass
-        self.pg = None
+        """Kill every rank and remove the placement group this replica created (idempotent)."""
+        self._placed.release()
+        self.routers, self.shards, self.pg = [], [], None
 
     # ---- health -----------------------------------------------------------------------------------------
     def _get(self, refs, timeout_s: float, what: str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -230,6 +231,8 @@ def test_gpu_pools_and_read_only_model(helm):
     (["--set", "batchJob.enabled=true"], "batchJob.input is required when batchJob.enabled"),
     (["--set", "serve.args.num_expert_shards=0", "--set", "workers.expertShards.gpusPerPod=0"],
      "more than one router needs expert shards"),
+    (["--set", "apiKey.existingSecret="], "apiKey.existingSecret is empty: the OpenAI routes would serve without "
+                                          "authentication"),
 ])
 def test_invalid_values_fail_with_a_clear_message(helm, args, message):
     r = helm("template", "rel", str(CHART), *args, check=False)
@@ -260,3 +263,68 @@ def test_schema_serve_args_follow_serve_config():
     assert args["additionalProperties"] is False
     assert set(args["properties"]) == set(ServeConfig.model_fields)
     ServeConfig.model_validate(yaml.safe_load((CHART / "values.yaml").read_text())["serve"]["args"])
+
+
+def _containers(docs: list[dict]) -> list[dict]:
+    return [c for doc in by_kind(docs, "RayService") + by_kind(docs, "RayJob")
+            for tpl in pod_templates(doc).values() for c in tpl["spec"]["containers"]]
+
+
+def test_api_key_off_only_when_disabled(helm):
+    ci = ["-f", str(CHART / "ci" / "tiny-cpu-values.yaml")]   # renders the RayJob's pods too
+    for args in (["--set", "apiKey.existingSecret=", "--set", "apiKey.disabled=true"],
+                 ["--set", "apiKey.disabled=true"]):          # disabled wins over a named Secret
+        containers = _containers(render(helm, *ci, *args))
+        assert len(containers) == 7
+        assert not [c["name"] for c in containers if any(e["name"] == "V4RAY_API_KEY" for e in c["env"])]
+    for c in _containers(render(helm, *ci)):
+        env = {e["name"]: e for e in c["env"]}
+        assert env["V4RAY_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "v4ray-api-key", "key": "api-key"}
+
+
+def test_network_policy_defaults_are_explicit(helm):
+    (np,) = by_kind(render(helm), "NetworkPolicy")
+    spec = np["spec"]
+    release = {"app.kubernetes.io/name": "v4ray", "app.kubernetes.io/instance": "rel"}
+    assert spec["podSelector"] == {"matchLabels": release}
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    peers = [p for rule in spec["ingress"] for p in rule["from"]]
+    assert all(p.get("podSelector", {}).get("matchLabels") or p.get("namespaceSelector", {}).get("matchLabels")
+               for p in peers), f"an ingress peer matches every pod or namespace: {peers}"
+    clients = [r for r in spec["ingress"] if r["from"] == [{"podSelector": {"matchLabels": {"v4ray.io/api-client":
+                                                                                          "true"}}}]]
+    assert clients and clients[0]["ports"] == [{"protocol": "TCP", "port": 8000}]
+    assert spec["egress"] == [
+        {"to": [{"podSelector": {"matchLabels": release}}]},
+        {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                 "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+         "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]
+    (np,) = by_kind(render(helm, "--set", "networkPolicy.restrictEgress=false", "--set-json",
+                           "networkPolicy.servingFrom=[]"), "NetworkPolicy")
+    assert np["spec"]["policyTypes"] == ["Ingress"] and "egress" not in np["spec"]
+    assert not [r for r in np["spec"]["ingress"] if r.get("ports") == [{"protocol": "TCP", "port": 8000}]], \
+        "servingFrom=[] still admits clients"
+
+
+def test_templated_strings_with_quotes_round_trip(helm, tmp_path):
+    """Values holding ' " $ ` \\ # and spaces reach the RayJob's shell command and the YAML intact."""
+    tricky = ["--note", "it's \"quoted\" $HOME `id` \\ # end", "", "a  b", "'"]
+    values = {
+        "image": {"tag": "0.1.0 #\"rc\"'"},
+        "apiKey": {"existingSecret": "key: 'x' #1"},
+        "batchJob": {"enabled": True, "input": "/data/it's in.jsonl", "output": '/data/"out".jsonl',
+                     "extraArgs": tricky, "data": {"claimName": "batch-data"}},
+    }
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump(values))
+    docs = render(helm, "-f", str(f))
+    (job,) = by_kind(docs, "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])   # what the job's shell runs
+    assert argv[:2] == ["v4ray", "score"]
+    assert argv[argv.index("--input") + 1] == values["batchJob"]["input"]
+    assert argv[argv.index("--output") + 1] == values["batchJob"]["output"]
+    assert argv[-len(tricky):] == tricky
+    for c in _containers(docs):
+        assert c["image"] == "ghcr.io/v4ray/v4ray:" + values["image"]["tag"]
+        env = {e["name"]: e for e in c["env"]}
+        assert env["V4RAY_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == values["apiKey"]["existingSecret"]

@@ -63,9 +63,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if $a.api_key_file }}
 {{- fail "serve.args.api_key_file is not used by the chart: put the key in a Secret and set apiKey.existingSecret (env V4RAY_API_KEY)" }}
 {{- end }}
+{{- if not (or .Values.apiKey.existingSecret .Values.apiKey.disabled) }}
+{{- fail "apiKey.existingSecret is empty: the OpenAI routes would serve without authentication. Name a Secret holding the API key (kubectl create secret generic v4ray-api-key --from-literal=api-key=...), or set apiKey.disabled=true to serve without one" }}
+{{- end }}
 {{- if and (eq .Values.rayAuth.mode "token") (not .Values.rayAuth.secretName) }}
 {{- fail "rayAuth.secretName is required when rayAuth.mode is token: name a Secret holding the Ray auth token (key auth_token)" }}
 {{- end }}
+{{- end }}
+
+{{/* One word of a POSIX shell command: as is when it holds only safe characters, else in single quotes with
+each embedded ' written as '\'' (close, escaped quote, reopen). */}}
+{{- define "v4ray.shellWord" -}}
+{{- if regexMatch "^[A-Za-z0-9_./:=,+@%-]+$" . }}{{ . }}{{ else }}'{{ replace "'" "'\\''" . }}'{{ end }}
 {{- end }}
 
 {{/* ---- the Serve config (serveConfigV2): ray_config.yaml's schema, HTTP on 0.0.0.0 ------------------ */}}
@@ -76,8 +85,8 @@ http_options:
   host: 0.0.0.0
   port: {{ .Values.serve.port }}
 applications:
-  - name: {{ .Values.serve.name }}
-    route_prefix: {{ .Values.serve.routePrefix }}
+  - name: {{ .Values.serve.name | quote }}
+    route_prefix: {{ .Values.serve.routePrefix | quote }}
     import_path: v4ray.cluster.app:build_app
     args:
       {{- toYaml .Values.serve.args | nindent 6 }}
@@ -113,12 +122,12 @@ capabilities:
   value: /tmp/ray/triton
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
-{{- with .Values.apiKey.existingSecret }}
+{{- if and .Values.apiKey.existingSecret (not .Values.apiKey.disabled) }}
 - name: V4RAY_API_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ . }}
-      key: {{ $.Values.apiKey.secretKey }}
+      name: {{ .Values.apiKey.existingSecret | quote }}
+      key: {{ .Values.apiKey.secretKey | quote }}
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
@@ -138,13 +147,13 @@ capabilities:
 {{- if $v.model.claimName }}
 - name: model
   persistentVolumeClaim:
-    claimName: {{ $v.model.claimName }}
+    claimName: {{ $v.model.claimName | quote }}
     readOnly: true
 {{- end }}
 {{- if .data }}
 - name: data
   persistentVolumeClaim:
-    claimName: {{ .data.claimName }}
+    claimName: {{ .data.claimName | quote }}
 {{- end }}
 {{- end }}
 
@@ -156,15 +165,15 @@ capabilities:
   mountPath: /dev/shm
 {{- if $v.model.claimName }}
 - name: model
-  mountPath: {{ $v.model.mountPath }}
+  mountPath: {{ $v.model.mountPath | quote }}
   {{- with $v.model.subPath }}
-  subPath: {{ . }}
+  subPath: {{ . | quote }}
   {{- end }}
   readOnly: true
 {{- end }}
 {{- if .data }}
 - name: data
-  mountPath: {{ .data.mountPath }}
+  mountPath: {{ .data.mountPath | quote }}
 {{- end }}
 {{- end }}
 
@@ -195,7 +204,7 @@ spec:
   {{- end }}
   containers:
     - name: {{ eq .component "submitter" | ternary "submitter" "ray" }}
-      image: "{{ $v.image.repository }}:{{ $v.image.tag }}"
+      image: {{ printf "%s:%s" $v.image.repository $v.image.tag | quote }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
       {{- with .command }}
       command:
@@ -269,7 +278,7 @@ enableInTreeAutoscaling: false
 {{- if eq $v.rayAuth.mode "token" }}
 authOptions:
   mode: token
-  secretName: {{ $v.rayAuth.secretName }}
+  secretName: {{ $v.rayAuth.secretName | quote }}
 {{- end }}
 headGroupSpec:
   rayStartParams:
