@@ -20,12 +20,18 @@ from v4ray.model.tokenizer import V4Tokenizer
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict | None = None):
+        message, param = _printable(message), None if param is None else _printable(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _printable(s: str) -> str:
+    """`s` made encodable: a client's lone surrogates (echoed in a field path or message) become escapes."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad(param: str, message: str) -> APIError:

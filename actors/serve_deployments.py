@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 import uuid
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
 from v4ray.model.tokenizer import V4Tokenizer
@@ -27,6 +28,7 @@ from .openai_protocol import (APIError, Parsed, chat_logprobs, completion_logpro
                               parse_json, parse_request, sse, usage_counts)
 
 log = logging.getLogger("v4ray.serve")
+
 
 
 class V4Server:
@@ -42,6 +44,10 @@ class V4Server:
         from v4ray.model.runner import ModelRunner
 
         self.cfg = cfg = ServeConfig(**config)
+        # torch's intra-op threads follow the CPUs this replica reserved. Ray sets OMP_NUM_THREADS for an actor
+        # only when the variable is unset, so an inherited value (a driver's, a test runner's) would otherwise
+        # oversubscribe the node: 2 threads on a 1-CPU reservation made each decode step ~1.5x slower.
+        torch.set_num_threads(_reserved_cpus())
         path = cfg.resolve_model()
         dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
         tokenizer = V4Tokenizer.from_dir(path)
@@ -49,8 +55,9 @@ class V4Server:
         if cfg.enable_prefix_caching:
             from .kv_cache_service import PrefixCacheClient, model_identity, root_key
             fmt = "fp32" if cfg.dtype == "float32" else "bf16"
-            prefix = {"root": root_key(model_identity(path), f"kv={fmt}|unit=128")}
-        self.replica = None
+            layout = f"kv={fmt}|unit=128"
+            prefix = {"root": root_key(model_identity(path, dtype=cfg.dtype, layout=layout), layout)}
+        self.replica, self.ranks = None, []
         if cfg.num_expert_shards == 0:
             runner = ModelRunner(load_model(path, dtype), cfg.kv_cache_bytes, cfg.max_num_seqs,
                                  prefix_cache=PrefixCacheClient(**prefix) if prefix else None)
@@ -66,6 +73,7 @@ class V4Server:
                 prefix_cache=prefix, collective_timeout_s=cfg.collective_timeout_s)).start()
             engine = ReplicaEngine(self.replica)
             self._local = None
+            self.ranks = self.replica.actor_info()  # rank, role, pid, node of every actor (for operators)
         self.engine = AsyncEngine(engine, max_pending=cfg.max_num_seqs * cfg.num_routers + cfg.max_queue_len)
         self.started = time.time()
 
@@ -75,7 +83,9 @@ class V4Server:
             yield out
 
     def stats(self) -> dict:
-        s = {"requests_in_flight": self.engine.num_requests, "dead": self.engine.dead}
+        e = self.engine
+        s = {"requests_in_flight": e.num_requests, "dead": e.dead, "engine_steps": e.num_steps,
+             "engine_step_wall_s": e.step_wall_s, "engine_step_cpu_s": e.step_cpu_s, "ranks": self.ranks}
         if self._local is not None:
             s.update(self._local.stats())
             pc = self._local.runner.prefix_cache
@@ -100,6 +110,14 @@ class V4Server:
                 self.replica.shutdown()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _reserved_cpus() -> int:
+    """CPUs Ray assigned to this actor (a placement-group bundle's CPU counts once), at least 1."""
+    import ray
+
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    return max(1, int(max((v for k, v in assigned.items() if k == "CPU" or k.startswith("CPU_group_")), default=1)))
 
 
 def _metrics():
@@ -244,7 +262,7 @@ class OpenAIIngress:
             err = self._engine_error(e)
             self._count(endpoint, err.status)
             raise err
-        headers = {"x-request-id": client_rid or rid}
+        headers = {} if client_rid else {"x-request-id": rid}  # Serve's proxy echoes a client's x-request-id
         if p.stream:
             self.m["ttft"].observe(time.monotonic() - t0)
             self.m["prompt_tokens"].inc(len(p.prompt_ids))
@@ -270,7 +288,12 @@ class OpenAIIngress:
             raise err
         self._finish(sum(len(c.token_ids) for c in out.outputs), t0)
         self._count(endpoint, 200)
-        return JSONResponse(final_body(p, out, self.model_name, self.tokenizer), headers=headers)
+        if p.params.logprobs is None:
+            return JSONResponse(final_body(p, out, self.model_name, self.tokenizer), headers=headers)
+        # n x max_tokens x (logprobs + 1) entries take tens of ms to render: off the event loop, which keeps
+        # serving the other requests meanwhile
+        body = await asyncio.to_thread(lambda: json.dumps(final_body(p, out, self.model_name, self.tokenizer)))
+        return Response(body, media_type="application/json", headers=headers)
 
     def _finish(self, gen_tokens: int, t0: float) -> None:
         self.m["generation_tokens"].inc(gen_tokens)
@@ -302,6 +325,7 @@ class OpenAIIngress:
             out = first
             while True:
                 cached = max(cached, out.num_cached_tokens)
+                choices = []  # one chunk per engine output, holding every choice that progressed
                 for c in out.outputs:
                     i = c.index
                     if not c.text and not c.token_ids and not c.finish_reason:
@@ -318,7 +342,9 @@ class OpenAIIngress:
                                               if p.params.logprobs is not None else None)
                     text_sent[i] += len(c.text)
                     tokens_sent[i] += len(c.token_ids)
-                    yield sse({**base, "choices": [choice]})
+                    choices.append(choice)
+                if choices:
+                    yield sse({**base, "choices": choices})
                 if out.finished:
                     break
                 remaining = deadline - time.monotonic()

@@ -78,7 +78,8 @@ class LLM:
             ensure_ray(address)
             fmt = "fp32" if self.dtype == torch.float32 else "bf16"
             layout = f"kv={fmt}|unit={PREFIX_UNIT}"
-            prefix_cache = PrefixCacheClient(root_key(model_identity(path), layout), budget_bytes=prefix_cache_bytes,
+            identity = model_identity(path, dtype=self.dtype, layout=layout)
+            prefix_cache = PrefixCacheClient(root_key(identity, layout), budget_bytes=prefix_cache_bytes,
                                              name=kv_cache_service)
         self.prefix_cache = prefix_cache
         self.replica = None

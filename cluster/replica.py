@@ -370,6 +370,12 @@ class ReplicaEngine:
     def has_work(self) -> bool:
         return bool(self.request_router)
 
+    def check_health(self, timeout_s: float = 5.0) -> None:
+        """Ping every rank; raises ReplicaError naming the dead or silent ones (called while idle, so a rank that
+        dies between requests is noticed before a request trips over it)."""
+        r = self.replica
+        r._get([a.ping.remote() for a in r.ranks], min(timeout_s, r.config.step_timeout_s), "health check")
+
     def step(self) -> list:
         r = self.replica
         refs = [a.engine_step.remote() for a in r.routers] + [s.step.remote() for s in r.shards]

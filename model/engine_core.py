@@ -105,6 +105,12 @@ class EngineCore:
         # one batched log-softmax and argmax for every sampled row (per-row Python work stays small)
         logprobs = torch.log_softmax(logits, dim=-1)
         argmax = logits.argmax(dim=-1).tolist()
+        k = max((self.requests[c.state.request_id].params.logprobs or 0 for c in plan
+                 if c.sample and c.state.request_id in self.requests), default=0)
+        top = None
+        if k:  # every row's top-k logprobs in one call, as lists (per-row topk + tolist cost ~30 us each)
+            values, indices = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+            top = values.tolist(), indices.tolist()
         touched: dict[str, _Request] = {}
         at = 0
         for c in plan:
@@ -112,8 +118,9 @@ class EngineCore:
             rid = c.state.request_id
             if rid in self.requests:  # else it failed earlier in this step
                 try:
-                    self._advance(c, logits[at:at + n], logprobs[at + n - 1] if n else None,
-                                  argmax[at + n - 1] if n else None)
+                    last = at + n - 1
+                    self._advance(c, logits[at:at + n], logprobs[last] if n else None, argmax[last] if n else None,
+                                  (top[0][last], top[1][last]) if top and n else None)
                     touched[rid] = self.requests[rid]
                 except Exception as e:  # noqa: BLE001 - isolate the request that raised
                     log.exception("request %s failed in sampling", rid)
@@ -134,7 +141,7 @@ class EngineCore:
         return RequestOutput(request_id, None, [], None, [], finished=True, error=message)
 
     def _advance(self, c: ScheduledChunk, rows: torch.Tensor, last_logprobs: torch.Tensor | None,
-                 last_argmax: int | None) -> None:
+                 last_argmax: int | None, last_top: tuple[list[float], list[int]] | None = None) -> None:
         s = c.state
         prompt = s.seq.prompt_token_ids
         if s.want_prompt_logits and c.start < len(prompt):
@@ -150,7 +157,7 @@ class EngineCore:
             req.out.prompt_logprobs = prompt_logprobs(torch.cat(s.prompt_logits)[:len(prompt)], prompt,
                                                       req.params.prompt_logprobs, self.tokenizer)
             s.want_prompt_logits, s.prompt_logits = False, []
-        s.seq.step(rows[-1], last_logprobs, last_argmax if s.seq.plain_greedy else None)
+        s.seq.step(rows[-1], last_logprobs, last_argmax if s.seq.plain_greedy else None, last_top)
         if s.seq.finished:
             self.scheduler.remove(s.key)
             self.runner.release(s.key)

@@ -262,16 +262,21 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 
 
 def top_logprobs(
-    logits: torch.Tensor, k: int, chosen: int, decode: Callable[[int], str] | None = None
+    logits: torch.Tensor, k: int, chosen: int, decode: Callable[[int], str] | None = None,
+    logprobs: torch.Tensor | None = None, top: tuple[list[float], list[int]] | None = None,
 ) -> dict[int, Logprob]:
     """vLLM-style logprobs of one position: the top `k` tokens (ranks 1..k) plus `chosen` with its true rank.
 
     Computed from the raw model logits [V] (before temperature and penalties). The rank of `chosen`
-    is 1 + the number of tokens with a strictly larger logprob.
+    is 1 + the number of tokens with a strictly larger logprob. A batched caller passes this row's
+    log-softmax (`logprobs`) and its top-k as Python lists (`top`: values, indices; at least k of each).
     """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [V]
-    values, indices = torch.topk(logprobs, min(k, logprobs.shape[-1]))
-    entries = {int(i): (float(v), rank) for rank, (v, i) in enumerate(zip(values.tolist(), indices.tolist()), start=1)}
+    if logprobs is None:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [V]
+    if top is None:
+        values, indices = torch.topk(logprobs, min(k, logprobs.shape[-1]))
+        top = values.tolist(), indices.tolist()
+    entries = {i: (v, rank) for rank, (v, i) in enumerate(zip(top[0][:k], top[1][:k]), start=1)}
     if chosen not in entries:
         chosen_logprob = logprobs[chosen]
         entries[chosen] = (float(chosen_logprob), int((logprobs > chosen_logprob).sum()) + 1)

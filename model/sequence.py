@@ -46,10 +46,12 @@ class Sequence:
         return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
                 and p.frequency_penalty == 0.0 and len(self.output_token_ids) >= p.min_tokens)
 
-    def step(self, logits: torch.Tensor, logprobs: torch.Tensor | None = None, token: int | None = None) -> int:
+    def step(self, logits: torch.Tensor, logprobs: torch.Tensor | None = None, token: int | None = None,
+             top: tuple[list[float], list[int]] | None = None) -> int:
         """Sample the next token from this position's raw logits [V] (fp32) and update stop state.
 
-        A batched caller may pass this row's log-softmax and, for `plain_greedy` sequences, its argmax."""
+        A batched caller may pass this row's log-softmax, for `plain_greedy` sequences its argmax, and its
+        top-k logprobs as lists (k >= params.logprobs)."""
         p = self.params
         if token is None:
             shaped = apply_penalties(logits, self.output_token_ids, self.prompt_token_ids, p)
@@ -59,7 +61,7 @@ class Sequence:
         raw = torch.log_softmax(logits.float(), dim=-1) if logprobs is None else logprobs
         self.cumulative_logprob += float(raw[token])
         if self.logprobs is not None:
-            self.logprobs.append(top_logprobs(logits, p.logprobs, token, self.tokenizer.decode_token))
+            self.logprobs.append(top_logprobs(logits, p.logprobs, token, self.tokenizer.decode_token, raw, top))
         self._check_finished(token)
         return token
 

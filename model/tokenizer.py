@@ -91,6 +91,7 @@ class V4Tokenizer:
         self.special_token_ids = frozenset(i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special)
         self.bos_token_id = self._require_id(BOS_TOKEN)
         self.eos_token_id = self._require_id(EOS_TOKEN)
+        self._token_text: dict[int, str] = {}  # decode_token's answers: logprobs ask for ~21 per token
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "V4Tokenizer":
@@ -123,7 +124,10 @@ class V4Tokenizer:
 
     def decode_token(self, token_id: int) -> str:
         """Text of one token as shown in logprob dicts (specials spelled out, partial UTF-8 as U+FFFD)."""
-        return self.decode([token_id], skip_special_tokens=False)
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.decode([token_id], skip_special_tokens=False)
+        return text
 
     def token_bytes(self, token_id: int, skip_special_tokens: bool = True) -> bytes:
         """Raw bytes of one token, mirroring the ByteLevel decoder; b"" for unused ids and skipped specials."""
