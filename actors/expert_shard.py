@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-import torch
-
+from v4ray.engine.build import resolve_dtype
 from v4ray.model.config import V4Config
 from v4ray.model.loader import load_expert_weights
 
@@ -19,7 +18,7 @@ class ExpertShard:
                  dtype: str, collective_timeout_s: float, keep_quantized: bool = True):
         self.model_path, self.rank, self.world, self.shard_index = model_path, rank, world_size, shard_index
         self.expert_ids = list(expert_ids)
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        self.dtype = resolve_dtype(dtype, V4Config.from_file(model_path))
         self.timeout_s, self.keep_quantized = collective_timeout_s, keep_quantized
         self.server: ShardServer | None = None
         self.steps = 0

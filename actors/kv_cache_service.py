@@ -43,11 +43,12 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
+from v4ray.engine.config import KV_CACHE_SERVICE as SERVICE_NAME
+from v4ray.model.kv_format import PREFIX_UNIT as UNIT_TOKENS
+
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "v4ray-kv-cache"
 SERVICE_NAMESPACE = "v4ray"
-UNIT_TOKENS = 128
 # Disk budget of a spill directory. A fixed size rather than a multiple of the memory budget, so raising the
 # memory budget never silently multiplies disk use; 8 GiB holds 8x the default in-memory budget.
 SPILL_BUDGET_BYTES = 8 << 30

@@ -1,5 +1,6 @@
 """Router actor: embedding, mHC, attention, gates, shared expert and head for its own sequences; routed experts
-through the all-to-all with the expert shards. Wraps the same ModelRunner as the single-process path."""
+through the all-to-all with the expert shards. Its engine core is built by the same `build_engine_core` as the
+single-process engine, from the replica's EngineConfig."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import time
 
 import torch
 
-from v4ray.model.engine_core import EngineCore
+from v4ray.engine.build import build_engine_core, resolve_dtype
+from v4ray.engine.config import EngineConfig
+from v4ray.engine.core import EngineCore
+from v4ray.engine.runner import ModelRunner
+from v4ray.engine.sampling import SamplingParams
+from v4ray.model.config import V4Config
 from v4ray.model.expert_placement import ExpertPlacement
 from v4ray.model.loader import load_model
-from v4ray.model.runner import ModelRunner
-from v4ray.model.sampling import SamplingParams
-from v4ray.model.tokenizer import V4Tokenizer
 
 from .expert_parallel import RouterExchange, init_group, rendezvous_listener, tcp_address
 
@@ -21,15 +24,11 @@ from .expert_parallel import RouterExchange, init_group, rendezvous_listener, tc
 class Router:
     """Constructed cheaply; `start()` joins the process group and loads the dense weights."""
 
-    def __init__(self, model_path: str, rank: int, world_size: int, num_routers: int, placement: ExpertPlacement,
-                 dtype: str, kv_cache_bytes: int, max_num_seqs: int, block_size: int, collective_timeout_s: float,
-                 prefix_cache: dict | None = None, max_model_len: int | None = None,
-                 max_num_batched_tokens: int = 2048):
-        self.model_path, self.rank, self.world, self.num_routers = model_path, rank, world_size, num_routers
-        self.placement, self.dtype = placement, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        self.kv_cache_bytes, self.max_num_seqs, self.block_size = kv_cache_bytes, max_num_seqs, block_size
-        self.timeout_s, self.prefix_cache_cfg = collective_timeout_s, prefix_cache
-        self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
+    def __init__(self, config: EngineConfig, rank: int, world_size: int, placement: ExpertPlacement,
+                 prefix_cache: dict | None = None):
+        """config: the replica's engine (this router's cache and limits); prefix_cache: PrefixCacheClient args."""
+        self.config, self.rank, self.world, self.num_routers = config, rank, world_size, config.num_routers
+        self.placement, self.timeout_s, self.prefix_cache_cfg = placement, config.collective_timeout_s, prefix_cache
         self.runner: ModelRunner | None = None
         self.core: EngineCore | None = None
         self.steps, self.step_seconds = 0, 0.0
@@ -55,7 +54,9 @@ class Router:
         t0 = time.perf_counter()
         listener, self._listener = self._listener, None
         backend = init_group(init_method, self.rank, self.world, self.timeout_s, listener=listener)
-        model = load_model(self.model_path, self.dtype, expert_range=(0, 0))   # no routed experts here
+        cfg = V4Config.from_file(self.config.model)
+        model = load_model(self.config.model, resolve_dtype(self.config.dtype, cfg), cfg=cfg,
+                           expert_range=(0, 0))   # no routed experts here
         self.exchange = RouterExchange(self.rank, self.world, self.num_routers, self.placement, model.cfg.hidden_size)
         self.exchange.install(model)
         client = None
@@ -63,11 +64,8 @@ class Router:
             from .kv_cache_service import PrefixCacheClient
 
             client = PrefixCacheClient(**self.prefix_cache_cfg)
-        self.runner = ModelRunner(model, self.kv_cache_bytes, self.max_num_seqs, self.block_size,
-                                  prefix_cache=client)
-        self.core = EngineCore(self.runner, V4Tokenizer.from_dir(self.model_path),
-                               self.max_model_len or model.cfg.max_position_embeddings, self.max_num_batched_tokens,
-                               self.max_num_seqs, prefix_caching=client is not None, lockstep=True)
+        self.core = build_engine_core(self.config, model=model, prefix_cache=client, lockstep=True)
+        self.runner = self.core.runner
         return {"backend": backend, "load_s": time.perf_counter() - t0}
 
     def ping(self) -> bool:

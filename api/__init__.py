@@ -11,9 +11,9 @@ def __getattr__(name: str):
         from v4ray.cluster.llm import LLM
         return LLM
     if name == "SamplingParams":
-        from v4ray.model.sampling import SamplingParams
+        from v4ray.engine.sampling import SamplingParams
         return SamplingParams
     if name in ("RequestOutput", "CompletionOutput"):
-        from v4ray.model import outputs
+        from v4ray.engine import outputs
         return getattr(outputs, name)
     raise AttributeError(f"module 'v4ray' has no attribute {name!r}")

@@ -25,7 +25,7 @@ from common import table, write  # noqa: E402
 
 def run_engine(core, prompts, lens) -> tuple[float, float]:
     """Total seconds and mean time per output token after each request's first."""
-    from v4ray.model.sampling import SamplingParams
+    from v4ray.engine.sampling import SamplingParams
 
     t0 = time.perf_counter()
     for i, (ids, n) in enumerate(zip(prompts, lens)):
@@ -75,9 +75,9 @@ def main() -> None:
     import torch
     from transformers import DeepseekV4ForCausalLM
 
-    from v4ray.model.engine_core import EngineCore
+    from v4ray.engine.core import EngineCore
     from v4ray.model.loader import load_model
-    from v4ray.model.runner import ModelRunner
+    from v4ray.engine.runner import ModelRunner
     from v4ray.model.tiny import make_tiny
     from v4ray.model.tokenizer import V4Tokenizer
 

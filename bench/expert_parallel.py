@@ -52,8 +52,9 @@ def main() -> None:
 
     from v4ray.cluster.local_ray import ensure_ray
     from v4ray.cluster.replica import Replica, ReplicaConfig
+    from v4ray.engine.config import EngineConfig
     from v4ray.model.loader import load_model
-    from v4ray.model.runner import ModelRunner
+    from v4ray.engine.runner import ModelRunner
     from v4ray.model.tiny import make_tiny
 
     ckpt = make_tiny(Path(tempfile.mkdtemp()) / "ckpt", preset=args.preset, dtype="fp32")
@@ -66,7 +67,8 @@ def main() -> None:
     local_s = decode(local, prompts, args.new_tokens)
 
     ensure_ray(num_cpus=max(4, args.routers + args.shards))
-    rep = Replica(ReplicaConfig(model=str(ckpt), num_routers=args.routers, num_expert_shards=args.shards)).start()
+    rep = Replica(ReplicaConfig(EngineConfig(model=str(ckpt), num_routers=args.routers,
+                                             num_expert_shards=args.shards))).start()
     try:
         decode(rep, prompts, 4)
         snap = {}

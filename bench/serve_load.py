@@ -103,7 +103,7 @@ def main() -> None:
 
     from ray import serve
 
-    from v4ray.cluster.app import build_app
+    from v4ray.serve.app import build_app
     from v4ray.cluster.local_ray import ensure_ray
 
     with socket.socket() as sock:

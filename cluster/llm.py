@@ -8,103 +8,48 @@ from typing import Any, Sequence as Seq
 
 import torch
 
+from v4ray.engine.build import checkpoint_dir, dtype_name, resolve_dtype
+from v4ray.engine.config import EngineConfig
+from v4ray.engine.outputs import RequestOutput
+from v4ray.engine.sampling import SamplingParams
 from v4ray.model.config import V4Config
-from v4ray.model.kv_cache import DEFAULT_BLOCK_SIZE, PREFIX_UNIT
-from v4ray.model.engine_core import EngineCore
-from v4ray.model.runner import ModelRunner
-from v4ray.model.loader import load_model
-from v4ray.model.outputs import RequestOutput
-from v4ray.model.sampling import SamplingParams
 from v4ray.model.tokenizer import V4Tokenizer
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+from .build import build_engine
+
 PromptType = str | dict[str, Any]
 
 
-def resolve_dtype(dtype: str | torch.dtype, cfg: V4Config) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
-        return dtype
-    if dtype == "auto":
-        return torch.float32 if cfg.extra.get("torch_dtype") == "float32" else torch.bfloat16
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
-    return _DTYPES[dtype]
-
-
 class LLM:
-    """A DeepSeek-V4 model loaded from a checkpoint directory, generating offline in this process.
+    """A DeepSeek-V4 model loaded from a checkpoint directory, generating offline (vLLM's `LLM`).
 
-    dtype: "auto" (the checkpoint's: bfloat16 unless it is stored in float32), "float32" or "bfloat16".
-    keep_quantized: keep FP8/FP4 weights in checkpoint format in memory (dequantized per use).
-    enable_prefix_caching: reuse cached prompt prefixes (multiples of 128 tokens) through the cluster's
-    KVCacheService actor, starting a local Ray if none is running (`address` joins another cluster); each
-    output reports `num_cached_tokens`.
-    num_expert_shards > 0: run the model as a replica of Ray actors — `num_routers` Router actors (attention,
-    gates, cache, each with `kv_cache_bytes` / `max_num_seqs`) and `num_expert_shards` ExpertShard actors
-    holding contiguous ranges of the routed experts, exchanging tokens by all-to-all (gloo on CPU, NCCL on
-    GPU). A local Ray on 127.0.0.1 is started unless `address` names a cluster. `replica_options` are further
-    `ReplicaConfig` fields (resources, timeouts, redundant experts). The layout is checked before any actor is
-    placed, and a start that fails releases what it placed. `shutdown()` (or leaving a `with` block) releases the
-    actors and placement group; an LLM that is deleted or garbage-collected without it is released too.
+    `engine_args` are EngineConfig fields (`v4ray.engine.config`, which documents each and holds the defaults):
+    dtype ("auto", "float32", "bfloat16"), keep_quantized, kv_cache_bytes, block_size, max_num_seqs,
+    max_num_batched_tokens, max_model_len, enable_prefix_caching (reuse cached prompt prefixes through the
+    cluster's KVCacheService actor; each output reports `num_cached_tokens`), prefix_cache_bytes,
+    kv_cache_service, num_routers / num_expert_shards (> 0: a replica of Router and ExpertShard actors exchanging
+    tokens by all-to-all) and collective_timeout_s. A local Ray on 127.0.0.1 is started when one is needed and
+    none runs (`address` joins a cluster). `replica_options` are further ReplicaConfig fields (resources,
+    placement strategy, timeouts, redundant experts). The layout is checked before any actor is placed, and a
+    start that fails releases what it placed. `shutdown()` (or leaving a `with` block) releases the actors and
+    placement group; an LLM that is deleted or garbage-collected without it is released too.
     """
 
-    def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", keep_quantized: bool = False,
-                 max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
-                 block_size: int = DEFAULT_BLOCK_SIZE, enable_prefix_caching: bool = False,
-                 prefix_cache_bytes: int = 1 << 30, address: str | None = None,
-                 kv_cache_service: str = "v4ray-kv-cache", kv_cache_bytes: int = 256 << 20,
-                 max_num_seqs: int = 64, num_routers: int = 1, num_expert_shards: int = 0,
-                 replica_options: dict | None = None):
-        path = Path(model)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"model={str(model)!r} is not a checkpoint directory (no config.json); create a "
-                                    f"tiny one with `v4ray make-tiny {model}`")
+    def __init__(self, model: str | Path, address: str | None = None, replica_options: dict | None = None,
+                 **engine_args):
+        if isinstance(engine_args.get("dtype"), torch.dtype):
+            engine_args["dtype"] = dtype_name(engine_args["dtype"])
+        config = EngineConfig(model=str(model), **engine_args)
+        path = checkpoint_dir(config)
         self.config = V4Config.from_file(path)
-        self.dtype = resolve_dtype(dtype, self.config)
+        self.dtype = resolve_dtype(config.dtype, self.config)
         self.tokenizer = V4Tokenizer.from_dir(path)
-        self.max_model_len = max_model_len or self.config.max_position_embeddings
-        if max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.enable_prefix_caching = enable_prefix_caching
-        prefix_cache = None
-        if enable_prefix_caching:
-            from v4ray.actors.kv_cache_service import PrefixCacheClient, model_identity, root_key
-
-            from .local_ray import ensure_ray
-
-            ensure_ray(address)
-            fmt = "fp32" if self.dtype == torch.float32 else "bf16"
-            layout = f"kv={fmt}|unit={PREFIX_UNIT}"
-            identity = model_identity(path, dtype=self.dtype, layout=layout)
-            prefix_cache = PrefixCacheClient(root_key(identity, layout), budget_bytes=prefix_cache_bytes,
-                                             name=kv_cache_service)
-        self.prefix_cache = prefix_cache
-        self.replica = None
-        if num_expert_shards > 0:
-            from .local_ray import ensure_ray
-            from .replica import Replica, ReplicaConfig, ReplicaEngine
-
-            ensure_ray(address)
-            prefix_cfg = ({"root": prefix_cache.root, "budget_bytes": prefix_cache_bytes, "name": kv_cache_service}
-                          if prefix_cache is not None else None)
-            self.replica = Replica(ReplicaConfig(
-                model=str(path), num_routers=num_routers, num_expert_shards=num_expert_shards,
-                dtype="float32" if self.dtype == torch.float32 else "bfloat16", kv_cache_bytes=kv_cache_bytes,
-                max_num_seqs=max_num_seqs, block_size=block_size, prefix_cache=prefix_cfg,
-                max_model_len=self.max_model_len, max_num_batched_tokens=max_num_batched_tokens,
-                **(replica_options or {}))).start()
-            self.model, self.runner, self.engine = None, self.replica, ReplicaEngine(self.replica)
-        else:
-            if num_routers != 1:
-                raise ValueError("num_routers > 1 needs num_expert_shards >= 1 (a distributed replica)")
-            self.model = load_model(path, self.dtype, keep_quantized=keep_quantized, cfg=self.config)
-            self.runner = ModelRunner(self.model, kv_cache_bytes, max_num_seqs, block_size,
-                                      prefix_cache=prefix_cache)
-            self.engine = EngineCore(self.runner, self.tokenizer, self.max_model_len, max_num_batched_tokens,
-                                     max_num_seqs, prefix_caching=enable_prefix_caching)
+        self.max_model_len = config.max_model_len or self.config.max_position_embeddings
+        self.engine = build_engine(config, address, replica_options)
+        self.replica = getattr(self.engine, "replica", None)
+        self.runner = self.engine.runner if self.replica is None else None
+        self.model = self.runner.model if self.runner is not None else None
+        self.prefix_cache = self.runner.prefix_cache if self.runner is not None else None
         self._ids = itertools.count()
 
     def shutdown(self) -> None:

@@ -6,7 +6,7 @@ from v4ray.model.config import CSA, HCA, SWA, V4Config
 from v4ray.model.kv_format import kv_bytes, v32_bytes_per_token
 
 
-def plan_kv(cfg: V4Config, context: int, fmt: str, block_size: int = 256) -> dict:
+def plan_kv(cfg: V4Config, context: int, fmt: str, block_size: int | None = None) -> dict:
     """KV-cache arithmetic of one model at one context length, side by side with DeepSeek-V3.2."""
     if context < 1:
         raise ValueError(f"context must be >= 1 token, got {context}")
@@ -18,7 +18,7 @@ def plan_kv(cfg: V4Config, context: int, fmt: str, block_size: int = 256) -> dic
         "layers": {"total": cfg.num_hidden_layers, "swa": cfg.layer_types.count(SWA),
                    "csa": cfg.layer_types.count(CSA), "hca": cfg.layer_types.count(HCA)},
         "kv_dtype": fmt,
-        "block_size": block_size,
+        "block_size": kb.block_size,
         "context": context,
         "bytes_per_token": per_token,
         "bytes_per_token_exact": kb.per_token,

@@ -165,7 +165,7 @@ class PlanInput:
     usable_fraction: float = 0.90          # of GPU memory; the rest is CUDA context, fragmentation, headroom
     max_num_batched_tokens: int = 8192     # tokens per router step (sizes the activation reserve)
     max_num_seqs: int = 64                 # cap on sequences running at once per router
-    block_size: int = 256
+    block_size: int | None = None  # default: default_block_size(cfg)
     mtp: bool = False
     expert_shards: int | None = None       # force S instead of choosing it
 
@@ -304,7 +304,7 @@ def plan_layout(cfg: V4Config, p: PlanInput) -> dict:
                        "free": usable - wb.router - r_reserve - kv_pool},
         "shard_gpu": {"weights": shard_w, "activation_reserve": s_reserve, "free": usable - shard_w - s_reserve},
         "kv": {"bytes_per_token": kb.per_token, "fixed_bytes_per_sequence": kb.fixed_per_seq,
-               "sequence_bytes": seq_bytes, "block_size": p.block_size,
+               "sequence_bytes": seq_bytes, "block_size": kb.block_size,
                "tokens_per_router": cap.max_tokens, "sequences_per_router": cap.max_seqs,
                "tokens_total": cap.max_tokens * R, "sequences_total": cap.max_seqs * R},
         "serve_args": {"num_routers": R, "num_expert_shards": S, "kv_cache_bytes": kv_pool, "dtype": "bfloat16",
@@ -382,7 +382,7 @@ def add_layout_parser(plan_sub) -> None:
     lp.add_argument("--usable-fraction", type=float, default=0.90, help="usable share of GPU memory (default 0.90)")
     lp.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per router step (default 8192)")
     lp.add_argument("--max-num-seqs", type=int, default=64, help="cap on running sequences per router (default 64)")
-    lp.add_argument("--block-size", type=int, default=256)
+    lp.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: derived from the rates)")
     lp.add_argument("--expert-shards", type=int, default=None, help="force the number of expert shards")
     lp.add_argument("--mtp", action="store_true", help="also hold the MTP block's weights")
     lp.add_argument("--model-path", default=None,

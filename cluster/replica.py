@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from v4ray.engine.build import dtype_name, resolve_dtype
+from v4ray.engine.config import EngineConfig
 from v4ray.model.config import V4Config
 from v4ray.model.expert_placement import ExpertPlacement
 
@@ -62,28 +64,28 @@ class _Placed:
                 pass
 
 
+_ENGINE_FIELDS = frozenset(EngineConfig.model_fields)
+
+
 @dataclass
 class ReplicaConfig:
-    """Layout and limits of one model replica."""
+    """One distributed model replica: its engine (model, dtype, layout, per-router cache and limits — an
+    EngineConfig, whose fields also read as this config's own: `config.num_routers`) plus placement and timeouts."""
 
-    model: str
-    num_routers: int = 1
-    num_expert_shards: int = 1
-    dtype: str = "float32"
+    engine: EngineConfig
+    prefix_cache: dict | None = None  # PrefixCacheClient kwargs for the routers, or None
     redundant_experts: dict[int, list[int]] = field(default_factory=dict)  # expert -> extra holder shards
     router_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
     shard_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
     placement_strategy: str = "SPREAD"
-    kv_cache_bytes: int = 256 << 20   # per router
-    max_num_seqs: int = 64            # per router
-    block_size: int = 256
-    collective_timeout_s: float = 60.0
     step_timeout_s: float = 120.0
     start_timeout_s: float = 300.0
-    prefix_cache: dict | None = None  # PrefixCacheClient kwargs for the routers, or None
-    max_model_len: int | None = None
-    max_num_batched_tokens: int = 2048   # per router and step
     shard_model_dirs: list[str] | None = None  # per-shard checkpoint copies (e.g. node-local, own experts only)
+
+    def __getattr__(self, name: str):
+        if name in _ENGINE_FIELDS and "engine" in self.__dict__:
+            return getattr(self.engine, name)
+        raise AttributeError(f"ReplicaConfig has no attribute {name!r}")
 
     def validate(self, cfg: V4Config) -> None:
         """Everything a rank would reject at start, checked here so that a bad layout fails before anything is
@@ -96,8 +98,6 @@ class ReplicaConfig:
         if not 1 <= self.num_expert_shards <= cfg.n_routed_experts:
             raise ValueError(f"num_expert_shards must be in [1, {cfg.n_routed_experts}] (the model's routed experts), "
                              f"got {self.num_expert_shards}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.shard_model_dirs is not None:
             if len(self.shard_model_dirs) != self.num_expert_shards:
                 raise ValueError(f"shard_model_dirs has {len(self.shard_model_dirs)} entries for "
@@ -123,9 +123,8 @@ class ReplicaConfig:
                 raise ValueError(f"{name} must map resource names to amounts >= 0, at least one positive; got {res!r}")
         # The routers' KV pool: the same checks as PagedKVCache.from_budget, on a one-slot cache with no blocks
         # (a few MB; the real pool is allocated on the routers).
-        dtype = torch.float32 if self.dtype == "float32" else torch.bfloat16
-        probe = PagedKVCache(cfg, 0, 1, dtype, self.block_size)   # raises on a block_size the layers cannot use
-        fixed = kv_bytes(cfg, probe.kv_format, self.block_size).fixed_per_seq
+        probe = PagedKVCache(cfg, 0, 1, resolve_dtype(self.dtype, cfg), self.block_size)   # raises on a bad block_size
+        fixed = kv_bytes(cfg, probe.kv_format, probe.block_size).fixed_per_seq
         if self.max_num_seqs * fixed > self.kv_cache_bytes:
             raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes} cannot hold the fixed state of max_num_seqs="
                              f"{self.max_num_seqs} sequences ({fixed} B each); raise the budget or lower max_num_seqs")
@@ -200,13 +199,13 @@ class Replica:
         prefix = dict(c.prefix_cache) if c.prefix_cache else None
         for r in range(c.num_routers):
             self.routers.append(ray.remote(Router).options(**opts(r, c.router_resources)).remote(
-                model, r, self.world, c.num_routers, self.placement, c.dtype, c.kv_cache_bytes, c.max_num_seqs,
-                c.block_size, c.collective_timeout_s, prefix, c.max_model_len, c.max_num_batched_tokens))
+                c.engine.model_copy(update={"model": model}), r, self.world, self.placement, prefix))
             self._placed.actors.append(self.routers[-1])
         for s in range(c.num_expert_shards):
             shard_model = str(Path(c.shard_model_dirs[s]).resolve()) if c.shard_model_dirs else model
             self.shards.append(ray.remote(ExpertShard).options(**opts(c.num_routers + s, c.shard_resources)).remote(
-                shard_model, c.num_routers + s, self.world, s, self.placement.shard_experts(s), c.dtype,
+                shard_model, c.num_routers + s, self.world, s, self.placement.shard_experts(s),
+                dtype_name(resolve_dtype(c.dtype, self.cfg)),
                 c.collective_timeout_s))
             self._placed.actors.append(self.shards[-1])
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 from v4ray.model.chat import ChatFormatError, render_chat
-from v4ray.model.sampling import SamplingParams
+from v4ray.engine.sampling import SamplingParams
 
 from .replica import ReplicaError
 
@@ -170,7 +170,8 @@ def decode_row(raw: bytes) -> tuple[dict, str | int]:
     return obj, _row_id(obj)
 
 
-def build_row(n: int, obj: dict, rid, tokenizer, mode: str, max_model_len: int, default_max_tokens: int) -> Row:
+def build_row(n: int, obj: dict, rid, tokenizer, mode: str, max_model_len: int,
+              default_max_tokens: int | None) -> Row:
     """A decoded row -> Row (tokenized, SamplingParams built); raises on anything wrong with it."""
     custom = "custom_id" in obj
     body = obj.get("body", obj) if custom else obj
@@ -200,7 +201,8 @@ def build_row(n: int, obj: dict, rid, tokenizer, mode: str, max_model_len: int, 
     if mode == "logprobs":
         kw.update(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     else:
-        kw.setdefault("max_tokens", default_max_tokens)
+        if default_max_tokens is not None:
+            kw.setdefault("max_tokens", default_max_tokens)
     params = SamplingParams(**kw)  # validates types and ranges
     if len(ids) + params.max_tokens > max_model_len:
         raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the context of "
@@ -418,7 +420,7 @@ class Scorer:
 
 
 def score(llm, input_path: str | Path, output_path: str | Path, mode: str = "complete", max_in_flight: int = 32,
-          default_max_tokens: int = 64) -> dict:
+          default_max_tokens: int | None = None) -> dict:
     """Score every line of `input_path` that has no row in `output_path` yet through `llm`'s engine.
 
     Returns (and prints to stderr) a summary: rows (non-blank input lines), scored, errors, skipped (already in
@@ -481,7 +483,8 @@ def main(args) -> int:
 
     inp, outp = Path(args.input).resolve(), Path(args.output).resolve()
     address = args.address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=max(1, args.max_in_flight))
+    kwargs = {k: v for k, v in (("dtype", args.dtype), ("max_model_len", args.max_model_len)) if v is not None}
+    kwargs["max_num_seqs"] = max(1, args.max_in_flight)
     if args.expert_shards:
         kwargs.update(num_routers=args.routers, num_expert_shards=args.expert_shards,
                       address="auto" if address else None)

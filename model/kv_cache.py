@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import CSA, SWA, V4Config
-from .kv_format import (ENTRY_FORMATS, index_key_bytes, kv_bytes, main_entry_bytes, pack_index, pack_main,
-                        unpack_index, unpack_main)
-
-DEFAULT_BLOCK_SIZE = 256
+from .kv_format import (ENTRY_FORMATS, PREFIX_UNIT, default_block_size, index_key_bytes, kv_bytes, main_entry_bytes,
+                        pack_index, pack_main, unpack_index, unpack_main)
 
 
 class CacheFullError(RuntimeError):
@@ -106,9 +104,11 @@ class PagedKVCache:
     """All layers' cache tensors plus block/slot accounting for a fixed number of blocks and slots."""
 
     def __init__(self, cfg: V4Config, num_blocks: int, num_slots: int, dtype: torch.dtype = torch.float32,
-                 block_size: int = DEFAULT_BLOCK_SIZE, kv_format: str | None = None):
+                 block_size: int | None = None, kv_format: str | None = None):
         """dtype: the compute dtype reads return. kv_format: storage of entries and window rings — "fp32",
-        "bf16" or "fp8" (packed; V4_MODEL.md §3.1); default: the compute dtype's."""
+        "bf16" or "fp8" (packed; V4_MODEL.md §3.1); default: the compute dtype's. block_size: default
+        `default_block_size(cfg)`."""
+        block_size = block_size or default_block_size(cfg)
         bad = sorted({r for r in cfg.compress_ratios if r and block_size % r})
         if bad or block_size % 128:
             raise ValueError(f"block_size {block_size} must be a multiple of 128 and of every compression rate "
@@ -143,8 +143,9 @@ class PagedKVCache:
 
     @classmethod
     def from_budget(cls, cfg: V4Config, budget_bytes: int, max_seqs: int, dtype: torch.dtype = torch.float32,
-                    block_size: int = DEFAULT_BLOCK_SIZE, kv_format: str | None = None) -> "PagedKVCache":
+                    block_size: int | None = None, kv_format: str | None = None) -> "PagedKVCache":
         """As many blocks as fit in `budget_bytes` after the fixed state of `max_seqs` sequences."""
+        block_size = block_size or default_block_size(cfg)
         fmt = kv_format or ("fp32" if dtype == torch.float32 else "bf16")
         kb = kv_bytes(cfg, fmt, block_size)
         left = budget_bytes - max_seqs * kb.fixed_per_seq
@@ -418,7 +419,6 @@ class StepBatch:
 
 # ---- prefix export / import (the KV-cache service's unit of exchange) --------------------------------------
 
-PREFIX_UNIT = 128  # tokens per cached prefix block: lcm of V4's compression rates (4, 128)
 
 
 def _flat_bytes(tensors: list[torch.Tensor]) -> torch.Tensor:

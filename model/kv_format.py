@@ -115,8 +115,21 @@ class KVBytes:
         return self.blocks_for(tokens) * self.per_block + self.fixed_per_seq
 
 
-def kv_bytes(cfg: V4Config, fmt: str, block_size: int = 256) -> KVBytes:
+PREFIX_UNIT = 128  # tokens per cached prefix unit (and the granularity of block sizes): lcm of V4's rates (4, 128)
+MIN_BLOCK_TOKENS = 256
+
+
+def default_block_size(cfg: V4Config) -> int:
+    """Tokens per KV block when none is given: the smallest multiple of lcm(128, every compression rate) that is
+    >= 256, so that a block holds whole compressed entries of every layer and whole prefix units (256 for the
+    real V4 rates 4 and 128; 384 for rates 4 and 24)."""
+    unit = math.lcm(PREFIX_UNIT, *(r for r in cfg.compress_ratios if r))
+    return unit * -(-MIN_BLOCK_TOKENS // unit)
+
+
+def kv_bytes(cfg: V4Config, fmt: str, block_size: int | None = None) -> KVBytes:
     _check(fmt)
+    block_size = block_size or default_block_size(cfg)
     main = main_entry_bytes(cfg.head_dim, cfg.qk_rope_head_dim, fmt)
     idx = index_key_bytes(cfg.index_head_dim, fmt)
     per_token = 0.0
@@ -148,10 +161,10 @@ class Capacity:
     max_seqs: int            # sequences of `seq_len` tokens that fit at once
 
 
-def capacity(cfg: V4Config, budget_bytes: int, fmt: str, seq_len: int, block_size: int = 256) -> Capacity:
+def capacity(cfg: V4Config, budget_bytes: int, fmt: str, seq_len: int, block_size: int | None = None) -> Capacity:
     """How many tokens and how many `seq_len`-token sequences fit in `budget_bytes` (fixed state counted)."""
     kb = kv_bytes(cfg, fmt, block_size)
-    max_tokens = max(0, (budget_bytes - kb.fixed_per_seq) // kb.per_block * block_size) if kb.per_block else \
+    max_tokens = max(0, (budget_bytes - kb.fixed_per_seq) // kb.per_block * kb.block_size) if kb.per_block else \
         (cfg.max_position_embeddings if budget_bytes >= kb.fixed_per_seq else 0)
     max_seqs = budget_bytes // kb.sequence_bytes(seq_len)
     num_blocks = budget_bytes // kb.per_block if kb.per_block else 0

@@ -264,7 +264,7 @@ MODEL_KERNELS = ("expert_mlp", "sink_attention", "sparse_sink_attention", "index
 
 def _run_model(model, prompt: list[int], decode_steps: int) -> list[torch.Tensor]:
     """Prefill `prompt` then greedy-decode through a ModelRunner; the logits of each step."""
-    from v4ray.model.runner import ModelRunner
+    from v4ray.engine.runner import ModelRunner
 
     runner = ModelRunner(model, 16 << 20, 2, block_size=128)
     runner.admit("s", len(prompt) + decode_steps)

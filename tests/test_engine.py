@@ -8,11 +8,11 @@ import random
 
 import torch
 
-from v4ray.model.engine_core import EngineCore
+from v4ray.engine.core import EngineCore
 from v4ray.model.kv_format import kv_bytes
 from v4ray.model.loader import load_model
-from v4ray.model.runner import ModelRunner
-from v4ray.model.sampling import SamplingParams
+from v4ray.engine.runner import ModelRunner
+from v4ray.engine.sampling import SamplingParams
 from v4ray.model.tokenizer import V4Tokenizer
 
 from conftest import parity_prompt
@@ -67,11 +67,12 @@ def _workload(n, seed):
 
 def test_random_arrivals_on_a_distributed_replica_equal_requests_alone(ray_session, tiny_ckpt):
     from v4ray.cluster.replica import Replica, ReplicaConfig, ReplicaEngine
+    from v4ray.engine.config import EngineConfig
 
     ckpt = tiny_ckpt("v4-tiny")
     work = _workload(10, seed=1)
-    rep = Replica(ReplicaConfig(model=str(ckpt), num_routers=2, num_expert_shards=2,
-                                max_num_batched_tokens=256)).start()
+    rep = Replica(ReplicaConfig(EngineConfig(model=str(ckpt), num_routers=2, num_expert_shards=2,
+                                             max_num_batched_tokens=256))).start()
     try:
         engine = ReplicaEngine(rep)
         final = _drain(engine, work, seed=2)
@@ -133,7 +134,7 @@ def test_seeded_sampling_is_independent_of_batch_composition(tiny_ckpt):
 
 
 def test_async_engine_streams_and_aborts(tiny_ckpt):
-    from v4ray.cluster.engine import AsyncEngine
+    from v4ray.serve.async_engine import AsyncEngine
 
     core = _core(tiny_ckpt("v4-tiny-swa"))
     engine = AsyncEngine(core)

@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from v4ray.engine.config import EngineConfig
 from v4ray.cluster.replica import Replica, ReplicaConfig, ReplicaError
 from v4ray.model.expert_placement import ExpertPlacement
 from v4ray.model.loader import INDEX_FILE, load_model
-from v4ray.model.runner import ModelRunner
+from v4ray.engine.runner import ModelRunner
 from v4ray.model.tiny import expert_files
 
 from conftest import parity_prompt, rel_err
@@ -93,10 +94,10 @@ def _compare(dist_outs, ref_outs):
 def test_layouts_equal_single_process(ray_session, tiny_ckpt, tmp_path, routers, shards):
     ckpt = tiny_ckpt("v4-tiny")
     placement = ExpertPlacement.contiguous(8, shards)
-    rep = Replica(ReplicaConfig(model=str(ckpt), num_routers=routers, num_expert_shards=shards,
+    rep = Replica(ReplicaConfig(EngineConfig(model=str(ckpt), num_routers=routers, num_expert_shards=shards,
+                                             collective_timeout_s=60),
                                 shard_resources={"CPU": 1, "expert_slot": 1},
-                                shard_model_dirs=_shard_copies(ckpt, tmp_path, placement),
-                                collective_timeout_s=60)).start()
+                                shard_model_dirs=_shard_copies(ckpt, tmp_path, placement))).start()
     try:
         info = rep.actor_info()
         shard_nodes = [i["node_id"] for i in info if i["role"] == "expert_shard"]
@@ -115,7 +116,7 @@ def test_unbalanced_routing_and_redundant_copy(ray_session, tiny_ckpt, tmp_path)
     ckpt = _unbalanced(tiny_ckpt("v4-tiny"), tmp_path)
     ref = _run(ModelRunner(load_model(ckpt, torch.float32), 64 << 20, 8), 8)
     for redundant in ({}, {0: [1]}):
-        rep = Replica(ReplicaConfig(model=str(ckpt), num_routers=1, num_expert_shards=2,
+        rep = Replica(ReplicaConfig(EngineConfig(model=str(ckpt), num_routers=1, num_expert_shards=2),
                                     redundant_experts=redundant)).start()
         try:
             outs = _run(rep, 8)
@@ -142,8 +143,8 @@ def test_killed_shard_fails_fast_and_replica_rebuilds(ray_session, tiny_ckpt):
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     want = LLM(model=ckpt, dtype="float32").generate(prompt, greedy)[0].outputs[0].token_ids
     timeout_s = 8.0  # collective timeout for this test only
-    llm = LLM(model=ckpt, dtype="float32", num_expert_shards=2,
-              replica_options={"collective_timeout_s": timeout_s, "step_timeout_s": 3 * timeout_s})
+    llm = LLM(model=ckpt, dtype="float32", num_expert_shards=2, collective_timeout_s=timeout_s,
+              replica_options={"step_timeout_s": 3 * timeout_s})
     victim = next(i for i in llm.replica.actor_info() if i["role"] == "expert_shard")
     killer = threading.Timer(1.5, os.kill, (victim["pid"], signal.SIGKILL))
     killer.start()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from v4ray.cluster.config import ServeConfig
+from v4ray.serve.config import ServeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "v4ray"
@@ -169,7 +169,7 @@ def test_renders_validate_offline(helm, values):
     conf = yaml.safe_load(svc["spec"]["serveConfigV2"])
     assert conf["http_options"]["host"] == "0.0.0.0"
     (app,) = conf["applications"]
-    assert app["import_path"] == "v4ray.cluster.app:build_app" and "runtime_env" not in app
+    assert app["import_path"] == "v4ray.serve.app:build_app" and "runtime_env" not in app
     cfg = ServeConfig.model_validate(app["args"])
     groups = {g["groupName"]: g for g in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     for group, n in (("routers", cfg.num_routers), ("expert-shards", cfg.num_expert_shards)):
@@ -258,11 +258,35 @@ def test_every_values_key_has_a_doc_comment():
 def test_schema_serve_args_follow_serve_config():
     import json
 
+    from v4ray.serve.schema import write_or_check
+
     schema = json.loads((CHART / "values.schema.json").read_text())
     args = schema["properties"]["serve"]["properties"]["args"]
     assert args["additionalProperties"] is False
     assert set(args["properties"]) == set(ServeConfig.model_fields)
     ServeConfig.model_validate(yaml.safe_load((CHART / "values.yaml").read_text())["serve"]["args"])
+    assert write_or_check(CHART, check=True), "values.schema.json is stale: run `v4ray helm-schema`"
+
+
+def test_schema_check_fails_when_a_serve_config_field_is_added(tmp_path, monkeypatch):
+    """A ServeConfig with one more field (a subclass standing in for an edit) makes the committed file stale."""
+    import shutil
+
+    from pydantic import Field
+
+    import v4ray.serve.schema as schema_mod
+    from v4ray.serve.config import ServeConfig as Base
+
+    class Grown(Base):
+        new_knob: int = Field(1, description="a field added without regenerating")
+
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    assert schema_mod.write_or_check(chart, check=True)
+    monkeypatch.setattr(schema_mod, "ServeConfig", Grown)
+    assert not schema_mod.write_or_check(chart, check=True)
+    assert schema_mod.write_or_check(chart, check=False)       # regenerated
+    assert "new_knob" in (chart / "values.schema.json").read_text() and schema_mod.write_or_check(chart, check=True)
 
 
 def _containers(docs: list[dict]) -> list[dict]:

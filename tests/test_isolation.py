@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from v4ray.model.engine_core import EngineCore
+from v4ray.engine.core import EngineCore
 from v4ray.model.loader import load_model
-from v4ray.model.outputs import RequestOutput, merge_delta
-from v4ray.model.runner import ModelRunner
-from v4ray.model.sampling import RequestOutputKind, SamplingParamError, SamplingParams
+from v4ray.engine.outputs import RequestOutput, merge_delta
+from v4ray.engine.runner import ModelRunner
+from v4ray.engine.sampling import RequestOutputKind, SamplingParamError, SamplingParams
 from v4ray.model.tokenizer import V4Tokenizer
 
 from conftest import parity_prompt
@@ -141,7 +141,7 @@ def test_final_only_outputs_once(tiny_ckpt):
 def test_a_slow_reader_holds_one_merged_output(tiny_ckpt):
     """The engine runs ahead of a reader that does not read: its stream holds one pending output (the deltas
     merged), and what the reader finally gets equals the whole output."""
-    from v4ray.cluster.engine import AsyncEngine
+    from v4ray.serve.async_engine import AsyncEngine
 
     ckpt = tiny_ckpt("v4-tiny-swa")
     core = _core(ckpt)

@@ -18,7 +18,7 @@ from conftest import SHARED_REFERENCE, parity_prompt, rel_err
 
 
 def _plan(model: str, dtype: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "v4ray.cluster.cli", "plan", "kv", "--model", model, "--kv-dtype",
+    r = subprocess.run([sys.executable, "-m", "v4ray.cli", "plan", "kv", "--model", model, "--kv-dtype",
                         dtype], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return r.stdout

@@ -80,7 +80,7 @@ def test_missing_model_directory(tmp_path):
 
 def test_cli_make_tiny_and_generate(tmp_path):
     ckpt = tmp_path / "tiny"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "v4ray.cluster.cli", *a], capture_output=True,
+    run = lambda *a: subprocess.run([sys.executable, "-m", "v4ray.cli", *a], capture_output=True,
                                     text=True, timeout=300)
     r = run("make-tiny", str(ckpt), "--preset", "v4-tiny-swa")
     assert r.returncode == 0, r.stderr

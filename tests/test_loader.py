@@ -129,7 +129,7 @@ def test_unknown_model_type(tmp_path):
 
 
 def test_bad_preset_cli(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "v4ray.cluster.cli", "make-tiny", str(tmp_path / "x"),
+    r = subprocess.run([sys.executable, "-m", "v4ray.cli", "make-tiny", str(tmp_path / "x"),
                         "--preset", "v4-huge"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown preset 'v4-huge'" in r.stderr and "v4-tiny" in r.stderr
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from v4ray.cluster.config import ServeConfig
+from v4ray.serve.config import ServeConfig
 from v4ray.cluster.planner import (GIB, LayoutError, PlanInput, count_params, helm_values, plan_layout,
                                    tensor_inventory, weight_bytes)
 from v4ray.model.config import load_preset
@@ -142,7 +142,7 @@ def test_refuses_pro_on_one_node_of_24_gib(pro):
 
 
 def test_cli_plan_layout(capsys, tmp_path):
-    from v4ray.cluster.cli import main
+    from v4ray.cli import main
 
     out = tmp_path / "values.yaml"
     assert main(["plan", "layout", "--model", "deepseek-v4-pro", "--gpu-mem-gib", "140", "--gpus-per-node", "8",

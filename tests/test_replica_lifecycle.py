@@ -11,6 +11,7 @@ import time
 import psutil
 import pytest
 
+from v4ray.engine.config import EngineConfig
 from v4ray.cluster.replica import Replica, ReplicaConfig, ReplicaError
 from v4ray.model.tiny import expert_files
 
@@ -109,7 +110,7 @@ def test_failed_start_tears_down_and_a_retry_starts(ray_session, tiny_ckpt, tmp_
 
 def test_placement_timeout_removes_the_placement_group(ray_session, tiny_ckpt):
     before = _cluster_state()
-    rep = Replica(ReplicaConfig(model=str(tiny_ckpt("v4-tiny")), num_expert_shards=1, start_timeout_s=1,
+    rep = Replica(ReplicaConfig(EngineConfig(model=str(tiny_ckpt("v4-tiny")), num_expert_shards=1), start_timeout_s=1,
                                 shard_resources={"CPU": 1, "expert_slot": 2}))   # no node has 2 expert slots
     with pytest.raises(ReplicaError, match="was not placed within 1s"):
         rep.start()
@@ -132,7 +133,8 @@ def test_rendezvous_store_listens_on_the_node_address(ray_session, tiny_ckpt):
     Ray address; no rank process listens on a wildcard address (the store, gloo and Ray's own servers)."""
     import ray
 
-    rep = Replica(ReplicaConfig(model=str(tiny_ckpt("v4-tiny")), num_routers=1, num_expert_shards=1)).start()
+    rep = Replica(ReplicaConfig(EngineConfig(model=str(tiny_ckpt("v4-tiny")), num_routers=1,
+                                             num_expert_shards=1))).start()
     try:
         listening = {i["role"]: [c.laddr for c in psutil.Process(i["pid"]).net_connections("inet")
                                  if c.status == psutil.CONN_LISTEN] for i in rep.actor_info()}

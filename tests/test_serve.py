@@ -29,7 +29,7 @@ def server(ray_session, tiny_ckpt, tmp_path_factory):
     """One Serve instance with three apps: the main one, a tiny-queue one (/busy), a keyed one (/secure)."""
     from ray import serve
 
-    from v4ray.cluster.app import build_app
+    from v4ray.serve.app import build_app
 
     ckpt = tiny_ckpt("v4-tiny", confident=True)
     port = _free_port()
@@ -232,7 +232,7 @@ def test_overload_gets_429_with_retry_after_and_nothing_is_lost(server):
 
 
 def test_api_key_guards_every_v1_route(server):
-    from v4ray.actors.serve_deployments import app
+    from v4ray.serve.deployments import app
 
     # the app's whole route table: everything but the two probes needs the key
     routes = [(path, method.upper()) for path, ops in app.openapi()["paths"].items()
@@ -285,11 +285,11 @@ http_options: {{host: 127.0.0.1, port: {port}}}
 applications:
   - name: v4ray
     route_prefix: /
-    import_path: v4ray.cluster.app:build_app
+    import_path: v4ray.serve.app:build_app
     args: {{model: v4-tiny-swa, model_cache_dir: {tmp_path / 'cache'}, max_model_len: 512}}
 """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    proc = subprocess.Popen([sys.executable, "-m", "v4ray.cluster.cli", "serve", "--config", str(conf)],
+    proc = subprocess.Popen([sys.executable, "-m", "v4ray.cli", "serve", "--config", str(conf)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     try:

@@ -24,7 +24,7 @@ def apps(ray_session, tiny_ckpt, tmp_path_factory):
     """Three apps: `/` (roomy: 96 sequences), `/timed` (API key, 1 s deadline), `/dist` (1 router + 1 shard)."""
     from ray import serve
 
-    from v4ray.cluster.app import build_app
+    from v4ray.serve.app import build_app
 
     ckpt = tiny_ckpt("v4-tiny", confident=True)
     port = _free_port()

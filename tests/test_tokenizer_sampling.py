@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from v4ray.model.sampling import (
+from v4ray.engine.sampling import (
     Logprob,
     SamplingParams,
     apply_min_tokens,

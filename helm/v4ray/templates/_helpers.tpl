@@ -87,7 +87,7 @@ http_options:
 applications:
   - name: {{ .Values.serve.name | quote }}
     route_prefix: {{ .Values.serve.routePrefix | quote }}
-    import_path: v4ray.cluster.app:build_app
+    import_path: v4ray.serve.app:build_app
     args:
       {{- toYaml .Values.serve.args | nindent 6 }}
 {{- end }}

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .kv_cache import PREFIX_UNIT
+from v4ray.model.kv_cache import PREFIX_UNIT
 from .sequence import Sequence
 
 

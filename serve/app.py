@@ -12,7 +12,7 @@ def build_app(args: dict | None = None) -> Application:
     """Validate the args once (pydantic, errors name the field), make sure the model exists (a tiny preset's
     checkpoint is created when missing), and assemble the deployments. The V4Server reserves its replica's
     placement group: one bundle for itself, plus one per router and expert shard when distributed."""
-    from v4ray.actors.serve_deployments import OpenAIIngress, V4Server
+    from v4ray.serve.deployments import OpenAIIngress, V4Server
 
     cfg = ServeConfig(**(args or {}))
     cfg.resolve_model()

@@ -16,7 +16,7 @@ from .runner import ModelRunner
 from .sampling import RequestOutputKind, SamplingParamError, SamplingParams, make_generator
 from .scheduler import ScheduledChunk, Scheduler, SeqState
 from .sequence import Sequence, prompt_logprobs
-from .tokenizer import V4Tokenizer
+from v4ray.model.tokenizer import V4Tokenizer
 
 log = logging.getLogger(__name__)
 

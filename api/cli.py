@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _make_tiny(args) -> int:
@@ -18,11 +19,12 @@ def _make_tiny(args) -> int:
 
 def _generate(args) -> int:
     from v4ray.cluster.llm import LLM
-    from v4ray.model.sampling import SamplingParams
+    from v4ray.engine.sampling import SamplingParams
 
-    llm = LLM(model=args.model, dtype=args.dtype)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=args.stop or None)
+    llm = LLM(model=args.model, **({"dtype": args.dtype} if args.dtype else {}))
+    given = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+             "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
+    params = SamplingParams(**{k: v for k, v in given.items() if v is not None})  # the rest: SamplingParams
     for out in llm.generate(args.prompt, params):
         for c in out.outputs:
             if args.json:
@@ -31,6 +33,17 @@ def _generate(args) -> int:
             else:
                 print(f"{out.prompt!r} -> {c.text!r} ({len(c.token_ids)} tokens, {c.finish_reason})")
     return 0
+
+
+def _helm_schema(args) -> int:
+    from v4ray.serve.schema import SCHEMA_FILE, write_or_check
+
+    path = Path(args.chart) / SCHEMA_FILE
+    if write_or_check(Path(args.chart), args.check):
+        print(f"{path}: serve.args matches ServeConfig" if args.check else f"wrote {path}")
+        return 0
+    print(f"{path}: serve.args is stale; run `v4ray helm-schema --chart {args.chart}`", file=sys.stderr)
+    return 1
 
 
 def _plan_kv(args) -> int:
@@ -72,7 +85,7 @@ def _serve(args) -> int:
     ensure_ray(args.address)
     from ray import serve
 
-    from v4ray.cluster.app import build_app
+    from v4ray.serve.app import build_app
 
     try:
         serve.start(http_options={"host": host, "port": port}, proxy_location=conf.get("proxy_location", "HeadOnly"))
@@ -93,6 +106,7 @@ def _serve(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from v4ray.model.config import preset_names
+    from v4ray.engine.config import DTYPES as ENGINE_DTYPES
     from v4ray.model.tiny import DTYPES
 
     p = argparse.ArgumentParser(prog="v4ray", description="Serve DeepSeek-V4 on Ray.")
@@ -110,13 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate offline in this process")
     g.add_argument("--model", required=True, help="checkpoint directory")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
-    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--max-tokens", type=int, default=None, help="default: SamplingParams' (16)")
     g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="a stop string (repeatable)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    g.add_argument("--dtype", default=None, choices=ENGINE_DTYPES, help="default: EngineConfig's (auto)")
     g.add_argument("--json", action="store_true", help="one JSON object per completion")
     g.set_defaults(func=_generate)
 
@@ -127,10 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--mode", default="complete", choices=["complete", "logprobs"])
     sc.add_argument("--routers", type=int, default=1)
     sc.add_argument("--expert-shards", type=int, default=0, help="> 0: a Router/ExpertShard replica on Ray")
-    sc.add_argument("--max-tokens", type=int, default=64, help="default max_tokens of completion rows")
+    sc.add_argument("--max-tokens", type=int, default=None, help="default max_tokens of completion rows "
+                                                                 "(default: SamplingParams' 16)")
     sc.add_argument("--max-in-flight", type=int, default=32, help="rows admitted to the engine at once")
-    sc.add_argument("--max-model-len", type=int, default=8192)
-    sc.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    sc.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
+    sc.add_argument("--dtype", default=None, choices=ENGINE_DTYPES, help="default: EngineConfig's (auto)")
     sc.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS inside a Ray job)")
     sc.set_defaults(func=_score)
 
@@ -140,12 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=None, help="override http_options.port")
     sv.set_defaults(func=_serve)
 
+    hs = sub.add_parser("helm-schema", help="regenerate the chart's serve.args schema from ServeConfig")
+    hs.add_argument("--chart", default="helm/v4ray", help="chart directory (default helm/v4ray)")
+    hs.add_argument("--check", action="store_true", help="only check; exit 1 when the file is stale")
+    hs.set_defaults(func=_helm_schema)
+
     plan = sub.add_parser("plan", help="capacity planning").add_subparsers(dest="plan", required=True)
     k = plan.add_parser("kv", help="KV-cache bytes per token and per sequence, against DeepSeek-V3.2")
     k.add_argument("--model", required=True, help="a preset, a config.json or a checkpoint directory")
     k.add_argument("--context", type=int, default=1048576, help="context length in tokens (default 1M)")
     k.add_argument("--kv-dtype", default="fp8", choices=["fp8", "bf16", "fp32"])
-    k.add_argument("--block-size", type=int, default=256)
+    k.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: derived)")
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=_plan_kv)
     from v4ray.cluster.planner import add_layout_parser

@@ -9,7 +9,7 @@ import torch
 
 from .sampling import (SamplingParams, apply_min_tokens, apply_penalties, check_stop, sample_token,
                                   top_logprobs)
-from .tokenizer import V4Tokenizer
+from v4ray.model.tokenizer import V4Tokenizer
 
 from .outputs import CompletionOutput
 

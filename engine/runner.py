@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import PREFIX_UNIT, CacheFullError, PagedKVCache, PrefixIO, SeqCache, StepBatch
-from .v4 import V4Model
+from v4ray.model.kv_cache import PREFIX_UNIT, CacheFullError, PagedKVCache, PrefixIO, SeqCache, StepBatch
+from v4ray.model.v4 import V4Model
 
 Chunk = tuple[str, list[int], list[int]]  # (sequence key, new token ids, rows of the chunk that need logits)
 
 
 class ModelRunner:
-    def __init__(self, model: V4Model, kv_cache_bytes: int, max_num_seqs: int, block_size: int = 256,
+    def __init__(self, model: V4Model, kv_cache_bytes: int, max_num_seqs: int, block_size: int | None = None,
                  kv_format: str | None = None, prefix_cache=None):
         self.model = model
         self.cache = PagedKVCache.from_budget(model.cfg, kv_cache_bytes, max_num_seqs, model.dtype, block_size,

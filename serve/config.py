@@ -6,14 +6,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field
+
+from v4ray.engine.config import EngineConfig
 
 ENV_API_KEY = "V4RAY_API_KEY"
 ENV_CACHE_DIR = "V4RAY_CACHE_DIR"
 
 
-class ServeConfig(BaseModel):
-    """Arguments of `v4ray.cluster.app:build_app`."""
+class ServeConfig(EngineConfig):
+    """Arguments of `v4ray.serve.app:build_app`: the engine's (EngineConfig, defaults there) plus serving."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -22,42 +24,23 @@ class ServeConfig(BaseModel):
     served_model_name: str | None = Field(None, description="Model id clients send; default: the model's name.")
     model_cache_dir: str | None = Field(None, description=f"Where preset checkpoints are created (default "
                                                           f"${ENV_CACHE_DIR} or ~/.cache/v4ray).")
-    dtype: str = Field("float32", description="Compute dtype: float32 or bfloat16.")
-    num_routers: int = Field(1, ge=1, description="Router actors of the replica (attention side).")
-    num_expert_shards: int = Field(0, ge=0, description="ExpertShard actors; 0 runs the model inside the "
-                                                          "server replica (no all-to-all).")
-    kv_cache_bytes: int = Field(256 << 20, gt=0, description="KV-cache bytes per router.")
-    max_num_seqs: int = Field(32, ge=1, description="Sequences running at once per router.")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="Tokens per engine step (chunked prefill).")
-    max_model_len: int = Field(4096, ge=16, description="Context limit: prompt plus generated tokens.")
     max_queue_len: int = Field(64, ge=0, description="Requests that may wait beyond the running ones; more get "
                                                      "429 with Retry-After.")
     max_n: int = Field(8, ge=1, description="Largest `n` a request may ask for.")
     request_timeout_s: float = Field(600.0, gt=0, description="Per-request deadline; past it the request is "
                                                               "aborted with 408.")
     max_body_bytes: int = Field(1 << 20, gt=0, description="Largest request body; larger ones get 413.")
-    enable_prefix_caching: bool = Field(False, description="Reuse cached prompt prefixes via the KVCacheService.")
     api_key_file: str | None = Field(None, description=f"File holding the API key for /v1 routes (or set "
                                                        f"${ENV_API_KEY}); never put the key itself here.")
-    collective_timeout_s: float = Field(60.0, gt=0, description="Timeout of every all-to-all collective.")
     max_output_entries: int = Field(1 << 18, ge=1, description="Cap on n x (logprobs + 1) x max_tokens of one "
                                                                "request (what it makes the server produce and send); "
                                                                "larger requests get 400.")
     enable_docs: bool = Field(False, description="Serve /docs and /openapi.json (off: they describe the API to "
                                                  "anyone who can reach the port).")
 
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        if v not in ("float32", "bfloat16"):
-            raise ValueError("dtype must be 'float32' or 'bfloat16'")
-        return v
-
-    @model_validator(mode="after")
-    def _layout(self):
-        if self.num_routers > 1 and self.num_expert_shards == 0:
-            raise ValueError("num_routers > 1 needs num_expert_shards >= 1")
-        return self
+    def engine_config(self) -> EngineConfig:
+        """The engine part, with the model resolved to its checkpoint directory."""
+        return EngineConfig(**{**self.engine_fields(), "model": str(self.resolve_model())})
 
     def cache_dir(self) -> Path:
         return Path(self.model_cache_dir or os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "v4ray")
@@ -76,7 +59,7 @@ class ServeConfig(BaseModel):
                     raise FileNotFoundError(f"{d} does not exist yet")
                 from v4ray.model.tiny import make_tiny
 
-                make_tiny(d, preset=self.model, dtype="fp32" if self.dtype == "float32" else "bf16")
+                make_tiny(d, preset=self.model, dtype="bf16" if self.dtype == "bfloat16" else "fp32")
             return d
         raise ValueError(f"model: {self.model!r} is neither a checkpoint directory nor a tiny preset")
 

@@ -12,8 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from v4ray.model.chat import ChatFormatError, render_chat, split_reasoning
-from v4ray.model.outputs import RequestOutput
-from v4ray.model.sampling import SamplingParamError, SamplingParams
+from v4ray.engine.outputs import RequestOutput
+from v4ray.engine.sampling import SamplingParamError, SamplingParams
 from v4ray.model.tokenizer import V4Tokenizer
 
 

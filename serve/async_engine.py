@@ -26,8 +26,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from v4ray.model.outputs import RequestOutput, merge_delta
-from v4ray.model.sampling import RequestOutputKind, SamplingParams
+from v4ray.engine.outputs import RequestOutput, merge_delta
+from v4ray.engine.sampling import RequestOutputKind, SamplingParams
 
 log = logging.getLogger(__name__)
 

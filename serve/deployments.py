@@ -19,12 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
+from v4ray.model.config import V4Config
 from v4ray.model.tokenizer import V4Tokenizer
 
 from v4ray.model.chat import split_reasoning
-from v4ray.model.sampling import RequestOutputKind
+from v4ray.engine.sampling import RequestOutputKind
 
-from .openai_protocol import (APIError, Parsed, chat_logprobs, completion_logprobs, final_body,
+from .protocol import (APIError, Parsed, chat_logprobs, completion_logprobs, final_body,
                               parse_json, parse_request, sse, usage_counts)
 
 log = logging.getLogger("v4ray.serve")
@@ -37,43 +38,20 @@ class V4Server:
     def __init__(self, config: dict):
         import torch
 
-        from v4ray.cluster.config import ServeConfig
-        from v4ray.cluster.engine import AsyncEngine
-        from v4ray.model.engine_core import EngineCore
-        from v4ray.model.loader import load_model
-        from v4ray.model.runner import ModelRunner
+        from v4ray.cluster.build import build_engine
+        from v4ray.engine.core import EngineCore
+        from v4ray.serve.async_engine import AsyncEngine
+        from v4ray.serve.config import ServeConfig
 
         self.cfg = cfg = ServeConfig(**config)
         # torch's intra-op threads follow the CPUs this replica reserved. Ray sets OMP_NUM_THREADS for an actor
         # only when the variable is unset, so an inherited value (a driver's, a test runner's) would otherwise
         # oversubscribe the node: 2 threads on a 1-CPU reservation made each decode step ~1.5x slower.
         torch.set_num_threads(_reserved_cpus())
-        path = cfg.resolve_model()
-        dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
-        tokenizer = V4Tokenizer.from_dir(path)
-        prefix = None
-        if cfg.enable_prefix_caching:
-            from .kv_cache_service import PrefixCacheClient, model_identity, root_key
-            fmt = "fp32" if cfg.dtype == "float32" else "bf16"
-            layout = f"kv={fmt}|unit=128"
-            prefix = {"root": root_key(model_identity(path, dtype=cfg.dtype, layout=layout), layout)}
-        self.replica, self.ranks = None, []
-        if cfg.num_expert_shards == 0:
-            runner = ModelRunner(load_model(path, dtype), cfg.kv_cache_bytes, cfg.max_num_seqs,
-                                 prefix_cache=PrefixCacheClient(**prefix) if prefix else None)
-            engine = EngineCore(runner, tokenizer, cfg.max_model_len, cfg.max_num_batched_tokens, cfg.max_num_seqs,
-                                prefix_caching=prefix is not None)
-            self._local = engine
-        else:
-            from v4ray.cluster.replica import Replica, ReplicaConfig, ReplicaEngine
-            self.replica = Replica(ReplicaConfig(
-                model=str(path), num_routers=cfg.num_routers, num_expert_shards=cfg.num_expert_shards,
-                dtype=cfg.dtype, kv_cache_bytes=cfg.kv_cache_bytes, max_num_seqs=cfg.max_num_seqs,
-                max_model_len=cfg.max_model_len, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                prefix_cache=prefix, collective_timeout_s=cfg.collective_timeout_s)).start()
-            engine = ReplicaEngine(self.replica)
-            self._local = None
-            self.ranks = self.replica.actor_info()  # rank, role, pid, node of every actor (for operators)
+        engine = build_engine(cfg.engine_config())
+        self._local = engine if isinstance(engine, EngineCore) else None
+        self.replica = None if self._local is not None else engine.replica
+        self.ranks = self.replica.actor_info() if self.replica is not None else []  # rank, role, pid, node
         self.engine = AsyncEngine(engine, max_pending=cfg.max_num_seqs * cfg.num_routers + cfg.max_queue_len)
         self.started = time.time()
 
@@ -179,12 +157,13 @@ v1 = APIRouter(dependencies=[Depends(_auth)])
 
 class OpenAIIngress:
     def __init__(self, server, config: dict):
-        from v4ray.cluster.config import ServeConfig
+        from v4ray.serve.config import ServeConfig
 
         self.server = server
         self.cfg = cfg = ServeConfig(**config)
         path = cfg.resolve_model()
         self.tokenizer = V4Tokenizer.from_dir(path)
+        self.max_model_len = cfg.max_model_len or V4Config.from_file(path).max_position_embeddings
         self.model_name = cfg.served_model_name or cfg.model.rstrip("/").split("/")[-1]
         _SETTINGS["key"], _SETTINGS["docs"] = cfg.api_key(), cfg.enable_docs
         self.registry, self.m = _metrics()
@@ -208,7 +187,7 @@ class OpenAIIngress:
         self.m["requests"].labels(endpoint, str(status)).inc()
 
     def _engine_error(self, e: BaseException) -> APIError:
-        from v4ray.cluster.engine import EngineDeadError, QueueFullError, RequestFailedError
+        from v4ray.serve.async_engine import EngineDeadError, QueueFullError, RequestFailedError
 
         cause = getattr(e, "cause", None) or e
         if isinstance(cause, QueueFullError):
@@ -234,7 +213,7 @@ class OpenAIIngress:
         rid = uuid.uuid4().hex[:24]  # names the response (cmpl-<rid>); the engine keys requests itself
         client_rid = self._client_request_id(request)
         try:
-            p = parse_request(kind, await self._body(request), self.tokenizer, self.cfg.max_model_len,
+            p = parse_request(kind, await self._body(request), self.tokenizer, self.max_model_len,
                               self.cfg.max_n, self.model_name, self.cfg.max_output_entries)
         except APIError as e:
             self._count(endpoint, e.status)
@@ -385,7 +364,7 @@ class OpenAIIngress:
     @v1.get("/v1/models")
     async def models(self):
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "v4ray", "max_model_len": self.cfg.max_model_len}]}
+                                            "owned_by": "v4ray", "max_model_len": self.max_model_len}]}
 
     @v1.post("/v1/completions")
     async def completions(self, request: Request):
@@ -414,7 +393,7 @@ class OpenAIIngress:
             ids = self.tokenizer.encode(body["prompt"], add_bos=add)
         else:
             raise APIError(400, "'prompt' (a string) or 'messages' is required", param="prompt")
-        return {"tokens": ids, "count": len(ids), "max_model_len": self.cfg.max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 
     @v1.post("/detokenize")
     async def detokenize(self, request: Request):

@@ -1,0 +1,60 @@
+"""Building the in-process engine core from an EngineConfig: the one place a dtype string becomes a dtype and the
+block size and context limit take their derived defaults. Used by `cluster.build.build_engine` (single-process)
+and by every Router of a distributed replica (with its own model, whose routed experts are remote)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from v4ray.model.config import V4Config
+from v4ray.model.kv_format import default_block_size
+from v4ray.model.loader import load_model
+from v4ray.model.tokenizer import V4Tokenizer
+
+from .config import EngineConfig
+from .core import EngineCore
+from .runner import ModelRunner
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, cfg: V4Config) -> torch.dtype:
+    """"auto" is the checkpoint's dtype (bfloat16 unless it is stored in float32)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+        return dtype
+    if dtype == "auto":
+        return torch.float32 if cfg.extra.get("torch_dtype") == "float32" else torch.bfloat16
+    aliases = {"fp32": "float32", "bf16": "bfloat16"}
+    if aliases.get(dtype, dtype) not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+    return _DTYPES[aliases.get(dtype, dtype)]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in _DTYPES.items() if d == dtype)
+
+
+def checkpoint_dir(config: EngineConfig) -> Path:
+    path = Path(config.model)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"model={config.model!r} is not a checkpoint directory (no config.json); create a "
+                                f"tiny one with `v4ray make-tiny {config.model}`")
+    return path
+
+
+def build_engine_core(config: EngineConfig, model=None, prefix_cache=None, lockstep: bool = False) -> EngineCore:
+    """The engine core of `config` in this process. `model`: an already loaded model (a Router's, without its
+    routed experts); `prefix_cache`: a PrefixCacheClient; `lockstep`: this core is one rank of a replica."""
+    path = checkpoint_dir(config)
+    cfg = model.cfg if model is not None else V4Config.from_file(path)
+    if model is None:
+        model = load_model(path, resolve_dtype(config.dtype, cfg), keep_quantized=config.keep_quantized, cfg=cfg)
+    runner = ModelRunner(model, config.kv_cache_bytes, config.max_num_seqs,
+                         config.block_size or default_block_size(cfg), prefix_cache=prefix_cache)
+    return EngineCore(runner, V4Tokenizer.from_dir(path), config.max_model_len or cfg.max_position_embeddings,
+                      config.max_num_batched_tokens, config.max_num_seqs, prefix_caching=prefix_cache is not None,
+                      lockstep=lockstep)

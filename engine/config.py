@@ -1,0 +1,55 @@
+"""EngineConfig: the one description of an engine that every entry point shares — the offline `LLM`, the Serve
+deployment (`ServeConfig` extends it), each Router of a distributed replica, and `v4ray score`.
+
+Every engine default is written here once. `cluster.build.build_engine(config)` turns it into the single-process
+engine or the distributed one; `engine.build.build_engine_core` builds the in-process core both use.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DTYPES = ("auto", "float32", "bfloat16")
+KV_CACHE_SERVICE = "v4ray-kv-cache"
+
+
+class EngineConfig(BaseModel):
+    """Model, dtype, layout, cache and limits of one engine (a model replica)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Checkpoint directory (config.json, tokenizer.json, safetensors).")
+    dtype: str = Field("auto", description="Compute dtype: auto (the checkpoint's: bfloat16 unless stored in "
+                                           "float32), float32 or bfloat16.")
+    keep_quantized: bool = Field(False, description="Keep FP8/FP4 weights as stored (dequantized per use).")
+    num_routers: int = Field(1, ge=1, description="Router actors of a distributed replica (attention side).")
+    num_expert_shards: int = Field(0, ge=0, description="ExpertShard actors; 0 runs the model in one process "
+                                                          "(no all-to-all).")
+    kv_cache_bytes: int = Field(256 << 20, gt=0, description="KV-cache bytes per router (or for the process).")
+    block_size: int | None = Field(None, ge=1, description="Tokens per KV block; default: the smallest multiple "
+                                                           "of lcm(128, compression rates) that is >= 256.")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences running at once per router.")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Tokens per engine step (chunked prefill).")
+    max_model_len: int | None = Field(None, ge=16, description="Context limit, prompt plus generated tokens; "
+                                                               "default: the model's max_position_embeddings.")
+    enable_prefix_caching: bool = Field(False, description="Reuse cached prompt prefixes via the KVCacheService.")
+    prefix_cache_bytes: int = Field(1 << 30, gt=0, description="Memory budget of the KVCacheService.")
+    kv_cache_service: str = Field(KV_CACHE_SERVICE, description="Name of the KVCacheService actor.")
+    collective_timeout_s: float = Field(60.0, gt=0, description="Timeout of every all-to-all collective.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _layout(self):
+        if self.num_routers > 1 and self.num_expert_shards == 0:
+            raise ValueError("num_routers > 1 needs num_expert_shards >= 1 (a distributed replica)")
+        return self
+
+    def engine_fields(self) -> dict:
+        """This config's EngineConfig fields (a subclass's own fields left out)."""
+        return {name: getattr(self, name) for name in EngineConfig.model_fields}
