@@ -126,4 +126,4 @@ class Router:
         t["attention_and_dense"] = self.step_seconds - sum(t.values())
         return {"rank": self.rank, "steps": self.steps, "step_seconds": self.step_seconds, "phases": t,
                 "kv_free_blocks": self.runner.cache.blocks.num_free, "kv_blocks": self.runner.cache.blocks.num,
-                "running": len(self.runner.seqs), "engine": self.core.stats()}
+                "running": len(self.runner.seqs), "engine": self.core.stats(), "config": self.config.model_dump()}

@@ -478,17 +478,23 @@ def score(llm, input_path: str | Path, output_path: str | Path, mode: str = "com
     return summary
 
 
+def engine_args(args) -> dict:
+    """EngineConfig fields the command line sets; every other field keeps EngineConfig's default. The engine
+    runs as many sequences as rows may be in flight."""
+    kwargs = {k: v for k, v in (("dtype", args.dtype), ("max_model_len", args.max_model_len)) if v is not None}
+    kwargs["max_num_seqs"] = max(1, args.max_in_flight)
+    if args.expert_shards:
+        kwargs.update(num_routers=args.routers, num_expert_shards=args.expert_shards)
+    return kwargs
+
+
 def main(args) -> int:
     from .llm import LLM
 
     inp, outp = Path(args.input).resolve(), Path(args.output).resolve()
     address = args.address or os.environ.get("RAY_ADDRESS")
-    kwargs = {k: v for k, v in (("dtype", args.dtype), ("max_model_len", args.max_model_len)) if v is not None}
-    kwargs["max_num_seqs"] = max(1, args.max_in_flight)
-    if args.expert_shards:
-        kwargs.update(num_routers=args.routers, num_expert_shards=args.expert_shards,
-                      address="auto" if address else None)
-    with LLM(model=args.model, **kwargs) as llm:
+    with LLM(model=args.model, address="auto" if address and args.expert_shards else None,
+             **engine_args(args)) as llm:
         try:
             summary = score(llm, inp, outp, args.mode, args.max_in_flight, args.max_tokens)
         except EngineFailed as e:

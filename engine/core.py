@@ -38,6 +38,7 @@ class EngineCore:
         collectives out of step, so it fails the replica (raises) instead of only the requests of that step."""
         self.runner, self.tokenizer, self.max_model_len = runner, tokenizer, max_model_len
         self.lockstep = lockstep
+        self.config = None  # the EngineConfig it was built from, when built by build_engine_core
         self.scheduler = Scheduler(runner, max_num_batched_tokens, max_num_seqs, prefix_caching)
         self.requests: dict[str, _Request] = {}
         self._arrival = itertools.count()
