@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from v4ray.kernels import expert_mlp
 from v4ray.model.expert_placement import ExpertPlacement
+from v4ray.model.v4 import combine_rows, group_rows
 
 
 def rendezvous_listener(host: str) -> socket.socket:
@@ -81,28 +82,22 @@ def _exchange_counts(send: torch.Tensor) -> torch.Tensor:
 
 
 class RouterExchange:
-    """A router's side of the exchange: installed as every MoE layer's `route` function."""
+    """A router's side of the exchange: the expert backend (`model.v4.ExpertBackend`) of its model's MoE layers.
+    Layers take part in the same order on every rank, so the collectives need no layer tag."""
 
     def __init__(self, rank: int, world_size: int, num_routers: int, placement: ExpertPlacement, hidden: int):
         self.rank, self.world, self.num_routers = rank, world_size, num_routers
         self.placement, self.hidden = placement, hidden
         self.timer = PhaseTimer()
 
-    def install(self, model) -> None:
-        for block in model.layers:
-            block.ffn.route = self.route
-
-    def route(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def route(self, layer: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights/idx [N, K] -> sum_k w_k Expert_{idx_k}(x) [N, D] fp32, experts on the shards."""
         t0 = time.perf_counter()
-        N, K = idx.shape
         flat_e = idx.reshape(-1)
-        rows = torch.arange(N * K)
-        tok = rows // K
-        dest = self.num_routers + self.placement.destinations(flat_e, rows)   # global rank of the holder shard
-        order = torch.argsort(dest * self.placement.num_experts + flat_e, stable=True)
+        dest = self.num_routers + self.placement.destinations(flat_e, torch.arange(flat_e.numel()))  # holder ranks
+        order, tok = group_rows(idx, key=dest * self.placement.num_experts + flat_e)   # by shard, then expert
         send_counts = torch.bincount(dest[order], minlength=self.world)
-        payload = torch.cat([x[tok[order]].float(), flat_e[order].float()[:, None],
+        payload = torch.cat([x[tok].float(), flat_e[order].float()[:, None],
                              weights.reshape(-1)[order].float()[:, None]], dim=1)      # [M, D + 2]
         t0 = self.timer.add("router_prepare", t0)
         recv_counts = _exchange_counts(send_counts)
@@ -112,13 +107,13 @@ class RouterExchange:
         back = torch.empty(payload.shape[0], self.hidden)
         dist.all_to_all_single(back, torch.empty(0, self.hidden), send_counts.tolist(), recv_counts.tolist())
         t0 = self.timer.add("combine", t0)
-        return torch.zeros(N, self.hidden).index_add_(0, tok[order], back)
+        return combine_rows(idx.shape[0], tok, back)
 
     def idle(self, num_layers: int) -> None:
         """Take part in a step with no tokens of our own."""
         empty = torch.empty(0, self.hidden)
-        for _ in range(num_layers):
-            self.route(empty, torch.empty(0, 1), torch.empty(0, 1, dtype=torch.long))
+        for layer in range(num_layers):
+            self.route(layer, empty, torch.empty(0, 1), torch.empty(0, 1, dtype=torch.long))
 
 
 class ShardServer:

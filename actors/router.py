@@ -55,10 +55,9 @@ class Router:
         listener, self._listener = self._listener, None
         backend = init_group(init_method, self.rank, self.world, self.timeout_s, listener=listener)
         cfg = V4Config.from_file(self.config.model)
+        self.exchange = RouterExchange(self.rank, self.world, self.num_routers, self.placement, cfg.hidden_size)
         model = load_model(self.config.model, resolve_dtype(self.config.dtype, cfg), cfg=cfg,
-                           expert_range=(0, 0))   # no routed experts here
-        self.exchange = RouterExchange(self.rank, self.world, self.num_routers, self.placement, model.cfg.hidden_size)
-        self.exchange.install(model)
+                           expert_range=(0, 0), expert_backend=self.exchange)   # routed experts: on the shards
         client = None
         if self.prefix_cache_cfg is not None:
             from .kv_cache_service import PrefixCacheClient

@@ -156,11 +156,12 @@ def _weight_format(name: str, t: torch.Tensor, scale: torch.Tensor | None, logic
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, expert_range: tuple[int, int] | None = None,
-               keep_quantized: bool = False, cfg: V4Config | None = None) -> V4Model:
+               keep_quantized: bool = False, cfg: V4Config | None = None, expert_backend=None) -> V4Model:
     """Build a V4Model from a checkpoint directory.
 
     expert_range: load only routed experts [e0, e1) (an expert shard). keep_quantized: FP8/FP4 tensors stay in
     their checkpoint format with their scales (dequantized per use); otherwise they are dequantized to `dtype`.
+    expert_backend: where the routed experts run (an expert-parallel router's exchange); None: in this process.
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
@@ -171,7 +172,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, expert_rang
         if not 0 <= e0 <= e1 <= cfg.n_routed_experts:
             raise ValueError(f"expert_range {expert_range} must satisfy 0 <= e0 <= e1 <= {cfg.n_routed_experts} "
                              f"(e0 == e1: no routed experts, as on a router)")
-    model = V4Model(cfg, dtype, expert_range)
+    model = V4Model(cfg, dtype, expert_range, expert_backend)
     linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, Linear)}
     wanted = {}  # official name -> (module, attr)
     for mod_name in model.state_dict():  # persistent buffers only (RoPE tables are computed)

@@ -12,6 +12,8 @@ in bf16, and quantizes attention probabilities to bf16 before the value sum (V4_
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -377,19 +379,40 @@ class Gate(nn.Module):
         return w * self.cfg.routed_scaling_factor, idx
 
 
+class ExpertBackend(Protocol):
+    """Where a MoE layer's routed experts run when they are not in this process (an expert-parallel router's
+    all-to-all with the expert shards): rows of one layer in, weighted expert outputs out."""
+
+    def route(self, layer: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [N, D], weights/idx [N, K] -> sum_k weights[:, k] * Expert_{idx[:, k]}(x), [N, D] fp32."""
+
+
+def group_rows(idx: torch.Tensor, key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch order: a token's K routing slots become N*K rows, sorted stably by `key` (default: the expert id;
+    an expert-parallel router sorts by destination rank, then expert). -> (order [N*K], token of each row)."""
+    order = torch.argsort(idx.reshape(-1) if key is None else key, stable=True)
+    return order, order // idx.shape[1]
+
+
+def combine_rows(num_tokens: int, tok: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Combine: sum each token's weighted expert rows y [M, D] back into [num_tokens, D] fp32."""
+    return torch.zeros(num_tokens, y.shape[1], dtype=torch.float32).index_add_(0, tok, y.float())
+
+
 class MoE(nn.Module):
     """gate -> expert compute -> combine; the cut points of expert parallelism."""
 
-    def __init__(self, cfg: V4Config, layer: int, expert_range: tuple[int, int]):
+    def __init__(self, cfg: V4Config, layer: int, expert_range: tuple[int, int],
+                 expert_backend: ExpertBackend | None = None):
+        """expert_backend: where the routed experts run; None: this layer's own experts, in this process."""
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer = cfg, layer
         self.gate = Gate(cfg, cfg.is_hash_layer(layer))
         self.expert_range = expert_range
         self.experts = nn.ModuleDict({str(e): Expert(cfg.hidden_size, cfg.moe_intermediate_size)
                                       for e in range(*expert_range)})
         self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size)
-        # Routed-expert step: local experts by default; an expert-parallel router installs its all-to-all here.
-        self.route = self.route_local
+        self.expert_backend = expert_backend
 
     def expert_weights(self) -> dict[int, tuple[QuantTensor, QuantTensor, QuantTensor]]:
         return {int(e): (m.w1.qweight(), m.w2.qweight(), m.w3.qweight()) for e, m in self.experts.items()}
@@ -402,14 +425,13 @@ class MoE(nn.Module):
         s = self.shared_experts
         return s.w2(swiglu_clamped(s.w1(x), s.w3(x), self.cfg.swiglu_limit))
 
-    def route_local(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Sum over each token's experts of weight * Expert(x), all experts in this process. -> [N, D] fp32."""
-        N, K = idx.shape
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)                            # group rows by expert
-        tok = order // K
-        y = self.compute_experts(x[tok], flat[order], weights.reshape(-1)[order])
-        return torch.zeros(N, x.shape[1], dtype=torch.float32).index_add_(0, tok, y.float())
+    def route(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's experts of weight * Expert(x) -> [N, D] fp32: here, or on the backend."""
+        if self.expert_backend is not None:
+            return self.expert_backend.route(self.layer, x, weights, idx)
+        order, tok = group_rows(idx)                                        # dispatch: rows grouped by expert
+        y = self.compute_experts(x[tok], idx.reshape(-1)[order], weights.reshape(-1)[order])
+        return combine_rows(idx.shape[0], tok, y)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         weights, idx = self.gate(x, token_ids)                              # gate
@@ -420,14 +442,15 @@ class MoE(nn.Module):
 # ---- block and model ------------------------------------------------------------------------------------
 
 class Block(nn.Module):
-    def __init__(self, cfg: V4Config, layer: int, expert_range: tuple[int, int]):
+    def __init__(self, cfg: V4Config, layer: int, expert_range: tuple[int, int],
+                 expert_backend: ExpertBackend | None = None):
         super().__init__()
         self.cfg = cfg
         n, D = cfg.hc_mult, cfg.hidden_size
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer)
-        self.ffn = MoE(cfg, layer, expert_range)
+        self.ffn = MoE(cfg, layer, expert_range, expert_backend)
         for site in ("attn", "ffn"):
             self.register_buffer(f"hc_{site}_fn", _meta((2 + n) * n, n * D))
             self.register_buffer(f"hc_{site}_base", _meta((2 + n) * n))
@@ -452,13 +475,15 @@ class Block(nn.Module):
 class V4Model(nn.Module):
     """DeepSeek-V4 decoder (no MTP). Build on the meta device, then `load_state(...)` from a checkpoint."""
 
-    def __init__(self, cfg: V4Config, dtype: torch.dtype = torch.float32, expert_range: tuple[int, int] | None = None):
+    def __init__(self, cfg: V4Config, dtype: torch.dtype = torch.float32, expert_range: tuple[int, int] | None = None,
+                 expert_backend: ExpertBackend | None = None):
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         n, D = cfg.hc_mult, cfg.hidden_size
         self.expert_range = expert_range or (0, cfg.n_routed_experts)
         self.register_buffer("embed_weight", _meta(cfg.vocab_size, D))
-        self.layers = nn.ModuleList(Block(cfg, i, self.expert_range) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, self.expert_range, expert_backend)
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
         self.head = Linear(D, cfg.vocab_size, fp32=True)
         self.register_buffer("hc_head_fn", _meta(n, n * D))
