@@ -1,11 +1,11 @@
-"""Topology and memory planner: `v4ray plan layout` (V4_MODEL.md §1.3, §5.2-5.4; ARCHITECTURE.md "Kubernetes").
+"""Topology and memory planner: `v4ray plan layout` (docs/v4_model.md §1.3, §5.2-5.4; docs/architecture.md §9).
 
 Decide apart from doing: plain arithmetic over tensor shapes, no devices. Counts come from the model code
 itself, not from formulas: `V4Model(cfg)` built on the meta device holds every checkpoint tensor as a meta
 buffer. It is built with one routed expert per layer (`expert_range=(0, 1)`), whose tensors count
 `n_routed_experts` times (every expert has the same shapes), so V4-Pro plans in well under a second. The MTP
 block (not part of `V4Model`) is one more `Block` with sliding-window attention and non-hash routing plus
-`e_proj`/`h_proj`/`enorm`/`hnorm`/`norm`/`hc_head_*` (V4_MODEL.md §5.2).
+`e_proj`/`h_proj`/`enorm`/`hnorm`/`norm`/`hc_head_*` (docs/v4_model.md §5.2).
 
 A layout is one model replica: R routers (one GPU each: embedding, attention, gates, shared expert, head,
 its KV pool) and S expert shards (one GPU each: a contiguous range of ceil(E/S) routed experts of every MoE
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from v4ray.model.config import SWA, V4Config
 from v4ray.model.kv_format import capacity, kv_bytes
-# The checkpoint's FP8 linears (V4_MODEL.md §5.2), shared with `make-tiny` so both agree on storage formats.
+# The checkpoint's FP8 linears (docs/v4_model.md §5.2), shared with `make-tiny` so both agree on storage formats.
 from v4ray.model.tiny import _FP8_LINEARS
 
 WEIGHT_FORMATS = ("bf16", "fp8", "fp8-dense-fp4-experts")

@@ -1,4 +1,4 @@
-"""Shared-KV multi-query attention with a per-head sink (V4_MODEL.md §2.2).
+"""Shared-KV multi-query attention with a per-head sink (docs/v4_model.md §2.2).
 
 p_{h,s} = exp(l_{h,s}) / (sum_s' exp(l_{h,s'}) + exp(sink_h)); o_h = sum_s p_{h,s} v_s with v = k (K = V).
 

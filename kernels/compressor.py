@@ -1,4 +1,4 @@
-"""Compressor pooling: a per-channel softmax over the slots of each window (V4_MODEL.md §2.3).
+"""Compressor pooling: a per-channel softmax over the slots of each window (docs/v4_model.md §2.3).
 
 HCA pools the m tokens of a window; CSA pools 2m slots (previous window's first half-channels, current
 window's second half-channels). Empty slots carry gate -inf and kv 0.

@@ -1,4 +1,4 @@
-"""Lightning Indexer scoring and causal top-k (V4_MODEL.md §2.4).
+"""Lightning Indexer scoring and causal top-k (docs/v4_model.md §2.4).
 
 I_{t,j} = sum_h w_{t,h} * ReLU(q_{t,h} . k_j) * d_I^-1/2; query t may select entries j in [lo_t, hi_t) (its own
 sequence's closed windows in a batch of several sequences); top-k over those, -1 where fewer than k are visible. Exactly equal scores (e.g. every head's ReLU

@@ -1,4 +1,4 @@
-"""Manifold-constrained hyper-connection weights (mHC, V4_MODEL.md §2.1).
+"""Manifold-constrained hyper-connection weights (mHC, docs/v4_model.md §2.1).
 
 From n residual streams: pre (collapse), post (expand) and comb (stream mixing, projected towards a doubly
 stochastic matrix by Sinkhorn iterations). Everything here runs in fp32.

@@ -1,7 +1,7 @@
 """Routed-expert MLP over tokens grouped by expert (the compute step of expert parallelism).
 
 Expert_e(x) = W2_e (SiLU(min(W1_e x, limit)) * clamp(W3_e x, -limit, limit)), scaled by the routing weight
-after W2 (transformers' order; V4_MODEL.md §2.5, §6.10).
+after W2 (transformers' order; docs/v4_model.md §2.5, §6.10).
 
 Triton path: rows are sorted by expert and cut into tiles of BLOCK_M rows of one expert; a first kernel computes
 the clamped SwiGLU of both gate/up GEMMs per (tile, intermediate block), a second the down GEMM times the routing

@@ -1,8 +1,8 @@
 """DeepSeek-V4 weight formats: FP8 e4m3 with ue8m0 128x128 block scales, FP4 e2m1 with ue8m0 per-32 scales.
 
 Scales are kept as raw ue8m0 bytes (uint8; value = 2^(byte - 127)): a numeric cast of `float8_e8m0fnu`
-would flush small exponents (V4_MODEL.md §5.5). FP4 packs two e2m1 codes per byte, the low nibble holding
-the even element. Both formats are exact in bf16 and fp32 after dequantization (V4_MODEL.md §5.3).
+would flush small exponents (docs/v4_model.md §5.5). FP4 packs two e2m1 codes per byte, the low nibble holding
+the even element. Both formats are exact in bf16 and fp32 after dequantization (docs/v4_model.md §5.3).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """DeepSeek-V4 model configuration: read HF `config.json` (both forms), derive the layer schedule, validate.
 
-Two spellings of the attention schedule exist in the wild (`V4_MODEL.md` §1.2):
+Two spellings of the attention schedule exist in the wild (docs/v4_model.md §1.2):
 
 * the real checkpoints' `compress_ratios`: one int per layer (plus one per MTP layer), 0 = sliding window
   only, 4 = CSA (compressed sparse attention, with the Lightning Indexer), 128 = HCA (heavily compressed);
@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class YarnScaling:
-    """YaRN RoPE extension, applied only to layers with a compressor (V4_MODEL.md §2.2)."""
+    """YaRN RoPE extension, applied only to layers with a compressor (docs/v4_model.md §2.2)."""
 
     factor: float = 16.0
     original_max_position_embeddings: int = 65536

@@ -1,6 +1,6 @@
 """V4 cache state, paged: compressed entries in token blocks, fixed per-sequence state in slots.
 
-Two kinds of storage (V4_MODEL.md §3, ARCHITECTURE.md "KV cache"):
+Two kinds of storage (docs/v4_model.md §3, docs/architecture.md §5):
 
 * Token-proportional: each layer's compressed entries (CSA: one per `m` tokens, plus one indexer key; HCA: one
   per `m'` tokens) live in pools of fixed-size token blocks. A sequence's `block_table[i]` holds tokens
@@ -106,7 +106,7 @@ class PagedKVCache:
     def __init__(self, cfg: V4Config, num_blocks: int, num_slots: int, dtype: torch.dtype = torch.float32,
                  block_size: int | None = None, kv_format: str | None = None):
         """dtype: the compute dtype reads return. kv_format: storage of entries and window rings — "fp32",
-        "bf16" or "fp8" (packed; V4_MODEL.md §3.1); default: the compute dtype's. block_size: default
+        "bf16" or "fp8" (packed; docs/v4_model.md §3.1); default: the compute dtype's. block_size: default
         `default_block_size(cfg)`."""
         block_size = block_size or default_block_size(cfg)
         bad = sorted({r for r in cfg.compress_ratios if r and block_size % r})

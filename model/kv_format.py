@@ -1,4 +1,4 @@
-"""Byte formats of cached V4 entries and the KV arithmetic built on them (V4_MODEL.md §3.1-3.2).
+"""Byte formats of cached V4 entries and the KV arithmetic built on them (docs/v4_model.md §3.1-3.2).
 
 Entry formats:
 * "fp32" / "bf16": a plain vector (4 or 2 bytes per value).
@@ -20,7 +20,7 @@ from .config import CSA, SWA, V4Config
 ENTRY_FORMATS = ("fp32", "bf16", "fp8")
 NOPE_SCALE_BLOCK = 64
 E4M3_MAX = 448.0
-# DeepSeek-V3.2 for comparison (V4_MODEL.md §3.1): MLA latent 512 + rope 64 per token per layer, 61 layers,
+# DeepSeek-V3.2 for comparison (docs/v4_model.md §3.1): MLA latent 512 + rope 64 per token per layer, 61 layers,
 # plus a 128-dim indexer key. FP8 (FlashMLA): 656 B + 132 B; BF16: 1152 B + 256 B.
 V32_LAYERS = 61
 V32_BYTES = {"fp8": 656 + 132, "bf16": 1152 + 256, "fp32": 2 * (1152 + 256)}

@@ -1,7 +1,7 @@
 """Checkpoint loading: safetensors only, single file or sharded, official DeepSeek-V4 names or transformers'.
 
 Only the tensors the model asks for are read: a model built for experts [e0, e1) opens only the shard files
-that hold its tensors (`V4_MODEL.md` §5.5). Quantized tensors (FP8 e4m3 + ue8m0 128x128 block scales,
+that hold its tensors (docs/v4_model.md §5.5). Quantized tensors (FP8 e4m3 + ue8m0 128x128 block scales,
 FP4 e2m1 experts + ue8m0 per-32 scales) are dequantized on load or kept as stored (`keep_quantized`).
 """
 
@@ -23,7 +23,7 @@ from .v4 import FP32_SUFFIXES, Linear, V4Model, checkpoint_name
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
 _MTP = re.compile(r"^(model\.)?mtp\.")
-# transformers' `save_pretrained` spelling -> official spelling (ENVIRONMENT.md, "The reference implementation").
+# transformers' `save_pretrained` spelling -> official spelling (docs/v4_model.md §5.2).
 _TF_RENAMES = {
     "embed_tokens.weight": "embed.weight",
     "hc_head.hc_fn": "hc_head_fn",

@@ -25,7 +25,7 @@ from .tokenizer import build_byte_tokenizer
 from .v4 import Linear, V4Model, checkpoint_name
 
 DTYPES = ("fp32", "bf16", "fp8", "fp4-experts")
-# Linears that DeepSeek stores in FP8 (V4_MODEL.md §5.2); compressor, indexer weights_proj, gate, embed and
+# Linears that DeepSeek stores in FP8 (docs/v4_model.md §5.2); compressor, indexer weights_proj, gate, embed and
 # head stay BF16.
 _FP8_LINEARS = (".attn.wq_a", ".attn.wq_b", ".attn.wkv", ".attn.wo_a", ".attn.wo_b", ".indexer.wq_b",
                 ".shared_experts.w1", ".shared_experts.w2", ".shared_experts.w3")

@@ -1,4 +1,4 @@
-"""The DeepSeek-V4 forward pass in plain torch, top to bottom in forward order (V4_MODEL.md §2).
+"""The DeepSeek-V4 forward pass in plain torch, top to bottom in forward order (docs/v4_model.md §2).
 
 Module and tensor names follow the official checkpoint (`layers.L.attn.wq_a.weight`, `hc_head_fn`, ...), so
 loading is a walk over `named_buffers()`. Hot ops go through `v4ray.kernels` dispatch functions.
@@ -7,7 +7,7 @@ Numerics. fp32 matches transformers' `DeepseekV4ForCausalLM` (the parity referen
 reference `inference/model.py`: linears in bf16, but norms, RoPE, mHC (including the stream mixing), router
 logits, compressor projections and pooling, attention softmax and the LM head run in fp32. Where transformers
 differs in bf16: it computes router logits, compressor projections and the LM head in bf16, mixes mHC streams
-in bf16, and quantizes attention probabilities to bf16 before the value sum (V4_MODEL.md §6).
+in bf16, and quantizes attention probabilities to bf16 before the value sum (docs/v4_model.md §6).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`v4ray plan layout`: parameter and byte counts from the model's own tensor shapes, the layout and memory
-arithmetic, refusals, Helm values. Counts are checked against V4_MODEL.md §1.3/§5.4 and against the tensors a
+arithmetic, refusals, Helm values. Counts are checked against docs/v4_model.md §1.3/§5.4 and against the tensors a
 `make-tiny` checkpoint actually holds."""
 
 from __future__ import annotations
