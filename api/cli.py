@@ -62,14 +62,18 @@ def _score(args) -> int:
 
 
 def _serve(args) -> int:
-    """Deploy the config's application on an embedded local Ray (or --address), print the URL, and serve
-    until Ctrl-C or SIGTERM; then shut Serve (and the embedded Ray) down."""
+    """Deploy the config's application on an embedded local Ray sized for its layout (or --address), print the
+    URL, and serve until Ctrl-C or SIGTERM; then shut Serve (and the embedded Ray) down. A layout the cluster can
+    never hold fails before deploying, naming what is missing; a deployment still waiting says what for."""
     import signal
     import threading
 
     import yaml
 
     from v4ray.cluster.local_ray import ensure_ray
+    from v4ray.cluster.placement import PENDING_REPORT_AFTER_S, bundle_totals, cluster_problem, pending_report
+    from v4ray.serve.app import server_placement
+    from v4ray.serve.config import ServeConfig
 
     with open(args.config) as f:
         conf = yaml.safe_load(f) or {}
@@ -77,25 +81,52 @@ def _serve(args) -> int:
     if len(apps) != 1:
         raise ValueError(f"{args.config}: 'applications' must hold exactly one v4ray application")
     app_conf = apps[0]
+    bundles, strategy = server_placement(ServeConfig(**(app_conf.get("args") or {})))
     http = conf.get("http_options") or {}
     host, port = http.get("host", "127.0.0.1"), int(args.port or http.get("port", 8000))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    ensure_ray(args.address)
+    stop, deployed = threading.Event(), threading.Event()
+
+    def on_signal(*_) -> None:
+        stop.set()
+        if not deployed.is_set():
+            raise KeyboardInterrupt   # serve.run blocks until the application runs: a deployment still waiting stops
+
+    ensure_ray(args.address, num_cpus=bundle_totals(bundles).get("CPU", 0))
+    import ray
+
+    problem = cluster_problem(bundles, strategy)
+    if problem:
+        ray.shutdown()
+        raise ValueError(f"the V4Server replica cannot be deployed: {problem}")
     from ray import serve
 
     from v4ray.serve.app import build_app
 
+    def report_waiting() -> None:
+        waited_s = PENDING_REPORT_AFTER_S
+        while not deployed.wait(PENDING_REPORT_AFTER_S):
+            try:
+                print(f"v4ray serve: not deployed after {waited_s:.0f}s; {pending_report(bundles)}", flush=True)
+            except Exception:  # noqa: BLE001 - Ray is shutting down
+                return
+            waited_s += PENDING_REPORT_AFTER_S
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     try:
         serve.start(http_options={"host": host, "port": port}, proxy_location=conf.get("proxy_location", "HeadOnly"))
+        threading.Thread(target=report_waiting, daemon=True).start()
         serve.run(build_app(app_conf.get("args") or {}), name=app_conf.get("name", "v4ray"),
                   route_prefix=app_conf.get("route_prefix", "/"))
+        deployed.set()
         print(f"v4ray is serving the OpenAI API at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
         stop.wait()
+    except KeyboardInterrupt:
+        print("v4ray serve: stopped before the application was deployed", file=sys.stderr, flush=True)
+        return 130
     finally:
+        deployed.set()
         print("shutting down", flush=True)
-        import ray
         if args.address:
             serve.delete(app_conf.get("name", "v4ray"))
         else:

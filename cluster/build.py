@@ -24,6 +24,18 @@ def prefix_cache_spec(config: EngineConfig, path: Path, dtype: torch.dtype) -> d
             "name": config.kv_cache_service}
 
 
+def _replica_cpus(config: EngineConfig, replica_options: dict | None) -> float:
+    """CPUs the replica's placement group reserves (0 in one process): a local Ray started for it gets as many."""
+    if not config.num_expert_shards:
+        return 0
+    from .placement import bundle_totals, layout_bundles
+    from .replica import ReplicaConfig
+
+    c = ReplicaConfig(engine=config, **(replica_options or {}))
+    return bundle_totals(layout_bundles(c.num_routers, c.num_expert_shards, c.router_resources,
+                                        c.shard_resources)).get("CPU", 0)
+
+
 def build_engine(config: EngineConfig, address: str | None = None, replica_options: dict | None = None):
     """An EngineCore (num_expert_shards == 0) or a started replica's ReplicaEngine. A local Ray on 127.0.0.1 is
     started when one is needed and none runs (`address` joins another cluster). `replica_options`: further
@@ -35,7 +47,7 @@ def build_engine(config: EngineConfig, address: str | None = None, replica_optio
     if config.enable_prefix_caching or config.num_expert_shards:
         from .local_ray import ensure_ray
 
-        ensure_ray(address)
+        ensure_ray(address, num_cpus=_replica_cpus(config, replica_options))
     if config.enable_prefix_caching:
         prefix = prefix_cache_spec(config, path, dtype)
     if config.num_expert_shards == 0:

@@ -182,9 +182,14 @@ class Replica:
         if current is not None and len(current.bundle_specs) >= len(bundles) + 1:
             self.pg, offset = current, 1   # inside a Serve replica: bundle 0 is the replica, Serve owns the group
         else:
+            from .placement import cluster_problem, wait_placed
+
+            problem = cluster_problem(bundles, c.placement_strategy)   # never placeable: say so now, place nothing
+            if problem:
+                raise ReplicaError(problem)
             self.pg = self._placed.pg = placement_group(bundles, strategy=c.placement_strategy)
             try:
-                ray.get(self.pg.ready(), timeout=c.start_timeout_s)
+                wait_placed(self.pg, bundles, c.start_timeout_s)   # reports what it waits for after a few seconds
             except ray.exceptions.GetTimeoutError:
                 raise ReplicaError(f"placement group of {len(bundles)} bundles {bundles} was not placed within "
                                    f"{c.start_timeout_s:.0f}s: the cluster lacks those resources") from None

@@ -1,0 +1,298 @@
+"""Placement that can never fit fails in seconds, naming the bundles and what is missing; an embedded Ray is sized
+for the layout it serves. The decision on synthetic node lists (per strategy), then on the session's simulated
+cluster (3 nodes x 2 CPUs, one `expert_slot` each), then `LLM` and `v4ray serve` in processes of their own, each
+starting its own local Ray on this machine (2 cores) or joining the running cluster."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import requests
+
+from v4ray.cluster.placement import layout_bundles, placement_problem
+
+FAIL_FAST_S = 15.0              # the issue's bound for a placement that can never fit
+CLI_FAIL_FAST_S = 30.0          # the same, plus a fresh interpreter importing torch and joining Ray
+SUBPROCESS_TIMEOUT_S = 300.0    # a local Ray, five torch actors and a tiny model on 2 shared cores
+RELEASE_WITHIN_S = 10.0
+
+NODES = [{"CPU": 2.0, "expert_slot": 1.0, "memory": 4e9}] * 3   # the session cluster's shape
+
+
+# ---- the decision, on synthetic nodes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["PACK", "SPREAD", "STRICT_SPREAD"])
+def test_the_default_layouts_fit_the_test_cluster(strategy):
+    assert placement_problem(layout_bundles(2, 1, {"CPU": 1}, {"CPU": 1}), strategy, NODES) is None
+    assert placement_problem(layout_bundles(1, 2, {"CPU": 1}, {"CPU": 1, "expert_slot": 1}), strategy, NODES) is None
+    assert placement_problem(layout_bundles(2, 4, {"CPU": 1}, {"CPU": 1}), "PACK", NODES) is None   # 6 of 6 CPUs
+
+
+def test_a_bundle_no_node_can_hold_names_the_bundle_and_the_shortfall():
+    msg = placement_problem(layout_bundles(1, 2, {"CPU": 1}, {"CPU": 1, "expert_slot": 2}), "SPREAD", NODES)
+    assert "3 bundles [{CPU: 1}, {CPU: 1, expert_slot: 2} x 2] (SPREAD)" in msg
+    assert "bundle 1 {CPU: 1, expert_slot: 2} fits on no node; missing {expert_slot: 1}" in msg
+    assert "3 nodes: 3 x {CPU: 2, expert_slot: 1}" in msg          # memory is not what the bundles ask for
+    msg = placement_problem([{"CPU": 1, "GPU": 1}], "PACK", NODES)
+    assert "missing {GPU: 1}" in msg
+    # each resource exists somewhere, but never together
+    msg = placement_problem([{"CPU": 4, "GPU": 1}], "PACK", [{"CPU": 1, "GPU": 2}, {"CPU": 4}])
+    assert "fits on no node; no single node has all of it at once" in msg
+
+
+@pytest.mark.parametrize("strategy", ["PACK", "SPREAD"])
+def test_pack_and_spread_need_the_totals(strategy):
+    msg = placement_problem(layout_bundles(2, 5, {"CPU": 1}, {"CPU": 1}), strategy, NODES)
+    assert f"7 bundles [{{CPU: 1}} x 7] ({strategy})" in msg
+    assert "need {CPU: 7} in all" in msg and "missing {CPU: 1}" in msg
+    # totals suffice, but a node fits a bundle once at most and only one node fits one at all
+    nodes = [{"CPU": 1, "GPU": 2}, {"CPU": 4}, {"CPU": 2, "GPU": 1}, {"CPU": 8, "GPU": 8, "mem": 0}]
+    assert placement_problem([{"CPU": 3, "GPU": 1}] * 2, strategy, nodes) is None   # the last node holds both
+    msg = placement_problem([{"CPU": 2, "GPU": 1}] * 2, strategy, nodes[:3])
+    assert "missing {CPU: 2, GPU: 1}" in msg
+    msg = placement_problem([{"CPU": 1.5}] * 3, strategy, [{"CPU": 2}, {"CPU": 2.5}])
+    assert "room for 2 of the 3 bundles {CPU: 1.5}" in msg and "missing room for 1, i.e. {CPU: 1.5}" in msg
+
+
+def test_strict_pack_needs_one_node_for_all():
+    assert placement_problem([{"CPU": 1}] * 2, "STRICT_PACK", NODES) is None
+    msg = placement_problem([{"CPU": 1}] * 3, "STRICT_PACK", NODES)
+    assert "STRICT_PACK needs {CPU: 3} on one node; missing {CPU: 1} on the largest node" in msg
+
+
+def test_strict_spread_needs_a_distinct_node_for_each():
+    assert placement_problem([{"CPU": 1}] * 3, "STRICT_SPREAD", NODES) is None
+    msg = placement_problem([{"CPU": 1}] * 4, "STRICT_SPREAD", NODES)
+    assert "at most 3 of them fit on distinct nodes; missing 1 node(s)" in msg
+    # the GPU bundle needs the one GPU node, so the CPU bundle that took it first must move (an augmenting path)
+    assert placement_problem([{"CPU": 1}, {"GPU": 1}], "STRICT_SPREAD", [{"CPU": 1, "GPU": 1}, {"CPU": 1}]) is None
+    msg = placement_problem([{"CPU": 1}, {"CPU": 1}, {"GPU": 1}], "STRICT_SPREAD",
+                            [{"CPU": 1, "GPU": 1}, {"CPU": 1}, {"CPU": 0.5}])
+    assert "at most 2 of them" in msg
+
+
+def test_no_nodes():
+    assert "the cluster has no nodes" in placement_problem([{"CPU": 1}], "PACK", [])
+
+
+def test_serve_bundles_follow_the_layout():
+    from v4ray.serve.app import server_placement
+    from v4ray.serve.config import ServeConfig
+
+    assert server_placement(ServeConfig()) == ([{"CPU": 1}], "PACK")
+    bundles, strategy = server_placement(ServeConfig(num_routers=2, num_expert_shards=3))
+    assert bundles == [{"CPU": 1}] * 6 and strategy == "SPREAD"
+
+
+# ---- on the running cluster -------------------------------------------------------------------------------------
+
+def _cluster_state():
+    import ray
+    from ray._private.state import actors
+    from ray.util import placement_group_table
+
+    return (ray.available_resources().get("CPU", 0.0),
+            {i for i, t in placement_group_table().items() if t["state"] != "REMOVED"},
+            {i for i, a in actors().items() if a["ActorClassName"] in ("Router", "ExpertShard") and a["State"] != "DEAD"})
+
+
+def _assert_nothing_left(before):
+    t0 = time.time()
+    while _cluster_state() != before:
+        assert time.time() - t0 < RELEASE_WITHIN_S, f"still placed: {_cluster_state()} vs {before}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("layout,missing", [
+    ({"num_expert_shards": 2, "replica_options": {"shard_resources": {"CPU": 1, "expert_slot": 2}}},
+     "missing {expert_slot: 1}"),
+    ({"num_routers": 2, "num_expert_shards": 5}, "missing {CPU: 1}"),                 # 7 bundles, 6 CPUs
+    ({"num_routers": 1, "num_expert_shards": 3,
+      "replica_options": {"placement_strategy": "STRICT_SPREAD"}}, "missing 1 node(s)"),   # 4 bundles, 3 nodes
+])
+def test_a_layout_that_can_never_fit_fails_fast_and_places_nothing(ray_session, tiny_ckpt, layout, missing):
+    from v4ray import LLM
+    from v4ray.cluster.replica import ReplicaError
+
+    before = _cluster_state()
+    t0 = time.time()
+    with pytest.raises(ReplicaError, match="can never be placed") as e:
+        LLM(model=tiny_ckpt("v4-tiny"), dtype="float32", **layout)   # start_timeout_s: 300 s
+    took = time.time() - t0
+    assert took < FAIL_FAST_S, f"took {took:.1f}s"
+    assert missing in str(e.value)
+    _assert_nothing_left(before)
+
+
+def test_a_placeable_group_still_pending_says_what_it_waits_for(ray_session, caplog):
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from v4ray.cluster.placement import cluster_problem, wait_placed
+
+    before = _cluster_state()
+    blocker = placement_group([{"CPU": 2}] * 3, strategy="STRICT_SPREAD")   # every CPU of the cluster
+    ray.get(blocker.ready(), timeout=30)
+    bundles = [{"CPU": 1}]
+    assert cluster_problem(bundles, "PACK") is None        # it could fit; it must wait
+    pg = placement_group(bundles)
+    try:
+        with caplog.at_level(logging.WARNING, logger="v4ray.cluster.placement"), \
+                pytest.raises(ray.exceptions.GetTimeoutError):
+            wait_placed(pg, bundles, timeout_s=3, report_after_s=1)
+        msg = caplog.text
+        assert "1 bundles [{CPU: 1}] is still pending after 1s (waiting up to 3s)" in msg
+        assert "no other placement group is waiting; available now {CPU: 0}" in msg
+    finally:
+        remove_placement_group(pg)
+        remove_placement_group(blocker)
+    _assert_nothing_left(before)
+
+
+# ---- a process of its own: its own local Ray, or the running cluster -----------------------------------------
+
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+
+
+def _run(cmd: list[str], timeout_s: float) -> tuple[int, str, float]:
+    """Run `cmd` in its own process group; kill the group (its Ray included) if it outlives `timeout_s`."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return proc.returncode, out, time.time() - t0
+
+
+def test_llm_with_more_ranks_than_cores_generates_on_its_own_ray(tiny_ckpt):
+    """2 routers + 3 shards ask for 5 CPUs; the local Ray LLM starts on this 2-core machine is sized for them."""
+    script = textwrap.dedent(f"""
+        import json, ray
+        from v4ray import LLM, SamplingParams
+        with LLM(model={str(tiny_ckpt("v4-tiny"))!r}, dtype="float32", num_routers=2, num_expert_shards=3) as llm:
+            out = llm.generate(["hello", "expert parallel"], SamplingParams(max_tokens=5))
+            print(json.dumps({{"cpus": ray.cluster_resources()["CPU"],
+                               "tokens": [len(o.outputs[0].token_ids) for o in out]}}))
+        ray.shutdown()
+    """)
+    rc, out, took = _run([sys.executable, "-c", script], SUBPROCESS_TIMEOUT_S)
+    assert rc == 0, out[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["tokens"] == [5, 5]
+    assert result["cpus"] >= 5, result
+    print(f"LLM(num_routers=2, num_expert_shards=3) on its own Ray: {took:.1f}s")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_config(tmp_path, ckpt, port: int, **args) -> str:
+    conf = tmp_path / "ray_config.yaml"
+    conf.write_text(json.dumps({   # YAML is a superset of JSON
+        "proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{"name": "v4ray", "route_prefix": "/", "import_path": "v4ray.serve.app:build_app",
+                          "args": {"model": str(ckpt), "served_model_name": "v4-tiny", "dtype": "float32",
+                                   "max_model_len": 512, **args}}]}))
+    return str(conf)
+
+
+def test_v4ray_serve_with_expert_shards_serves_on_its_own_ray(tmp_path, tiny_ckpt):
+    """num_expert_shards: 2 asks for 4 CPUs (the server, a router, two shards) on a 2-core machine."""
+    port = _free_port()
+    conf = _serve_config(tmp_path, tiny_ckpt("v4-tiny"), port, num_expert_shards=2)
+    proc = subprocess.Popen([sys.executable, "-m", "v4ray.cli", "serve", "--config", conf],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            start_new_session=True)
+    lines = []
+    try:
+        t0 = time.time()
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving the OpenAI API" in line:
+                break
+            assert time.time() - t0 < SUBPROCESS_TIMEOUT_S, "v4ray serve did not come up"
+        assert proc.poll() is None, "".join(lines[-50:])
+        up = time.time() - t0
+        r = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+                          json={"model": "v4-tiny", "prompt": "shard me", "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+        print(f"v4ray serve with 2 expert shards up in {up:.1f}s")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_v4ray_serve_says_why_a_layout_cannot_fit_and_exits(ray_cluster, tmp_path, tiny_ckpt):
+    """On the running 6-CPU cluster, 1 router + 6 shards + the server ask for 8 CPUs: refused before deploying."""
+    before = _cluster_state()
+    conf = _serve_config(tmp_path, tiny_ckpt("v4-tiny"), _free_port(), num_expert_shards=6)
+    rc, out, took = _run([sys.executable, "-m", "v4ray.cli", "serve", "--config", conf,
+                          "--address", ray_cluster.address], CLI_FAIL_FAST_S + 30)
+    assert rc == 2, out[-3000:]
+    assert took < CLI_FAIL_FAST_S, f"took {took:.1f}s"
+    assert "v4ray serve: error: the V4Server replica cannot be deployed" in out
+    assert "8 bundles [{CPU: 1} x 8] (SPREAD)" in out and "missing {CPU: 2}" in out
+    print(f"refused in {took:.1f}s: {out.strip().splitlines()[-1]}")
+    _assert_nothing_left(before)
+
+
+def test_v4ray_serve_says_what_a_waiting_deployment_waits_for(ray_cluster, tmp_path, tiny_ckpt):
+    """Every CPU of the running cluster is held: the server's one bundle could fit, so `v4ray serve` deploys and
+    waits, saying what for every few seconds; Ctrl-C stops it and the application is removed."""
+    import ray
+    from ray import serve
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from v4ray.cluster.placement import PENDING_REPORT_AFTER_S
+
+    before = _cluster_state()
+    blocker = placement_group([{"CPU": 2}] * 3, strategy="STRICT_SPREAD")
+    ray.get(blocker.ready(), timeout=30)
+    conf = _serve_config(tmp_path, tiny_ckpt("v4-tiny"), _free_port())
+    proc = subprocess.Popen([sys.executable, "-m", "v4ray.cli", "serve", "--config", conf,
+                             "--address", ray_cluster.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            start_new_session=True)
+    lines = []
+    try:
+        t0 = time.time()
+        for line in proc.stdout:
+            lines.append(line)
+            if "not deployed after" in line:
+                break
+            assert time.time() - t0 < CLI_FAIL_FAST_S + PENDING_REPORT_AFTER_S, "".join(lines[-30:])
+        assert "1 placement group(s) waiting: 1 bundles [{CPU: 1}] (PACK)" in line, "".join(lines[-30:])
+        assert "available now {CPU: 0}" in line
+        print(line.strip())
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+        assert "stopped before the application was deployed" in out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        remove_placement_group(blocker)
+        serve.shutdown()   # the command started Serve on the shared cluster; --address leaves it running
+    _assert_nothing_left(before)
