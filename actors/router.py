@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import time
 
-import torch
-
 from v4ray.engine.build import build_engine_core, resolve_dtype
 from v4ray.engine.config import EngineConfig
 from v4ray.engine.core import EngineCore
@@ -69,37 +67,6 @@ class Router:
 
     def ping(self) -> bool:
         return True
-
-    # ---- the runner's API, remotely ---------------------------------------------------------------------
-    def can_admit(self, num_tokens: int) -> bool:
-        return self.runner.can_admit(num_tokens)
-
-    def fits_ever(self, num_tokens: int) -> bool:
-        return self.runner.fits_ever(num_tokens)
-
-    def admit(self, key: str, num_tokens: int) -> None:
-        self.runner.admit(key, num_tokens)
-
-    def release(self, key: str) -> None:
-        self.runner.release(key)
-
-    def load_prefix(self, key: str, prompt: list[int]) -> int:
-        return self.runner.load_prefix(key, prompt)
-
-    def store_prefix(self, key: str, tokens: list[int]) -> bool:
-        return self.runner.store_prefix(key, tokens)
-
-    def step(self, chunks: list) -> torch.Tensor:
-        """One lockstep step: our chunks through the model, or an idle pass through every MoE exchange."""
-        t0 = time.perf_counter()
-        if chunks:
-            out = self.runner.step(chunks)
-        else:
-            self.exchange.idle(self.runner.model.cfg.num_hidden_layers)
-            out = torch.empty(0, self.runner.model.cfg.vocab_size)
-        self.steps += 1
-        self.step_seconds += time.perf_counter() - t0
-        return out
 
     # ---- the engine: requests in, tokens out (scheduling and sampling on this router) ------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,

@@ -21,20 +21,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, write  # noqa: E402
 
 
-def decode(runner, prompts, new_tokens, after_prefill=lambda: None):
-    keys = [f"s{i}" for i in range(len(prompts))]
-    for k, p in zip(keys, prompts):
-        runner.admit(k, len(p) + new_tokens + 1)
-    out = runner.step([(k, p, [len(p) - 1]) for k, p in zip(keys, prompts)])
-    tokens = out.argmax(-1).tolist()
+def decode(engine, prompts, new_tokens, after_prefill=lambda: None):
+    """Greedy decode of every prompt together through the engine API; seconds after the prefill step."""
+    from v4ray.engine.sampling import RequestOutputKind, SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens + 1, temperature=0, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"s{i}-{time.perf_counter()}", p, params)
+    engine.step()   # prefill (the budget holds every prompt) and each sequence's first token
     after_prefill()
     t = time.perf_counter()
-    for _ in range(new_tokens):
-        tokens = runner.step([(k, [tok], [0]) for k, tok in zip(keys, tokens)]).argmax(-1).tolist()
-    elapsed = time.perf_counter() - t
-    for k in keys:
-        runner.release(k)
-    return elapsed
+    while engine.has_work():
+        engine.step()
+    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -51,10 +51,9 @@ def main() -> None:
     import torch
 
     from v4ray.cluster.local_ray import ensure_ray
-    from v4ray.cluster.replica import Replica, ReplicaConfig
+    from v4ray.cluster.replica import Replica, ReplicaConfig, ReplicaEngine
+    from v4ray.engine.build import build_engine_core
     from v4ray.engine.config import EngineConfig
-    from v4ray.model.loader import load_model
-    from v4ray.engine.runner import ModelRunner
     from v4ray.model.tiny import make_tiny
 
     ckpt = make_tiny(Path(tempfile.mkdtemp()) / "ckpt", preset=args.preset, dtype="fp32")
@@ -62,21 +61,24 @@ def main() -> None:
     prompts = [torch.randint(16, 272, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
     N = args.new_tokens * args.batch
 
-    local = ModelRunner(load_model(ckpt, torch.float32), 256 << 20, args.batch)
+    local = build_engine_core(EngineConfig(model=str(ckpt), dtype="float32", max_num_seqs=args.batch,
+                                           max_num_batched_tokens=args.batch * args.prompt_len))
     decode(local, prompts, 4)
     local_s = decode(local, prompts, args.new_tokens)
 
     ensure_ray(num_cpus=max(4, args.routers + args.shards))
-    rep = Replica(ReplicaConfig(EngineConfig(model=str(ckpt), num_routers=args.routers,
-                                             num_expert_shards=args.shards))).start()
+    rep = Replica(ReplicaConfig(EngineConfig(model=str(ckpt), dtype="float32", num_routers=args.routers,
+                                             num_expert_shards=args.shards, max_num_seqs=args.batch,
+                                             max_num_batched_tokens=args.batch * args.prompt_len))).start()
+    engine = ReplicaEngine(rep)
     try:
-        decode(rep, prompts, 4)
+        decode(engine, prompts, 4)
         snap = {}
-        dist_s = decode(rep, prompts, args.new_tokens, lambda: snap.setdefault("before", rep.stats()))
+        dist_s = decode(engine, prompts, args.new_tokens, lambda: snap.setdefault("before", rep.stats()))
         before, after = snap["before"], rep.stats()
         t = time.perf_counter()
         for _ in range(20):
-            rep.step([])
+            engine.step()   # no requests anywhere: the control path and empty exchanges only
         idle_ms = 1e3 * (time.perf_counter() - t) / 20
     finally:
         rep.shutdown()

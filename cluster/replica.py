@@ -1,9 +1,9 @@
 """One model replica on Ray: a placement group of Router and ExpertShard actors joined by one process group.
 
-`Replica` offers the ModelRunner API (admit, step, release, prefixes), so the offline `LLM` (and later the
-engine) drives a distributed replica exactly like a single-process model. Sequences are assigned to routers
-when admitted (least loaded first); each step calls every router with its chunks and every shard once, and
-they meet in each MoE layer's all-to-all.
+`Replica` places and starts the actors; `ReplicaEngine` is the engine API over them (add_request, abort, step,
+has_work: the single-process EngineCore's): each request goes to the least loaded router, which schedules and
+samples it; each step calls every router's engine step and every shard once, and they meet in each MoE
+layer's all-to-all.
 
 Health: every remote call waits at most `step_timeout_s`; every collective at most `collective_timeout_s`.
 When a step fails, each rank is probed and the error names the ranks that died or stopped answering; the
@@ -20,8 +20,6 @@ import logging
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from v4ray.engine.build import dtype_name, resolve_dtype
 from v4ray.engine.config import EngineConfig
@@ -141,7 +139,6 @@ class Replica:
                                                     config.redundant_experts)
         self.world = config.num_routers + config.num_expert_shards
         self.routers, self.shards, self.pg = [], [], None
-        self.assignment: dict[str, int] = {}  # sequence key -> router index
         self.failed: str | None = None
         self.rendezvous_address: str | None = None   # tcp://host:port of rank 0's store, once started
         self._placed = _Placed()
@@ -267,59 +264,6 @@ class Replica:
         if not dead and not hung:
             parts.append(f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
         return "; ".join(parts)
-
-    # ---- the ModelRunner API ----------------------------------------------------------------------------
-    def _router_for(self, num_tokens: int) -> int | None:
-        load = [sum(1 for r in self.assignment.values() if r == i) for i in range(len(self.routers))]
-        for i in sorted(range(len(self.routers)), key=lambda i: load[i]):
-            if self._get(self.routers[i].can_admit.remote(num_tokens), self.config.step_timeout_s, "can_admit"):
-                return i
-        return None
-
-    def can_admit(self, num_tokens: int) -> bool:
-        return self._router_for(num_tokens) is not None
-
-    def fits_ever(self, num_tokens: int) -> bool:
-        return self._get(self.routers[0].fits_ever.remote(num_tokens), self.config.step_timeout_s, "fits_ever")
-
-    def admit(self, key: str, num_tokens: int) -> None:
-        i = self._router_for(num_tokens)
-        if i is None:
-            from v4ray.model.kv_cache import CacheFullError
-            raise CacheFullError(f"no router has room for {num_tokens} tokens")
-        self._get(self.routers[i].admit.remote(key, num_tokens), self.config.step_timeout_s, "admit")
-        self.assignment[key] = i
-
-    def release(self, key: str) -> None:
-        i = self.assignment.pop(key, None)
-        if i is not None and not self.failed:
-            self._get(self.routers[i].release.remote(key), self.config.step_timeout_s, "release")
-
-    def load_prefix(self, key: str, prompt: list[int]) -> int:
-        return self._get(self.routers[self.assignment[key]].load_prefix.remote(key, prompt),
-                         self.config.step_timeout_s, "load_prefix")
-
-    def store_prefix(self, key: str, tokens: list[int]) -> bool:
-        return self._get(self.routers[self.assignment[key]].store_prefix.remote(key, tokens),
-                         self.config.step_timeout_s, "store_prefix")
-
-    def step(self, chunks: list) -> torch.Tensor:
-        """All routers (each with its chunks, possibly none) and all shards step together."""
-        per_router: list[list] = [[] for _ in self.routers]
-        where = []
-        for ch in chunks:
-            i = self.assignment[ch[0]]
-            where.append((i, len(per_router[i]), len(ch[2])))
-            per_router[i].append(ch)
-        refs = [r.step.remote(c) for r, c in zip(self.routers, per_router)] + [s.step.remote() for s in self.shards]
-        out = self._get(refs, self.config.step_timeout_s, "step")
-        logits = out[:len(self.routers)]
-        offsets = [[0] for _ in self.routers]
-        for i, c in enumerate(per_router):
-            for ch in c:
-                offsets[i].append(offsets[i][-1] + len(ch[2]))
-        pieces = [logits[i][offsets[i][j]:offsets[i][j] + n] for i, j, n in where]
-        return torch.cat(pieces) if pieces else torch.empty(0, self.cfg.vocab_size)
 
     # ---- observability ----------------------------------------------------------------------------------
     def actor_info(self) -> list[dict]:
