@@ -14,6 +14,7 @@ from collections import Counter
 
 log = logging.getLogger(__name__)
 
+RANK_RESOURCES = {"CPU": 1}     # the default bundle of every rank (router, expert shard) and of the V4Server
 PENDING_REPORT_AFTER_S = 10.0   # a placeable group on an idle cluster is placed well within this
 _EPS = 1e-6                     # Ray keeps resources in units of 1e-4
 _MAX_NODES_PER_GROUP = 1024     # an autoscaler node group without a limit: more nodes than any layout needs

@@ -26,6 +26,8 @@ from v4ray.engine.config import EngineConfig
 from v4ray.model.config import V4Config
 from v4ray.model.expert_placement import ExpertPlacement
 
+from .placement import RANK_RESOURCES
+
 log = logging.getLogger(__name__)
 
 
@@ -73,8 +75,8 @@ class ReplicaConfig:
     engine: EngineConfig
     prefix_cache: dict | None = None  # PrefixCacheClient kwargs for the routers, or None
     redundant_experts: dict[int, list[int]] = field(default_factory=dict)  # expert -> extra holder shards
-    router_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
-    shard_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    router_resources: dict[str, float] = field(default_factory=lambda: dict(RANK_RESOURCES))
+    shard_resources: dict[str, float] = field(default_factory=lambda: dict(RANK_RESOURCES))
     placement_strategy: str = "SPREAD"
     step_timeout_s: float = 120.0
     start_timeout_s: float = 300.0

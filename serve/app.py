@@ -9,18 +9,15 @@ from .config import ServeConfig
 if TYPE_CHECKING:   # Ray is imported on use: `v4ray serve` reads the placement before it starts (and so imports) Ray
     from ray.serve import Application
 
-SERVER_RESOURCES = {"CPU": 1}   # the V4Server replica's bundle; each router and expert shard gets the same
-
-
 def server_placement(cfg: ServeConfig) -> tuple[list[dict[str, float]], str]:
     """The V4Server replica's placement group: bundles and strategy. Bundle 0 holds the replica (and the engine
     when it runs in one process); a distributed replica adds one bundle per router, then one per expert shard."""
-    from v4ray.cluster.placement import layout_bundles
+    from v4ray.cluster.placement import RANK_RESOURCES, layout_bundles
 
     if not cfg.num_expert_shards:
-        return [dict(SERVER_RESOURCES)], "PACK"
-    return [dict(SERVER_RESOURCES)] + layout_bundles(cfg.num_routers, cfg.num_expert_shards, SERVER_RESOURCES,
-                                                     SERVER_RESOURCES), "SPREAD"
+        return [dict(RANK_RESOURCES)], "PACK"
+    return [dict(RANK_RESOURCES)] + layout_bundles(cfg.num_routers, cfg.num_expert_shards, RANK_RESOURCES,
+                                                   RANK_RESOURCES), "SPREAD"
 
 
 def build_app(args: dict | None = None) -> Application:
