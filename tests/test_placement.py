@@ -203,6 +203,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve(args: list[str]) -> subprocess.Popen:
+    """`v4ray serve ARGS` in its own process group (the test kills the group)."""
+    return subprocess.Popen([sys.executable, "-m", "v4ray.cli", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
+
+
+def _read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> tuple[list[str], str]:
+    """Lines of `proc` up to the first holding `marker` (asserting it comes within `timeout_s`)."""
+    lines, t0 = [], time.time()
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            return lines, line
+        assert time.time() - t0 < timeout_s, f"no {marker!r} within {timeout_s}s:\n" + "".join(lines[-30:])
+    raise AssertionError(f"the command ended without {marker!r}:\n" + "".join(lines[-30:]))
+
+
 def _serve_config(tmp_path, ckpt, port: int, **args) -> str:
     conf = tmp_path / "ray_config.yaml"
     conf.write_text(json.dumps({   # YAML is a superset of JSON
@@ -217,17 +234,10 @@ def test_v4ray_serve_with_expert_shards_serves_on_its_own_ray(tmp_path, tiny_ckp
     """num_expert_shards: 2 asks for 4 CPUs (the server, a router, two shards) on a 2-core machine."""
     port = _free_port()
     conf = _serve_config(tmp_path, tiny_ckpt("v4-tiny"), port, num_expert_shards=2)
-    proc = subprocess.Popen([sys.executable, "-m", "v4ray.cli", "serve", "--config", conf],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                            start_new_session=True)
-    lines = []
+    proc = _serve(["--config", conf])
     try:
         t0 = time.time()
-        for line in proc.stdout:
-            lines.append(line)
-            if "serving the OpenAI API" in line:
-                break
-            assert time.time() - t0 < SUBPROCESS_TIMEOUT_S, "v4ray serve did not come up"
+        lines, _ = _read_until(proc, "serving the OpenAI API", SUBPROCESS_TIMEOUT_S)
         assert proc.poll() is None, "".join(lines[-50:])
         up = time.time() - t0
         r = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
@@ -270,18 +280,9 @@ def test_v4ray_serve_says_what_a_waiting_deployment_waits_for(ray_cluster, tmp_p
     blocker = placement_group([{"CPU": 2}] * 3, strategy="STRICT_SPREAD")
     ray.get(blocker.ready(), timeout=30)
     conf = _serve_config(tmp_path, tiny_ckpt("v4-tiny"), _free_port())
-    proc = subprocess.Popen([sys.executable, "-m", "v4ray.cli", "serve", "--config", conf,
-                             "--address", ray_cluster.address],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                            start_new_session=True)
-    lines = []
+    proc = _serve(["--config", conf, "--address", ray_cluster.address])
     try:
-        t0 = time.time()
-        for line in proc.stdout:
-            lines.append(line)
-            if "not deployed after" in line:
-                break
-            assert time.time() - t0 < CLI_FAIL_FAST_S + PENDING_REPORT_AFTER_S, "".join(lines[-30:])
+        lines, line = _read_until(proc, "not deployed after", CLI_FAIL_FAST_S + PENDING_REPORT_AFTER_S)
         assert "1 placement group(s) waiting: 1 bundles [{CPU: 1}] (PACK)" in line, "".join(lines[-30:])
         assert "available now {CPU: 0}" in line
         print(line.strip())
