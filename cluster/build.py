@@ -16,7 +16,8 @@ from v4ray.model.kv_format import PREFIX_UNIT
 def prefix_cache_spec(config: EngineConfig, path: Path, dtype: torch.dtype) -> dict:
     """PrefixCacheClient arguments: the root key covers the checkpoint's identity (every weight byte, config,
     tokenizer), the dtype and the cache layout, so no other model or layout can hit these entries."""
-    from v4ray.actors.kv_cache_service import model_identity, root_key
+    from v4ray.actors.kv_cache_service import root_key
+    from v4ray.model.identity import model_identity
 
     layout = f"kv={'fp32' if dtype == torch.float32 else 'bf16'}|unit={PREFIX_UNIT}"
     identity = model_identity(path, dtype=dtype_name(dtype), layout=layout)

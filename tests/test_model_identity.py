@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from v4ray.actors.kv_cache_service import IDENTITY_SIDECAR, model_identity
+from v4ray.model.identity import IDENTITY_SIDECAR, model_identity
 
 
 @pytest.fixture
