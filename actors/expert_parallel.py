@@ -94,18 +94,20 @@ class RouterExchange:
         """x [N, D], weights/idx [N, K] -> sum_k w_k Expert_{idx_k}(x) [N, D] fp32, experts on the shards."""
         t0 = time.perf_counter()
         flat_e = idx.reshape(-1)
-        dest = self.num_routers + self.placement.destinations(flat_e, torch.arange(flat_e.numel()))  # holder ranks
+        rows = torch.arange(flat_e.numel(), device=idx.device)
+        dest = self.num_routers + self.placement.destinations(flat_e, rows)   # global rank of each row's holder
         order, tok = group_rows(idx, key=dest * self.placement.num_experts + flat_e)   # by shard, then expert
         send_counts = torch.bincount(dest[order], minlength=self.world)
         payload = torch.cat([x[tok].float(), flat_e[order].float()[:, None],
                              weights.reshape(-1)[order].float()[:, None]], dim=1)      # [M, D + 2]
         t0 = self.timer.add("router_prepare", t0)
         recv_counts = _exchange_counts(send_counts)
-        recv = torch.empty(int(recv_counts.sum()), self.hidden + 2)                    # routers receive none
+        recv = torch.empty(int(recv_counts.sum()), self.hidden + 2, device=x.device)   # routers receive none
         dist.all_to_all_single(recv, payload, recv_counts.tolist(), send_counts.tolist())
         t0 = self.timer.add("dispatch", t0)
-        back = torch.empty(payload.shape[0], self.hidden)
-        dist.all_to_all_single(back, torch.empty(0, self.hidden), send_counts.tolist(), recv_counts.tolist())
+        back = torch.empty(payload.shape[0], self.hidden, device=x.device)
+        dist.all_to_all_single(back, torch.empty(0, self.hidden, device=x.device), send_counts.tolist(),
+                               recv_counts.tolist())
         t0 = self.timer.add("combine", t0)
         return combine_rows(idx.shape[0], tok, back)
 

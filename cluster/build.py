@@ -25,39 +25,30 @@ def prefix_cache_spec(config: EngineConfig, path: Path, dtype: torch.dtype) -> d
             "name": config.kv_cache_service}
 
 
-def _replica_cpus(config: EngineConfig, replica_options: dict | None) -> float:
-    """CPUs the replica's placement group reserves (0 in one process): a local Ray started for it gets as many."""
-    if not config.num_expert_shards:
-        return 0
-    from .placement import bundle_totals, layout_bundles
-    from .replica import ReplicaConfig
-
-    c = ReplicaConfig(engine=config, **(replica_options or {}))
-    return bundle_totals(layout_bundles(c.num_routers, c.num_expert_shards, c.router_resources,
-                                        c.shard_resources)).get("CPU", 0)
-
-
 def build_engine(config: EngineConfig, address: str | None = None, replica_options: dict | None = None):
     """An EngineCore (num_expert_shards == 0) or a started replica's ReplicaEngine. A local Ray on 127.0.0.1 is
-    started when one is needed and none runs (`address` joins another cluster). `replica_options`: further
-    ReplicaConfig fields (resources, placement strategy, timeouts, redundant experts)."""
-    path = checkpoint_dir(config)
-    cfg = V4Config.from_file(path)
-    dtype = resolve_dtype(config.dtype, cfg)
-    prefix = None
-    if config.enable_prefix_caching or config.num_expert_shards:
-        from .local_ray import ensure_ray
+    started when one is needed and none runs, with at least the CPUs the replica reserves (`address` joins
+    another cluster). `replica_options`: further ReplicaConfig fields (resources, placement strategy, timeouts,
+    redundant experts)."""
+    from .local_ray import ensure_ray
 
-        ensure_ray(address, num_cpus=_replica_cpus(config, replica_options))
-    if config.enable_prefix_caching:
-        prefix = prefix_cache_spec(config, path, dtype)
+    path = checkpoint_dir(config)
+    dtype = resolve_dtype(config.dtype, V4Config.from_file(path))
     if config.num_expert_shards == 0:
         from v4ray.actors.kv_cache_service import PrefixCacheClient
 
-        return build_engine_core(config, prefix_cache=PrefixCacheClient(**prefix) if prefix else None)
+        client = None
+        if config.enable_prefix_caching:
+            ensure_ray(address)
+            client = PrefixCacheClient(**prefix_cache_spec(config, path, dtype))
+        return build_engine_core(config, prefix_cache=client)
+    from .placement import bundle_totals, layout_bundles
     from .replica import Replica, ReplicaConfig, ReplicaEngine
 
-    fields = {**config.engine_fields(), "model": str(path), "dtype": dtype_name(dtype)}
-    replica = Replica(ReplicaConfig(engine=EngineConfig(**fields), prefix_cache=prefix,
-                                    **(replica_options or {}))).start()
-    return ReplicaEngine(replica)
+    engine = EngineConfig(**{**config.engine_fields(), "model": str(path), "dtype": dtype_name(dtype)})
+    c = ReplicaConfig(engine=engine, **(replica_options or {}))
+    bundles = layout_bundles(c.num_routers, c.num_expert_shards, c.router_resources, c.shard_resources)
+    ensure_ray(address, num_cpus=bundle_totals(bundles).get("CPU", 0))
+    if config.enable_prefix_caching:
+        c.prefix_cache = prefix_cache_spec(config, path, dtype)
+    return ReplicaEngine(Replica(c).start())

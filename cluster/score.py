@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -37,21 +36,19 @@ from pathlib import Path
 from typing import Iterator
 
 from v4ray.model.chat import ChatFormatError, render_chat
+from v4ray.engine.json_input import JSONInputError, loads_strict, lone_surrogate_path
 from v4ray.engine.sampling import SamplingParams
 
 from .replica import ReplicaError
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_p", "presence_penalty",
                    "frequency_penalty", "repetition_penalty")
-MAX_JSON_DEPTH = 64  # nesting of arrays/objects in one row; real rows (chat messages with parts) use < 10
 MAX_ROW_BYTES = 64 << 20  # one input line; longer lines become error rows without being held in memory
 MAX_ERROR_CHARS = 1000  # error text kept in an error row
 CHECKPOINT_ROWS = 256  # fsync the output after this many rows written ...
 CHECKPOINT_S = 10.0  # ... or this many seconds, whichever comes first
 ENGINE_KEY_PREFIX = "score-"
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # unrolled: linear time, no backtracking blow-up
-_JSON_BRACKET = re.compile(rb"[\[\]{}]")
 
 
 class RowError(ValueError):
@@ -101,32 +98,6 @@ def read_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
                 yield lineno, raw
 
 
-def json_depth(raw: bytes) -> int:
-    """Deepest nesting of arrays/objects in a JSON text (brackets inside strings do not count)."""
-    depth = deepest = 0
-    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', raw)):
-        depth += 1 if m.group() in b"[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
-def _check_text(value, where: str) -> None:
-    """Reject lone surrogates ("\\ud800" escapes) anywhere in a decoded row: they cannot be encoded as text."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"{where} holds a lone surrogate {value[e.start]!r} at character {e.start}; "
-                             f"JSON strings must be valid Unicode") from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_text(k, f"{where} key")
-            _check_text(v, f"{where}.{k}" if isinstance(k, str) and k.isidentifier() else where)
-    elif isinstance(value, list):
-        for v in value:
-            _check_text(v, where)
-
-
 def _row_id(obj: dict):
     """The row's id (a non-empty string or an integer, type kept), or RowError."""
     field = "custom_id" if "custom_id" in obj else "id"
@@ -135,11 +106,8 @@ def _row_id(obj: dict):
         raise RowError("row has no 'id' (or 'custom_id')")
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         raise RowError(f"'{field}' must be a non-empty string or an integer, got {json.dumps(rid)[:80]}")
-    if isinstance(rid, str):
-        try:
-            rid.encode("utf-8")
-        except UnicodeEncodeError:
-            raise RowError(f"'{field}' holds a lone surrogate; JSON strings must be valid Unicode") from None
+    if isinstance(rid, str) and lone_surrogate_path(rid) is not None:
+        raise RowError(f"'{field}' holds a lone surrogate; JSON strings must be valid Unicode")
     return rid
 
 
@@ -155,16 +123,9 @@ def id_key(rid) -> tuple[str, str | int] | None:
 def decode_row(raw: bytes) -> tuple[dict, str | int]:
     """Input line bytes -> (JSON object, id), or RowError."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RowError(f"the line is not valid UTF-8 (byte {e.start})") from None
-    depth = json_depth(raw)
-    if depth > MAX_JSON_DEPTH:
-        raise RowError(f"JSON nested {depth} levels deep; the limit is {MAX_JSON_DEPTH}")
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, int digit limits, ...
-        raise RowError(f"invalid JSON: {e}") from None
+        obj = loads_strict(raw)
+    except JSONInputError as e:
+        raise RowError(f"the line is {e}" if e.code == "invalid_encoding" else str(e)) from None
     if not isinstance(obj, dict):
         raise RowError("a row must be a JSON object")
     return obj, _row_id(obj)
@@ -177,7 +138,9 @@ def build_row(n: int, obj: dict, rid, tokenizer, mode: str, max_model_len: int,
     body = obj.get("body", obj) if custom else obj
     if not isinstance(body, dict):
         raise ValueError("'body' must be an object")
-    _check_text(body, "body" if custom else "row")
+    bad = lone_surrogate_path(body, "body" if custom else "")
+    if bad is not None:
+        raise ValueError(f"'{bad or 'row'}' holds a lone surrogate; JSON strings must be valid Unicode")
     if "messages" in body:
         try:
             ids = tokenizer.encode(render_chat(body["messages"]), add_bos=False)

@@ -55,8 +55,6 @@ def build_engine_core(config: EngineConfig, model=None, prefix_cache=None, locks
         model = load_model(path, resolve_dtype(config.dtype, cfg), keep_quantized=config.keep_quantized, cfg=cfg)
     runner = ModelRunner(model, config.kv_cache_bytes, config.max_num_seqs,
                          config.block_size or default_block_size(cfg), prefix_cache=prefix_cache)
-    core = EngineCore(runner, V4Tokenizer.from_dir(path), config.max_model_len or cfg.max_position_embeddings,
+    return EngineCore(runner, V4Tokenizer.from_dir(path), config.max_model_len or cfg.max_position_embeddings,
                       config.max_num_batched_tokens, config.max_num_seqs, prefix_caching=prefix_cache is not None,
-                      lockstep=lockstep)
-    core.config = config  # what it was built from (stats, tests)
-    return core
+                      lockstep=lockstep, config=config)

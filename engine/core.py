@@ -33,12 +33,12 @@ class _Request:
 class EngineCore:
     def __init__(self, runner: ModelRunner, tokenizer: V4Tokenizer, max_model_len: int,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64, prefix_caching: bool = False,
-                 lockstep: bool = False):
+                 lockstep: bool = False, config=None):
         """lockstep: this engine is one rank of a distributed replica. A failed forward then leaves the
-        collectives out of step, so it fails the replica (raises) instead of only the requests of that step."""
+        collectives out of step, so it fails the replica (raises) instead of only the requests of that step.
+        config: the EngineConfig it was built from (`build_engine_core`), for stats and checks."""
         self.runner, self.tokenizer, self.max_model_len = runner, tokenizer, max_model_len
-        self.lockstep = lockstep
-        self.config = None  # the EngineConfig it was built from, when built by build_engine_core
+        self.lockstep, self.config = lockstep, config
         self.scheduler = Scheduler(runner, max_num_batched_tokens, max_num_seqs, prefix_caching)
         self.requests: dict[str, _Request] = {}
         self._arrival = itertools.count()
@@ -90,7 +90,6 @@ class EngineCore:
         plan = self.scheduler.schedule(self._admit, self._preempt, self._load_prefix)
         if not plan:
             return []
-        failed: dict[str, str] = {}
         try:
             logits = self.runner.step([(c.state.key, c.state.tokens[c.start:c.start + c.num_tokens], c.logit_rows)
                                        for c in plan])
@@ -99,10 +98,11 @@ class EngineCore:
                 raise
             # One process: the cache rows of this step's sequences are suspect, the engine is not.
             log.exception("model step failed; failing the %d requests of this step", len(plan))
-            for c in plan:
-                failed[c.state.request_id] = f"model step failed: {type(e).__name__}: {e}"
-            return [self._fail(rid, msg) for rid, msg in failed.items() if rid in self.requests]
+            msg = f"model step failed: {type(e).__name__}: {e}"
+            return [self._fail(rid, msg) for rid in dict.fromkeys(c.state.request_id for c in plan)
+                    if rid in self.requests]
         self.num_steps += 1
+        failed: dict[str, str] = {}
         # one batched log-softmax and argmax for every sampled row (per-row Python work stays small)
         logprobs = torch.log_softmax(logits, dim=-1)
         argmax = logits.argmax(dim=-1).tolist()

@@ -396,7 +396,7 @@ def group_rows(idx: torch.Tensor, key: torch.Tensor | None = None) -> tuple[torc
 
 def combine_rows(num_tokens: int, tok: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Combine: sum each token's weighted expert rows y [M, D] back into [num_tokens, D] fp32."""
-    return torch.zeros(num_tokens, y.shape[1], dtype=torch.float32).index_add_(0, tok, y.float())
+    return torch.zeros(num_tokens, y.shape[1], dtype=torch.float32, device=y.device).index_add_(0, tok, y.float())
 
 
 class MoE(nn.Module):

@@ -70,7 +70,7 @@ class _Stream:
         return item
 
 
-def _push_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+def _push_all(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
     for stream, out in items:
         stream.push(out)
 
@@ -140,22 +140,13 @@ class AsyncEngine:
         self._commands.put(("abort", rid))
         self._wake.set()
 
-    def _deliver(self, rid: str, item) -> None:
-        s = self._streams.get(rid)
-        if s is not None:
-            try:
-                s.loop.call_soon_threadsafe(s.push, item)
-            except RuntimeError:  # the reader's event loop is closed: nobody is listening
-                pass
-
-    def _deliver_step(self, outs: list[RequestOutput]) -> None:
-        """One step's outputs: one wake-up per event loop, not one per request (each hand-over of the GIL to
-        the loop's thread costs the engine thread up to a switch interval)."""
+    def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand (request id, output or error) pairs to their streams: one wake-up per event loop per call."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for out in outs:
-            s = self._streams.get(out.request_id)
+        for rid, item in items:
+            s = self._streams.get(rid)
             if s is not None:
-                by_loop.setdefault(s.loop, []).append((s, out))
+                by_loop.setdefault(s.loop, []).append((s, item))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_push_all, items)
@@ -166,8 +157,7 @@ class AsyncEngine:
         """The engine can no longer serve: fail every request now and every later one at once."""
         self.dead = reason
         log.error("engine dead: %s", reason)
-        for rid in list(self._streams):
-            self._deliver(rid, EngineDeadError(reason))
+        self._deliver([(rid, EngineDeadError(reason)) for rid in list(self._streams)])
 
     def _is_replica_failure(self, e: BaseException) -> bool:
         from v4ray.cluster.replica import ReplicaError
@@ -187,12 +177,12 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(rid, prompt_ids, params, prompt)
                 except ValueError as e:  # invalid for this engine (too long, bad token id): the client's error
-                    self._deliver(rid, e)
+                    self._deliver([(rid, e)])
                 except Exception as e:  # noqa: BLE001
                     if self._is_replica_failure(e):
                         raise
                     log.exception("add_request %s failed", rid)
-                    self._deliver(rid, RequestFailedError(f"{type(e).__name__}: {e}"))
+                    self._deliver([(rid, RequestFailedError(f"{type(e).__name__}: {e}"))])
             elif cmd[0] == "abort":
                 try:
                     self.engine.abort(cmd[1])
@@ -227,4 +217,4 @@ class AsyncEngine:
             self.num_steps += 1
             self.step_wall_s += time.perf_counter() - t0
             self.step_cpu_s += time.thread_time() - c0
-            self._deliver_step(outs)
+            self._deliver([(out.request_id, out) for out in outs])

@@ -25,8 +25,8 @@ from v4ray.model.tokenizer import V4Tokenizer
 from v4ray.model.chat import split_reasoning
 from v4ray.engine.sampling import RequestOutputKind
 
-from .protocol import (APIError, Parsed, chat_logprobs, completion_logprobs, final_body,
-                              parse_json, parse_request, sse, usage_counts)
+from .protocol import (DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, Parsed, chat_logprobs, check_fields,
+                       completion_logprobs, final_body, parse_json, parse_request, sse, usage_counts)
 
 log = logging.getLogger("v4ray.serve")
 
@@ -71,7 +71,7 @@ class V4Server:
         elif self.replica is not None and not self.replica.failed:
             rs = self.replica.stats()
             eng = [r["engine"] for r in rs["routers"]]
-            s.update({k: sum(e[k] for e in eng) for k in ("waiting", "running", "kv_blocks", "kv_free_blocks",
+            s.update({k: sum(r[k] for r in eng) for k in ("waiting", "running", "kv_blocks", "kv_free_blocks",
                                                         "preemptions")})
             s["expert_imbalance"] = max(rs["shard_imbalance"] or [0.0])
         return s
@@ -377,9 +377,7 @@ class OpenAIIngress:
     @v1.post("/tokenize")
     async def tokenize(self, request: Request):
         body = await self._body(request)
-        unknown = sorted(set(body) - {"model", "prompt", "messages", "add_special_tokens"})
-        if unknown:
-            raise APIError(400, f"unknown field(s) {unknown}", param=unknown[0])
+        check_fields(body, TOKENIZE_FIELDS)
         if "messages" in body:
             from v4ray.model.chat import ChatFormatError, render_chat
             try:
@@ -398,9 +396,7 @@ class OpenAIIngress:
     @v1.post("/detokenize")
     async def detokenize(self, request: Request):
         body = await self._body(request)
-        unknown = sorted(set(body) - {"model", "tokens"})
-        if unknown:
-            raise APIError(400, f"unknown field(s) {unknown}", param=unknown[0])
+        check_fields(body, DETOKENIZE_FIELDS)
         ids = body.get("tokens")
         vocab = self.tokenizer.vocab_size
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab

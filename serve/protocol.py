@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from v4ray.model.chat import ChatFormatError, render_chat, split_reasoning
+from v4ray.engine.json_input import JSONInputError, loads_strict, lone_surrogate_path, printable
 from v4ray.engine.outputs import RequestOutput
 from v4ray.engine.sampling import SamplingParamError, SamplingParams
 from v4ray.model.tokenizer import V4Tokenizer
@@ -20,7 +21,7 @@ from v4ray.model.tokenizer import V4Tokenizer
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict | None = None):
-        message, param = _printable(message), None if param is None else _printable(param)
+        message, param = printable(message), None if param is None else printable(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
@@ -29,106 +30,24 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def _printable(s: str) -> str:
-    """`s` made encodable: a client's lone surrogates (echoed in a field path or message) become escapes."""
-    return s.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def bad(param: str, message: str) -> APIError:
     return APIError(400, message, param=param)
 
 
-MAX_JSON_DEPTH = 64  # nesting of objects/arrays in a request body; chat content parts need 5
-
-
 def parse_json(raw: bytes) -> dict:
-    """The body as a JSON object, or a 400: invalid UTF-8 or JSON, NaN/Infinity literals, nesting deeper than
-    MAX_JSON_DEPTH, or strings that are not valid Unicode (lone surrogates such as "\\ud800")."""
+    """The body as a JSON object, or a 400: strict JSON (`engine/json_input.py`: UTF-8, nesting, no NaN) whose
+    strings are all valid Unicode (the 400 names the field holding a lone surrogate)."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise APIError(400, "request body is not valid UTF-8", code="invalid_encoding")
-    if _max_depth_bound(text) > MAX_JSON_DEPTH:
-        raise APIError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
-    try:
-        body = json.loads(text, parse_constant=_no_constant)
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json")
-    except (ValueError, RecursionError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json")
+        body = loads_strict(raw)
+    except JSONInputError as e:
+        raise APIError(400, f"request body: {e}", code=e.code) from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
-    check_strings(body, "")
+    bad = lone_surrogate_path(body)
+    if bad is not None:
+        raise APIError(400, f"'{bad}' holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode",
+                       param=bad or None, code="invalid_encoding")
     return body
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _max_depth_bound(text: str) -> int:
-    """An upper bound of the JSON nesting depth, without recursion: brackets inside strings count too, so a
-    body can be refused only when its brackets alone could nest that deep."""
-    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
-        return 0
-    depth = deepest = 0
-    for ch in text:
-        if ch in "[{":
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > MAX_JSON_DEPTH:
-                    return _exact_depth(text)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
-def _exact_depth(text: str) -> int:
-    """The nesting depth of `text`, skipping brackets inside strings (called only for bracket-heavy bodies)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
-def check_strings(value, path: str) -> None:
-    """Every string (keys included) must encode as UTF-8: JSON's "\\ud800" escapes decode to lone surrogates
-    that the tokenizer cannot take. Iterative, so depth is no concern."""
-    stack = [(value, path)]
-    while stack:
-        v, at = stack.pop()
-        if isinstance(v, str):
-            _encodable(v, at)
-        elif isinstance(v, dict):
-            for k, item in v.items():
-                where = f"{at}.{k}" if at else str(k)
-                _encodable(k, where)
-                stack.append((item, where))
-        elif isinstance(v, list):
-            stack.extend((item, f"{at}[{i}]") for i, item in enumerate(v))
-
-
-def _encodable(s: str, param: str) -> None:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise APIError(400, f"'{param}' holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode",
-                       param=param or None, code="invalid_encoding") from None
 
 
 # Fields each endpoint takes. Anything else is refused with a 400 naming it (vLLM's behaviour), except the
@@ -140,10 +59,12 @@ COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo", "logprobs"}
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
                                  "chat_template_kwargs", "tools", "tool_choice", "functions", "response_format"}
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier"}
+TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens"}
+DETOKENIZE_FIELDS = {"model", "tokens"}
 
 
-def check_fields(kind: str, body: dict) -> None:
-    allowed = (CHAT_FIELDS if kind == "chat" else COMPLETION_FIELDS) | IGNORED_FIELDS
+def check_fields(body: dict, allowed: set[str]) -> None:
+    """A 400 naming the first field of `body` outside `allowed`."""
     unknown = sorted(k for k in body if k not in allowed)
     if unknown:
         raise bad(unknown[0], f"unknown field(s) {unknown}: not supported by this endpoint; remove them "
@@ -179,7 +100,7 @@ def parse_request(kind: str, body: dict, tokenizer: V4Tokenizer, max_model_len: 
                   model_name: str, max_output_entries: int | None = None) -> Parsed:
     """Validate one completions/chat body. `max_output_entries` caps n x (logprobs + 1) x max_tokens: the
     size of what one request may make the server produce and send."""
-    check_fields(kind, body)
+    check_fields(body, (CHAT_FIELDS if kind == "chat" else COMPLETION_FIELDS) | IGNORED_FIELDS)
     model = body.get("model")
     if model is None:
         raise bad("model", "'model' is required")
