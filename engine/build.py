@@ -20,13 +20,38 @@ from .runner import ModelRunner
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def resolve_dtype(dtype: str | torch.dtype, cfg: V4Config) -> torch.dtype:
-    """"auto" is the checkpoint's dtype (bfloat16 unless it is stored in float32)."""
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto": this process's first visible GPU (Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned, so that is
+    the actor's own GPU), else the CPU. An explicit "cuda" without a visible GPU is an error that says so."""
+    if isinstance(device, torch.device):
+        spec = str(device)
+    else:
+        spec = device.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={spec!r} but this process sees no GPU (torch.cuda.is_available() is False; "
+                               "under Ray, reserve one with gpus_per_router/gpus_per_shard); use device=auto or cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", 0)
+        if dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device={spec!r} but this process sees {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, cfg: V4Config, device: torch.device | None = None) -> torch.dtype:
+    """"auto" is bfloat16 on a GPU; on the CPU the checkpoint's dtype (bfloat16 unless it is stored in float32)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
         return dtype
     if dtype == "auto":
+        if device is not None and device.type == "cuda":
+            return torch.bfloat16
         return torch.float32 if cfg.extra.get("torch_dtype") == "float32" else torch.bfloat16
     aliases = {"fp32": "float32", "bf16": "bfloat16"}
     if aliases.get(dtype, dtype) not in _DTYPES:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DTYPES = ("auto", "float32", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "fp8", "bf16", "fp32")
 KV_CACHE_SERVICE = "v4ray-kv-cache"
 
 
@@ -21,6 +22,13 @@ class EngineConfig(BaseModel):
     model: str = Field(description="Checkpoint directory (config.json, tokenizer.json, safetensors).")
     dtype: str = Field("auto", description="Compute dtype: auto (the checkpoint's: bfloat16 unless stored in "
                                            "float32), float32 or bfloat16.")
+    device: str = Field("auto", description="Where the model, cache and step run: auto (cuda when this process sees "
+                                            "a GPU, else cpu), cpu, cuda or cuda:N.")
+    kv_cache_dtype: str = Field("auto", description="KV-cache storage: auto (the compute dtype's: bf16 or fp32), "
+                                                    "fp8 (packed e4m3 + scales; docs/v4_model.md §3.1), bf16 or fp32.")
+    gpus_per_router: float = Field(0, ge=0, description="GPUs each Router actor (or the single-process engine) "
+                                                        "reserves; > 0 runs it on CUDA.")
+    gpus_per_shard: float = Field(0, ge=0, description="GPUs each ExpertShard actor reserves; > 0 runs it on CUDA.")
     keep_quantized: bool = Field(False, description="Keep FP8/FP4 weights as stored (dequantized per use).")
     num_routers: int = Field(1, ge=1, description="Router actors of a distributed replica (attention side).")
     num_expert_shards: int = Field(0, ge=0, description="ExpertShard actors; 0 runs the model in one process "
@@ -42,6 +50,22 @@ class EngineConfig(BaseModel):
     def _dtype(cls, v: str) -> str:
         if v not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {v!r}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = v.strip().lower()
+        kind, _, index = v.partition(":")
+        if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    @field_validator("kv_cache_dtype")
+    @classmethod
+    def _kv_cache_dtype(cls, v: str) -> str:
+        if v not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {v!r}")
         return v
 
     @model_validator(mode="after")
