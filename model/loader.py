@@ -3,13 +3,20 @@
 Only the tensors the model asks for are read: a model built for experts [e0, e1) opens only the shard files
 that hold its tensors (docs/v4_model.md §5.5). Quantized tensors (FP8 e4m3 + ue8m0 128x128 block scales,
 FP4 e2m1 experts + ue8m0 per-32 scales) are dequantized on load or kept as stored (`keep_quantized`).
+
+Loading streams tensor by tensor onto the target device: read one stored tensor (and its scale) from the file
+with pread into a fresh host buffer, upload it, convert it there, place it in its module buffer, drop the host
+buffer. Shapes are checked from the file headers before any data is read. The files are not memory-mapped:
+pages of a mapping stay resident (and counted in the process's RSS) until the file is closed, which would hold
+a second copy of every weight in host memory during the load (`bench/load.py` measures this).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-from contextlib import ExitStack
+import struct
 from pathlib import Path
 
 import torch
@@ -115,22 +122,118 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Read the named tensors, opening each needed file once; ue8m0 scales come back as raw uint8."""
-        by_file: dict[str, list[str]] = {}
+    def check_files(self, names: list[str]) -> None:
+        """Every file holding one of `names` exists (checked before any tensor is read)."""
+        first: dict[str, str] = {}
         for n in names:
-            by_file.setdefault(self.files[n][0], []).append(n)
-        out = {}
-        with ExitStack() as stack:
-            for fname, group in by_file.items():
-                path = self.dir / fname
-                if not path.exists():
-                    raise CheckpointError(f"{INDEX_FILE} maps '{group[0]}' to {fname}, which is missing")
-                f = stack.enter_context(safe_open(path, framework="pt"))
-                for n in group:
-                    t = f.get_tensor(self.files[n][1])
-                    out[n] = t.view(torch.uint8) if t.dtype == torch.float8_e8m0fnu else t
-        return out
+            first.setdefault(self.files[n][0], n)
+        for fname, name in first.items():
+            if not (self.dir / fname).exists():
+                raise CheckpointError(f"{INDEX_FILE} maps '{name}' to {fname}, which is missing")
+
+    def reader(self, device: torch.device | str | None = None) -> "TensorReader":
+        return TensorReader(self, device)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read the named tensors into host memory (for small sets; the loader streams with `reader`)."""
+        self.check_files(names)
+        with self.reader() as r:
+            return {n: r.get(n) for n in names}
+
+
+# safetensors dtype names -> torch dtypes. ue8m0 scales come back as raw uint8 bytes (kernels/quant.py).
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+              "F8_E8M0": torch.uint8}
+
+
+class SafetensorsFile:
+    """One .safetensors file, read a tensor at a time with pread (no memory map): header = 8-byte little-endian
+    length + JSON {name: {dtype, shape, data_offsets}}, then the data."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(self.fd).st_size
+            head = os.pread(self.fd, 8, 0)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise CheckpointError(f"{path} is not a safetensors file (bad header length)")
+            try:
+                header = json.loads(os.pread(self.fd, n, 8))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{path} has an unreadable safetensors header: {e}")
+            self.base, self.size = 8 + n, size
+            self.entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def meta(self, stored: str) -> torch.Tensor:
+        """The stored tensor's dtype and shape, as a meta tensor (checks before reading)."""
+        e = self.entries.get(stored)
+        if e is None:
+            raise CheckpointError(f"{self.path} does not hold tensor '{stored}' its index names")
+        if e.get("dtype") not in _ST_DTYPES:
+            raise CheckpointError(f"tensor '{stored}' in {self.path} has unsupported dtype {e.get('dtype')!r}")
+        t = torch.empty(e["shape"], dtype=_ST_DTYPES[e["dtype"]], device="meta")
+        begin, end = e["data_offsets"]
+        if end - begin != t.numel() * t.element_size() or not 0 <= begin <= end <= self.size - self.base:
+            raise CheckpointError(f"tensor '{stored}' in {self.path} has data_offsets {[begin, end]} that do not "
+                                  f"fit its shape {e['shape']} ({e['dtype']}) or the file")
+        return t
+
+    def read(self, stored: str) -> torch.Tensor:
+        """The stored tensor, in a fresh host buffer."""
+        m = self.meta(stored)
+        t = torch.empty(m.shape, dtype=m.dtype)
+        buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        offset, done = self.base + self.entries[stored]["data_offsets"][0], 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:
+                raise CheckpointError(f"{self.path} ends inside tensor '{stored}' (truncated file)")
+            done += n
+        return t
+
+
+class TensorReader:
+    """Reads a checkpoint's tensors by official name onto `device`, one at a time; opens each file once."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device | str | None = None):
+        self.ckpt, self.device = ckpt, torch.device(device or "cpu")
+        self.open: dict[str, SafetensorsFile] = {}
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self.open.values():
+            f.close()
+        self.open.clear()
+
+    def _file(self, name: str) -> tuple[SafetensorsFile, str]:
+        fname, stored = self.ckpt.files[name]
+        if fname not in self.open:
+            path = self.ckpt.dir / fname
+            if not path.exists():
+                raise CheckpointError(f"{INDEX_FILE} maps '{name}' to {fname}, which is missing")
+            self.open[fname] = SafetensorsFile(path)
+        return self.open[fname], stored
+
+    def meta(self, name: str) -> torch.Tensor:
+        f, stored = self._file(name)
+        return f.meta(stored)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor and put it on the device; the host buffer is dropped when the caller is done."""
+        f, stored = self._file(name)
+        return f.read(stored).to(self.device)
 
 
 def _weight_format(name: str, t: torch.Tensor, scale: torch.Tensor | None, logical: tuple[int, int]) -> str | None:
@@ -155,16 +258,32 @@ def _weight_format(name: str, t: torch.Tensor, scale: torch.Tensor | None, logic
     return fmt
 
 
+def _quant_weight(r: TensorReader, name: str, logical: tuple[int, int], dtype: torch.dtype,
+                  keep_quantized: bool) -> QuantTensor:
+    """One linear weight (and its scale): shapes checked from the header, read, uploaded, then dequantized to
+    `dtype` on the device unless kept as stored."""
+    scale_name = name[: -len("weight")] + "scale"
+    has_scale = scale_name in r.ckpt
+    fmt = _weight_format(name, r.meta(name), r.meta(scale_name) if has_scale else None, logical)
+    q = QuantTensor(r.get(name), r.get(scale_name) if has_scale else None, fmt)
+    if fmt is None:
+        return QuantTensor(q.data.to(dtype))
+    return q if keep_quantized else QuantTensor(q.dequantize(dtype))
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, expert_range: tuple[int, int] | None = None,
-               keep_quantized: bool = False, cfg: V4Config | None = None, expert_backend=None) -> V4Model:
-    """Build a V4Model from a checkpoint directory.
+               keep_quantized: bool = False, cfg: V4Config | None = None, expert_backend=None,
+               device: torch.device | str | None = None) -> V4Model:
+    """Build a V4Model from a checkpoint directory, its weights on `device` (default cpu).
 
     expert_range: load only routed experts [e0, e1) (an expert shard). keep_quantized: FP8/FP4 tensors stay in
     their checkpoint format with their scales (dequantized per use); otherwise they are dequantized to `dtype`.
     expert_backend: where the routed experts run (an expert-parallel router's exchange); None: in this process.
+    Tensors stream one at a time from the files to the device (see the module docstring).
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    device = torch.device(device or "cpu")
     cfg = cfg or V4Config.from_file(path)
     ckpt = Checkpoint(path)
     if expert_range is not None:
@@ -174,7 +293,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, expert_rang
                              f"(e0 == e1: no routed experts, as on a router)")
     model = V4Model(cfg, dtype, expert_range, expert_backend)
     linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, Linear)}
-    wanted = {}  # official name -> (module, attr)
+    wanted = {}  # official name -> module buffer name
     for mod_name in model.state_dict():  # persistent buffers only (RoPE tables are computed)
         if mod_name.endswith(".scale") and mod_name[: -len("scale")] + "weight" in linears:
             continue  # scales are read with their weights
@@ -185,44 +304,41 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, expert_rang
         shown = ", ".join(f"'{n}' (expected shape {shapes[n]})" for n in missing[:5])
         raise CheckpointError(f"checkpoint {ckpt.dir} lacks {len(missing)} tensor(s) the config needs: {shown}"
                               + (" ..." if len(missing) > 5 else ""))
-    scale_names = [n[: -len("weight")] + "scale" for n, m in wanted.items() if m in linears]
-    tensors = ckpt.read(list(wanted) + [s for s in scale_names if s in ckpt])
+    ckpt.check_files(list(wanted))
 
-    for name, mod_name in wanted.items():
-        t = tensors[name]
-        owner_name, _, attr = mod_name.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
-        if mod_name in linears:
-            lin: Linear = owner
-            scale = tensors.get(name[: -len("weight")] + "scale")
-            fmt = _weight_format(name, t, scale, (lin.out_features, lin.in_features))
-            q = QuantTensor(t, scale, fmt)
-            if fmt is not None and not keep_quantized:
-                q = QuantTensor(q.dequantize(dtype))
-            elif fmt is None:
-                q = QuantTensor(t.to(dtype))
-            lin.fmt, lin._buffers["weight"], lin._buffers["scale"] = q.fmt, q.data, q.scale
-            continue
-        expect = tuple(owner._buffers[attr].shape)
-        if tuple(t.shape) != expect:
-            raise CheckpointError(f"tensor '{name}' has shape {list(t.shape)}, expected {list(expect)}")
-        if attr == "tid2eid":
-            t = t.long()
-            if t.numel() and (t.min() < 0 or t.max() >= cfg.n_routed_experts):
-                raise CheckpointError(f"tensor '{name}' holds expert ids outside [0, {cfg.n_routed_experts})")
-        elif name.endswith(FP32_SUFFIXES):
-            t = t.float()
-        else:
-            t = t.to(dtype)
-        owner._buffers[attr] = t
+    with ckpt.reader(device) as r:
+        for name, mod_name in wanted.items():
+            owner_name, _, attr = mod_name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            if mod_name in linears:
+                lin: Linear = owner
+                q = _quant_weight(r, name, (lin.out_features, lin.in_features), dtype, keep_quantized)
+                lin.fmt, lin._buffers["weight"], lin._buffers["scale"] = q.fmt, q.data, q.scale
+                continue
+            stored, expect = list(r.meta(name).shape), list(owner._buffers[attr].shape)
+            if stored != expect:
+                raise CheckpointError(f"tensor '{name}' has shape {stored}, expected {expect}")
+            t = r.get(name)
+            if attr == "tid2eid":
+                t = t.long()
+                if t.numel() and (t.min() < 0 or t.max() >= cfg.n_routed_experts):
+                    raise CheckpointError(f"tensor '{name}' holds expert ids outside [0, {cfg.n_routed_experts})")
+            elif name.endswith(FP32_SUFFIXES):
+                t = t.float()
+            else:
+                t = t.to(dtype)
+            owner._buffers[attr] = t
+    model.to(device)  # the computed tables (RoPE frequencies); the loaded weights are there already
     model.eval()
     return model
 
 
 def load_expert_weights(path: str | Path, expert_ids: list[int], dtype: torch.dtype = torch.float32,
                         keep_quantized: bool = True, cfg: V4Config | None = None,
+                        device: torch.device | str | None = None,
                         ) -> list[dict[int, tuple[QuantTensor, QuantTensor, QuantTensor]]]:
-    """The routed experts `expert_ids` of every layer, reading only their tensors (an expert shard's load).
+    """The routed experts `expert_ids` of every layer, reading only their tensors (an expert shard's load),
+    streamed one tensor at a time onto `device` (default cpu).
 
     Returns per layer {expert id: (w1, w2, w3)}; FP8/FP4 stay as stored unless keep_quantized is False."""
     cfg = cfg or V4Config.from_file(path)
@@ -232,24 +348,16 @@ def load_expert_weights(path: str | Path, expert_ids: list[int], dtype: torch.dt
         raise ValueError(f"expert ids {bad} are outside [0, {cfg.n_routed_experts})")
     D, I = cfg.hidden_size, cfg.moe_intermediate_size
     shapes = {"w1": (I, D), "w2": (D, I), "w3": (I, D)}
-    names = [f"layers.{L}.ffn.experts.{e}.{w}" for L in range(cfg.num_hidden_layers) for e in expert_ids
+    names = [f"layers.{L}.ffn.experts.{e}.{w}.weight" for L in range(cfg.num_hidden_layers) for e in expert_ids
              for w in shapes]
-    missing = [n + ".weight" for n in names if n + ".weight" not in ckpt]
+    missing = [n for n in names if n not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt.dir} lacks {len(missing)} expert tensor(s): {missing[:3]}")
-    tensors = ckpt.read([n + ".weight" for n in names] + [n + ".scale" for n in names if n + ".scale" in ckpt])
+    ckpt.check_files(names)
     out = []
-    for L in range(cfg.num_hidden_layers):
-        layer = {}
-        for e in expert_ids:
-            ws = []
-            for w, shape in shapes.items():
-                name = f"layers.{L}.ffn.experts.{e}.{w}"
-                t, scale = tensors[name + ".weight"], tensors.get(name + ".scale")
-                q = QuantTensor(t, scale, _weight_format(name + ".weight", t, scale, shape))
-                if q.fmt is None or not keep_quantized:
-                    q = QuantTensor(q.dequantize(dtype))
-                ws.append(q)
-            layer[e] = tuple(ws)
-        out.append(layer)
+    with ckpt.reader(device) as r:
+        for L in range(cfg.num_hidden_layers):
+            out.append({e: tuple(_quant_weight(r, f"layers.{L}.ffn.experts.{e}.{w}.weight", shape, dtype,
+                                               keep_quantized) for w, shape in shapes.items())
+                        for e in expert_ids})
     return out
