@@ -69,13 +69,18 @@ def _random_tensor(name: str, shape: tuple[int, ...], cfg: V4Config, seed: int) 
 
 
 def make_tiny(out_dir: str | Path, preset: str = "v4-tiny", dtype: str = "bf16", seed: int = 0,
-              experts_per_file: int = 2, cfg: V4Config | None = None, confident: bool = False) -> Path:
+              experts_per_file: int = 2, cfg: V4Config | None = None, confident: bool = False,
+              distinct_experts: int | None = None) -> Path:
     """Write a random V4 checkpoint (config.json, sharded safetensors + index, tokenizer.json) to out_dir.
 
     confident: give the LM head a bigram component (head row of token j close to the embedding of a fixed
     predecessor of j), so next-token distributions are peaked like a trained model's instead of flat. A flat
     random model's top-2 logit gaps are so small that one bf16 rounding of the final hidden state already
     flips ~1 % of greedy tokens; precision comparisons (bf16 vs fp32) need the peaked variant.
+
+    distinct_experts: routed expert e of a layer stores the values of expert e % distinct_experts (drawn and
+    quantized once), so a checkpoint at real dimensions is written in minutes (`bench/load.py`); every expert
+    still has its own tensors in the files. None: every expert is drawn on its own.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -91,20 +96,29 @@ def make_tiny(out_dir: str | Path, preset: str = "v4-tiny", dtype: str = "bf16",
     linear_names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear)}
 
     shards: dict[str, dict[str, torch.Tensor]] = {}
+    drawn: dict[str, dict[str, torch.Tensor]] = {}  # distinct_experts: source name -> its stored tensors
     n_groups = -(-cfg.n_routed_experts // experts_per_file)
     for mod_name, buf in model.state_dict().items():  # persistent buffers: what a checkpoint holds
         if mod_name.endswith(".scale") and mod_name[: -len("scale")] + "weight" in linear_names:
             continue
         name = checkpoint_name(mod_name)
-        t = _random_tensor(name, tuple(buf.shape), cfg, seed)
-        if confident and name == "head.weight":
-            embed = _random_tensor("embed.weight", tuple(buf.shape), cfg, seed)
-            successor = torch.randperm(cfg.vocab_size, generator=_gen(seed, "bigram"))
-            t = 0.5 * t + 0.4 * embed[successor] / math.sqrt(cfg.hidden_size)
         expert = ".ffn.experts." in name
         group = int(name.split(".ffn.experts.")[1].split(".")[0]) // experts_per_file if expert else -1
         shard = shards.setdefault(f"g{group}", {})
         base = name[: -len(".weight")]
+        source = name
+        if expert and distinct_experts:
+            layer, rest = name.split(".ffn.experts.")
+            e, w = rest.split(".", 1)
+            source = f"{layer}.ffn.experts.{int(e) % distinct_experts}.{w}"
+            if source in drawn:  # an earlier expert's values, stored again under this expert's names
+                shard.update({base + sfx: v.clone() for sfx, v in drawn[source].items()})
+                continue
+        t = _random_tensor(source, tuple(buf.shape), cfg, seed)
+        if confident and name == "head.weight":
+            embed = _random_tensor("embed.weight", tuple(buf.shape), cfg, seed)
+            successor = torch.randperm(cfg.vocab_size, generator=_gen(seed, "bigram"))
+            t = 0.5 * t + 0.4 * embed[successor] / math.sqrt(cfg.hidden_size)
         if mod_name in linear_names and expert and dtype == "fp4-experts":
             shard[name], scale = quant_fp4(t)
             shard[base + ".scale"] = scale.view(torch.float8_e8m0fnu)
@@ -117,6 +131,8 @@ def make_tiny(out_dir: str | Path, preset: str = "v4-tiny", dtype: str = "bf16",
             shard[name] = t.float()
         else:
             shard[name] = t.to(store)
+        if expert and distinct_experts:
+            drawn[source] = {sfx: shard[base + sfx] for sfx in (".weight", ".scale") if base + sfx in shard}
 
     order = ["g-1"] + [f"g{i}" for i in range(n_groups)]
     total = len(order)
