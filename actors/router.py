@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import time
 
-from v4ray.engine.build import build_engine_core, resolve_dtype
+import torch
+
+from v4ray.engine.build import build_engine_core, resolve_device, resolve_dtype
 from v4ray.engine.config import EngineConfig
 from v4ray.engine.core import EngineCore
 from v4ray.engine.runner import ModelRunner
@@ -19,6 +21,16 @@ from v4ray.model.loader import load_model
 from .expert_parallel import RouterExchange, init_group, rendezvous_listener, tcp_address
 
 
+def select_device(spec: str) -> torch.device:
+    """This actor's device from EngineConfig.device: Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned, so cuda:0
+    (what auto picks) is the actor's own GPU. Made the current CUDA device, so that every allocation without an
+    explicit device (NCCL's communicator included) lands on it."""
+    device = resolve_device(spec)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 class Router:
     """Constructed cheaply; `start()` joins the process group and loads the dense weights."""
 
@@ -27,6 +39,7 @@ class Router:
         """config: the replica's engine (this router's cache and limits); prefix_cache: PrefixCacheClient args."""
         self.config, self.rank, self.world, self.num_routers = config, rank, world_size, config.num_routers
         self.placement, self.timeout_s, self.prefix_cache_cfg = placement, config.collective_timeout_s, prefix_cache
+        self.device = select_device(config.device)   # once, in this actor, before the process group forms
         self.runner: ModelRunner | None = None
         self.core: EngineCore | None = None
         self.steps, self.step_seconds = 0, 0.0
@@ -37,7 +50,7 @@ class Router:
         import ray
 
         return {"rank": self.rank, "role": "router", "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.device)}
 
     def rendezvous_address(self) -> str:
         """Rank 0 publishes where the process group meets: a store on this node's Ray address, not on every
@@ -51,11 +64,14 @@ class Router:
     def start(self, init_method: str) -> dict:
         t0 = time.perf_counter()
         listener, self._listener = self._listener, None
-        backend = init_group(init_method, self.rank, self.world, self.timeout_s, listener=listener)
+        backend = init_group(init_method, self.rank, self.world, self.timeout_s, listener=listener,
+                             device=self.device)   # NCCL for a GPU rank, gloo for a CPU one
         cfg = V4Config.from_file(self.config.model)
-        self.exchange = RouterExchange(self.rank, self.world, self.num_routers, self.placement, cfg.hidden_size)
-        model = load_model(self.config.model, resolve_dtype(self.config.dtype, cfg), cfg=cfg,
-                           expert_range=(0, 0), expert_backend=self.exchange)   # routed experts: on the shards
+        self.exchange = RouterExchange(self.rank, self.world, self.num_routers, self.placement, cfg.hidden_size,
+                                       device=self.device)
+        model = load_model(self.config.model, resolve_dtype(self.config.dtype, cfg, self.device), cfg=cfg,
+                           expert_range=(0, 0), expert_backend=self.exchange,   # routed experts: on the shards
+                           device=self.device)
         client = None
         if self.prefix_cache_cfg is not None:
             from .kv_cache_service import PrefixCacheClient
@@ -63,7 +79,7 @@ class Router:
             client = PrefixCacheClient(**self.prefix_cache_cfg)
         self.core = build_engine_core(self.config, model=model, prefix_cache=client, lockstep=True)
         self.runner = self.core.runner
-        return {"backend": backend, "load_s": time.perf_counter() - t0}
+        return {"backend": backend, "load_s": time.perf_counter() - t0, "device": str(self.device)}
 
     def ping(self) -> bool:
         return True
@@ -92,4 +108,5 @@ class Router:
         t["attention_and_dense"] = self.step_seconds - sum(t.values())
         return {"rank": self.rank, "steps": self.steps, "step_seconds": self.step_seconds, "phases": t,
                 "kv_free_blocks": self.runner.cache.blocks.num_free, "kv_blocks": self.runner.cache.blocks.num,
-                "running": len(self.runner.seqs), "engine": self.core.stats(), "config": self.config.model_dump()}
+                "running": len(self.runner.seqs), "engine": self.core.stats(), "config": self.config.model_dump(),
+                "device": str(self.device), "kv_format": self.runner.cache.kv_format}

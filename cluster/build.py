@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
-from v4ray.engine.build import build_engine_core, checkpoint_dir, dtype_name, resolve_dtype
+from v4ray.engine.build import build_engine_core, checkpoint_dir, dtype_name, resolve_device, resolve_dtype
 from v4ray.engine.config import EngineConfig
 from v4ray.model.config import V4Config
 from v4ray.model.kv_format import PREFIX_UNIT
+
+from .placement import bundle_totals, device_problem, rank_device_type
 
 
 def prefix_cache_spec(config: EngineConfig, path: Path, dtype: torch.dtype) -> dict:
@@ -19,10 +21,19 @@ def prefix_cache_spec(config: EngineConfig, path: Path, dtype: torch.dtype) -> d
     from v4ray.actors.kv_cache_service import root_key
     from v4ray.model.identity import model_identity
 
-    layout = f"kv={'fp32' if dtype == torch.float32 else 'bf16'}|unit={PREFIX_UNIT}"
+    stored = config.kv_cache_dtype if config.kv_cache_dtype != "auto" else "fp32" if dtype == torch.float32 else "bf16"
+    layout = f"kv={stored}|unit={PREFIX_UNIT}"
     identity = model_identity(path, dtype=dtype_name(dtype), layout=layout)
     return {"root": root_key(identity, layout), "budget_bytes": config.prefix_cache_bytes,
             "name": config.kv_cache_service}
+
+
+def engine_device(config: EngineConfig) -> torch.device:
+    """Where `config`'s engine runs: this process's device for the single-process engine; for a distributed
+    replica, its ranks' (cuda exactly when they reserve GPUs, with device auto), decided without them."""
+    if config.num_expert_shards == 0:
+        return resolve_device(config.device)
+    return torch.device(rank_device_type(config.device, config.gpus_per_router))
 
 
 def build_engine(config: EngineConfig, address: str | None = None, replica_options: dict | None = None):
@@ -32,8 +43,11 @@ def build_engine(config: EngineConfig, address: str | None = None, replica_optio
     redundant experts)."""
     from .local_ray import ensure_ray
 
+    problem = device_problem(config, in_actor=False)   # the Serve deployment checked its own (in an actor)
+    if problem:
+        raise ValueError(problem)
     path = checkpoint_dir(config)
-    dtype = resolve_dtype(config.dtype, V4Config.from_file(path))
+    dtype = resolve_dtype(config.dtype, V4Config.from_file(path), engine_device(config))
     if config.num_expert_shards == 0:
         from v4ray.actors.kv_cache_service import PrefixCacheClient
 
@@ -42,13 +56,11 @@ def build_engine(config: EngineConfig, address: str | None = None, replica_optio
             ensure_ray(address)
             client = PrefixCacheClient(**prefix_cache_spec(config, path, dtype))
         return build_engine_core(config, prefix_cache=client)
-    from .placement import bundle_totals, layout_bundles
     from .replica import Replica, ReplicaConfig, ReplicaEngine
 
     engine = EngineConfig(**{**config.engine_fields(), "model": str(path), "dtype": dtype_name(dtype)})
     c = ReplicaConfig(engine=engine, **(replica_options or {}))
-    bundles = layout_bundles(c.num_routers, c.num_expert_shards, c.router_resources, c.shard_resources)
-    ensure_ray(address, num_cpus=bundle_totals(bundles).get("CPU", 0))
+    ensure_ray(address, num_cpus=bundle_totals(c.bundles()).get("CPU", 0))
     if config.enable_prefix_caching:
         c.prefix_cache = prefix_cache_spec(config, path, dtype)
     return ReplicaEngine(Replica(c).start())

@@ -15,7 +15,7 @@ from v4ray.engine.sampling import SamplingParams
 from v4ray.model.config import V4Config
 from v4ray.model.tokenizer import V4Tokenizer
 
-from .build import build_engine
+from .build import build_engine, engine_device
 
 PromptType = str | dict[str, Any]
 
@@ -24,7 +24,9 @@ class LLM:
     """A DeepSeek-V4 model loaded from a checkpoint directory, generating offline (vLLM's `LLM`).
 
     `engine_args` are EngineConfig fields (`v4ray.engine.config`, which documents each and holds the defaults):
-    dtype ("auto", "float32", "bfloat16"), keep_quantized, kv_cache_bytes, block_size, max_num_seqs,
+    dtype ("auto", "float32", "bfloat16"), device ("auto", "cpu", "cuda", "cuda:N"), kv_cache_dtype ("auto",
+    "fp8", "bf16", "fp32"), gpus_per_router / gpus_per_shard (GPUs each Router / ExpertShard actor reserves; the
+    ranks then run on CUDA), keep_quantized, kv_cache_bytes, block_size, max_num_seqs,
     max_num_batched_tokens, max_model_len, enable_prefix_caching (reuse cached prompt prefixes through the
     cluster's KVCacheService actor; each output reports `num_cached_tokens`), prefix_cache_bytes,
     kv_cache_service, num_routers / num_expert_shards (> 0: a replica of Router and ExpertShard actors exchanging
@@ -42,7 +44,7 @@ class LLM:
         config = EngineConfig(model=str(model), **engine_args)
         path = checkpoint_dir(config)
         self.config = V4Config.from_file(path)
-        self.dtype = resolve_dtype(config.dtype, self.config)
+        self.dtype = resolve_dtype(config.dtype, self.config, engine_device(config))
         self.tokenizer = V4Tokenizer.from_dir(path)
         self.max_model_len = config.max_model_len or self.config.max_position_embeddings
         self.engine = build_engine(config, address, replica_options)

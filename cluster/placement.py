@@ -10,14 +10,71 @@ when it is still pending after a few seconds.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 
 log = logging.getLogger(__name__)
 
-RANK_RESOURCES = {"CPU": 1}     # the default bundle of every rank (router, expert shard) and of the V4Server
+RANK_RESOURCES = {"CPU": 1}     # every rank's bundle (router, expert shard, the V4Server) before its GPUs
 PENDING_REPORT_AFTER_S = 10.0   # a placeable group on an idle cluster is placed well within this
 _EPS = 1e-6                     # Ray keeps resources in units of 1e-4
 _MAX_NODES_PER_GROUP = 1024     # an autoscaler node group without a limit: more nodes than any layout needs
+
+
+def rank_resources(gpus: float = 0) -> dict[str, float]:
+    """One rank's bundle: a CPU, plus `gpus` GPUs when > 0 (EngineConfig.gpus_per_router or gpus_per_shard)."""
+    return {**RANK_RESOURCES, "GPU": gpus} if gpus > 0 else dict(RANK_RESOURCES)
+
+
+def actor_options(resources: dict[str, float]) -> dict:
+    """Ray actor options that take a bundle's resources: num_gpus makes Ray set CUDA_VISIBLE_DEVICES to the GPUs
+    it assigns (an actor that asks for none sees none, even in a bundle that holds some)."""
+    res = dict(resources)
+    return {"num_cpus": res.pop("CPU", 0), "num_gpus": res.pop("GPU", 0), "resources": res or None}
+
+
+def rank_device_type(device: str, gpus: float) -> str:
+    """Where a rank that reserves `gpus` GPUs runs with EngineConfig.device `device`: "cuda" or "cpu". Decided
+    without the rank's process (auto is cuda exactly when Ray gives the rank a GPU)."""
+    if device == "auto":
+        return "cuda" if gpus > 0 else "cpu"
+    return device.partition(":")[0]
+
+
+def device_problem(config, in_actor: bool) -> str | None:
+    """Why `config`'s device and GPU reservations contradict each other, naming the fields; None when they agree.
+    `in_actor`: the single-process engine runs in a Ray actor (the Serve V4Server); a distributed replica's ranks
+    always do. A GPU reserved but unused, or a GPU asked for where Ray hides every GPU, is refused here, before
+    anything is placed."""
+    distributed = config.num_expert_shards > 0
+    device = config.device
+    ranks = [("gpus_per_router", config.gpus_per_router, "router" if distributed else "engine")]
+    if distributed:
+        ranks.append(("gpus_per_shard", config.gpus_per_shard, "expert shard"))
+    for field, gpus, role in ranks:
+        if device == "cpu" and gpus > 0:
+            return (f"{field}={gpus:g} reserves GPUs for each {role} but device='cpu' leaves them unused: set device "
+                    f"to auto or cuda, or {field} to 0")
+        if device.startswith("cuda") and gpus == 0 and (distributed or in_actor):
+            return (f"device={device!r} but {field}=0: Ray hides every GPU from an actor that reserves none (the "
+                    f"{role}'s CUDA_VISIBLE_DEVICES is empty); set {field} >= 1, or device to auto or cpu")
+        index = device.partition(":")[2]
+        if index and gpus > 0 and int(index) >= math.ceil(gpus):
+            return (f"device={device!r} but {field}={gpus:g}: each {role} sees {math.ceil(gpus)} GPU(s), numbered "
+                    f"from 0 (Ray's CUDA_VISIBLE_DEVICES); use device cuda or auto")
+    if distributed and (config.gpus_per_router > 0) != (config.gpus_per_shard > 0):
+        return (f"gpus_per_router={config.gpus_per_router:g} and gpus_per_shard={config.gpus_per_shard:g}: routers "
+                f"and expert shards share one process group, so both reserve GPUs (NCCL) or neither does (gloo)")
+    return None
+
+
+def choose_strategy(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> str:
+    """PACK when one node can hold every bundle at once (the ranks' all-to-all stays inside the node: NVLink,
+    shared memory), SPREAD over nodes otherwise. One bundle is always PACK; without known nodes, several SPREAD."""
+    if len(bundles) <= 1:
+        return "PACK"
+    total = bundle_totals(bundles)
+    return "PACK" if any(_fits(total, n) for n in nodes) else "SPREAD"
 
 
 def bundle_totals(bundles: list[dict[str, float]]) -> dict[str, float]:
@@ -103,6 +160,10 @@ def placement_problem(bundles: list[dict[str, float]], strategy: str,
             short = _missing(b, largest)
             why = (f"missing {_fmt(short)} (the most any node has: {_fmt({k: largest[k] for k in short})})" if short
                    else "no single node has all of it at once")
+            absent = [k for k in sorted(short) if largest[k] <= 0]
+            if absent:
+                why += "; the cluster has " + ", ".join(f"0 {k}" for k in absent) + \
+                    (" (no node offers it: a GPU node group, or `ray start --num-gpus`)" if "GPU" in absent else "")
             return f"{what} can never be placed on {where}: bundle {i} {_fmt(b)} fits on no node; {why}"
     if strategy == "STRICT_PACK":
         total = bundle_totals(bundles)

@@ -198,6 +198,25 @@ def _pods(gpus: int, per_node: int) -> tuple[int, int]:
     return 1, gpus
 
 
+def pod_placement(routers: int, shards: int, gpus_per_node: int) -> dict:
+    """The pods of one replica (one rank per GPU) and its placement strategy, by the rule Ray applies at placement
+    time (`cluster.placement.choose_strategy`, each pod a Ray node): a replica that fits one node is one pod of
+    routers and shards together, placed PACK (its all-to-all stays on the node's NVLink); a larger one is router
+    pods and expert-shard pods of whole nodes, placed SPREAD."""
+    from .placement import choose_strategy, layout_bundles
+
+    colocated = routers + shards <= gpus_per_node
+    if colocated:
+        router_pods, shard_pods = (1, routers + shards), (0, 0)
+    else:
+        router_pods, shard_pods = _pods(routers, gpus_per_node), _pods(shards, gpus_per_node)
+    nodes = [{"GPU": g} for n, g in (router_pods, shard_pods) for _ in range(n)]   # GPUs decide; CPUs follow
+    bundles = layout_bundles(routers, shards, {"GPU": 1}, {"GPU": 1})
+    return {"colocated": colocated, "strategy": choose_strategy(bundles, nodes),
+            "router_pods": {"replicas": router_pods[0], "gpus_per_pod": router_pods[1]},
+            "expert_pods": {"replicas": shard_pods[0], "gpus_per_pod": shard_pods[1]}}
+
+
 def _choose(cfg: V4Config, p: PlanInput, nodes: int, wb: WeightBytes, usable: int) -> tuple[int, int] | str:
     """(routers, shards) for `nodes` nodes, or the reason none fits."""
     G, g, E = nodes * p.gpus_per_node, p.gpus_per_node, cfg.n_routed_experts
@@ -287,7 +306,7 @@ def plan_layout(cfg: V4Config, p: PlanInput) -> dict:
     kv_pool = usable - wb.router - r_reserve
     cap = capacity(cfg, kv_pool, p.kv_dtype, p.context, p.block_size)
     max_seqs = min(cap.max_seqs, p.max_num_seqs)
-    r_pods, s_pods = _pods(R, p.gpus_per_node), _pods(S, p.gpus_per_node)
+    pods = pod_placement(R, S, p.gpus_per_node)
     return {
         "model": cfg.name, "weights": p.weights, "kv_dtype": p.kv_dtype, "context": p.context, "mtp": p.mtp,
         "params": asdict(counts),
@@ -295,8 +314,8 @@ def plan_layout(cfg: V4Config, p: PlanInput) -> dict:
                  "usable_fraction": p.usable_fraction, "usable_bytes": usable},
         "layout": {"routers": R, "expert_shards": S, "experts_per_shard": eps,
                    "last_shard_experts": E - eps * (S - 1) if E % S else eps,
-                   "router_pods": {"replicas": r_pods[0], "gpus_per_pod": r_pods[1]},
-                   "expert_pods": {"replicas": s_pods[0], "gpus_per_pod": s_pods[1]},
+                   "router_pods": pods["router_pods"], "expert_pods": pods["expert_pods"],
+                   "colocated": pods["colocated"], "placement_strategy": pods["strategy"],
                    "gpus_used": R + S, "gpus_idle": nodes * p.gpus_per_node - R - S},
         "weight_bytes": {"router_dense": wb.router, "per_expert_layer": wb.per_expert_layer,
                          "moe_layers": wb.moe_layers, "total": wb.total},
@@ -307,7 +326,9 @@ def plan_layout(cfg: V4Config, p: PlanInput) -> dict:
                "sequence_bytes": seq_bytes, "block_size": kb.block_size,
                "tokens_per_router": cap.max_tokens, "sequences_per_router": cap.max_seqs,
                "tokens_total": cap.max_tokens * R, "sequences_total": cap.max_seqs * R},
-        "serve_args": {"num_routers": R, "num_expert_shards": S, "kv_cache_bytes": kv_pool, "dtype": "bfloat16",
+        # one GPU per rank, the KV pool in the format its size was planned for
+        "serve_args": {"num_routers": R, "num_expert_shards": S, "gpus_per_router": 1, "gpus_per_shard": 1,
+                       "device": "cuda", "kv_cache_dtype": p.kv_dtype, "kv_cache_bytes": kv_pool, "dtype": "bfloat16",
                        "max_num_seqs": max(1, max_seqs), "max_model_len": p.context,
                        "max_num_batched_tokens": p.max_num_batched_tokens},
     }
@@ -332,8 +353,11 @@ def format_layout(plan: dict) -> str:
         + (f" ({L['gpus_idle']} idle)" if L["gpus_idle"] else "")
         + f"; {L['experts_per_shard']} experts per shard"
         + (f" (last shard {L['last_shard_experts']})" if L["last_shard_experts"] != L["experts_per_shard"] else ""),
-        f"  router pods {L['router_pods']['replicas']} x {L['router_pods']['gpus_per_pod']} GPUs, expert pods "
-        f"{L['expert_pods']['replicas']} x {L['expert_pods']['gpus_per_pod']} GPUs",
+        (f"  one pod of {L['router_pods']['gpus_per_pod']} GPUs holds routers and expert shards; placement "
+         f"{L['placement_strategy']}" if L["colocated"] else
+         f"  router pods {L['router_pods']['replicas']} x {L['router_pods']['gpus_per_pod']} GPUs, expert pods "
+         f"{L['expert_pods']['replicas']} x {L['expert_pods']['gpus_per_pod']} GPUs; placement "
+         f"{L['placement_strategy']}"),
         f"router GPU: dense weights {_gib(rg['weights'])} + activation reserve {_gib(rg['activation_reserve'])} + "
         f"KV pool {_gib(rg['kv_pool'])} = {_gib(usable)}",
         f"shard GPU:  {L['experts_per_shard']} experts x {wb['moe_layers']} layers x {wb['per_expert_layer']:,} B = "
@@ -347,15 +371,14 @@ def format_layout(plan: dict) -> str:
 
 
 def helm_values(plan: dict, model_path: str) -> dict:
-    """Overrides for helm/v4ray/values.yaml that deploy this layout."""
+    """Overrides for helm/v4ray/values.yaml that deploy this layout. The chart sizes each pod's GPUs from the
+    args (ranks per pod x gpus_per_router / gpus_per_shard); expertShards.replicas 0 puts the shards in the
+    router pod (a replica that fits one node)."""
     L = plan["layout"]
     return {
         "serve": {"args": {"model": model_path, **plan["serve_args"]}},
-        "workers": {
-            "routers": {"replicas": L["router_pods"]["replicas"], "gpusPerPod": L["router_pods"]["gpus_per_pod"]},
-            "expertShards": {"replicas": L["expert_pods"]["replicas"],
-                             "gpusPerPod": L["expert_pods"]["gpus_per_pod"]},
-        },
+        "workers": {"routers": {"replicas": L["router_pods"]["replicas"]},
+                    "expertShards": {"replicas": L["expert_pods"]["replicas"]}},
     }
 
 
@@ -378,7 +401,9 @@ def add_layout_parser(plan_sub) -> None:
     lp.add_argument("--context", type=int, default=131072, help="context length in tokens (default 131072)")
     lp.add_argument("--weights", default="fp8-dense-fp4-experts", choices=WEIGHT_FORMATS,
                     help="weight format in GPU memory (default fp8-dense-fp4-experts, as DeepSeek ships them)")
-    lp.add_argument("--kv-dtype", default="fp8", choices=["fp8", "bf16"])
+    lp.add_argument("--kv-cache-dtype", "--kv-dtype", dest="kv_dtype", default="fp8", choices=["fp8", "bf16"],
+                    help="KV-cache storage the memory is planned for; emitted as serve.args.kv_cache_dtype "
+                         "(default fp8)")
     lp.add_argument("--usable-fraction", type=float, default=0.90, help="usable share of GPU memory (default 0.90)")
     lp.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per router step (default 8192)")
     lp.add_argument("--max-num-seqs", type=int, default=64, help="cap on running sequences per router (default 64)")

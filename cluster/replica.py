@@ -21,17 +21,20 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from v4ray.engine.build import dtype_name, resolve_dtype
+import torch
+
+from v4ray.engine.build import dtype_name, kv_format, resolve_dtype
 from v4ray.engine.config import EngineConfig
 from v4ray.model.config import V4Config
 from v4ray.model.expert_placement import ExpertPlacement
 
-from .placement import RANK_RESOURCES
+from .placement import actor_options, choose_strategy, device_problem, layout_bundles, rank_device_type, \
+    rank_resources
 
 log = logging.getLogger(__name__)
 
 
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+PLACEMENT_STRATEGIES = ("auto", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")   # auto: choose_strategy
 
 
 class ReplicaError(RuntimeError):
@@ -70,17 +73,34 @@ _ENGINE_FIELDS = frozenset(EngineConfig.model_fields)
 @dataclass
 class ReplicaConfig:
     """One distributed model replica: its engine (model, dtype, layout, per-router cache and limits — an
-    EngineConfig, whose fields also read as this config's own: `config.num_routers`) plus placement and timeouts."""
+    EngineConfig, whose fields also read as this config's own: `config.num_routers`) plus placement and timeouts.
+
+    Each rank's bundle is a CPU plus the engine's gpus_per_router / gpus_per_shard GPUs (`rank_resources`); extra
+    resources may be added (`shard_resources={"CPU": 1, "expert_slot": 1}`), the GPUs come from the engine only.
+    placement_strategy "auto": PACK when one node holds the whole replica, else SPREAD (`choose_strategy`)."""
 
     engine: EngineConfig
     prefix_cache: dict | None = None  # PrefixCacheClient kwargs for the routers, or None
     redundant_experts: dict[int, list[int]] = field(default_factory=dict)  # expert -> extra holder shards
-    router_resources: dict[str, float] = field(default_factory=lambda: dict(RANK_RESOURCES))
-    shard_resources: dict[str, float] = field(default_factory=lambda: dict(RANK_RESOURCES))
-    placement_strategy: str = "SPREAD"
+    router_resources: dict[str, float] | None = None   # default: rank_resources(engine.gpus_per_router)
+    shard_resources: dict[str, float] | None = None    # default: rank_resources(engine.gpus_per_shard)
+    placement_strategy: str = "auto"
     step_timeout_s: float = 120.0
     start_timeout_s: float = 300.0
     shard_model_dirs: list[str] | None = None  # per-shard checkpoint copies (e.g. node-local, own experts only)
+
+    def __post_init__(self):
+        for name, gpus in (("router_resources", self.engine.gpus_per_router),
+                           ("shard_resources", self.engine.gpus_per_shard)):
+            given = getattr(self, name)
+            res = rank_resources(gpus) if given is None else dict(given)
+            if gpus > 0:
+                res.setdefault("GPU", gpus)
+            setattr(self, name, res)
+
+    def bundles(self) -> list[dict[str, float]]:
+        """The replica's placement group: one bundle per router, then one per expert shard."""
+        return layout_bundles(self.num_routers, self.num_expert_shards, self.router_resources, self.shard_resources)
 
     def __getattr__(self, name: str):
         if name in _ENGINE_FIELDS and "engine" in self.__dict__:
@@ -121,9 +141,18 @@ class ReplicaConfig:
             if not res or any(not isinstance(v, (int, float)) or v < 0 for v in res.values()) or \
                     not any(v > 0 for v in res.values()):
                 raise ValueError(f"{name} must map resource names to amounts >= 0, at least one positive; got {res!r}")
+        for name, field_name in (("router_resources", "gpus_per_router"), ("shard_resources", "gpus_per_shard")):
+            gpus, res = getattr(self, field_name), getattr(self, name)
+            if abs(res.get("GPU", 0) - gpus) > 1e-6:
+                raise ValueError(f"{name} asks for GPU={res.get('GPU', 0):g} but {field_name}={gpus:g}: a rank's GPUs "
+                                 f"are {field_name}'s (one value for the bundle and the device); drop GPU from {name}")
+        problem = device_problem(self.engine, in_actor=True)
+        if problem:
+            raise ValueError(problem)
         # The routers' KV pool: the same checks as PagedKVCache.from_budget, on a one-slot cache with no blocks
         # (a few MB; the real pool is allocated on the routers).
-        probe = PagedKVCache(cfg, 0, 1, resolve_dtype(self.dtype, cfg), self.block_size)   # raises on a bad block_size
+        dtype = resolve_dtype(self.dtype, cfg, torch.device(rank_device_type(self.device, self.gpus_per_router)))
+        probe = PagedKVCache(cfg, 0, 1, dtype, self.block_size, kv_format=kv_format(self.kv_cache_dtype))
         fixed = kv_bytes(cfg, probe.kv_format, probe.block_size).fixed_per_seq
         if self.max_num_seqs * fixed > self.kv_cache_bytes:
             raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes} cannot hold the fixed state of max_num_seqs="
@@ -174,19 +203,20 @@ class Replica:
         from v4ray.actors.router import Router
 
         c = self.config
-        bundles = [dict(c.router_resources) for _ in range(c.num_routers)] + \
-                  [dict(c.shard_resources) for _ in range(c.num_expert_shards)]
+        bundles = c.bundles()
         current = get_current_placement_group()
         offset = 0
         if current is not None and len(current.bundle_specs) >= len(bundles) + 1:
             self.pg, offset = current, 1   # inside a Serve replica: bundle 0 is the replica, Serve owns the group
         else:
-            from .placement import cluster_problem, wait_placed
+            from .placement import cluster_nodes, placement_problem, wait_placed
 
-            problem = cluster_problem(bundles, c.placement_strategy)   # never placeable: say so now, place nothing
+            nodes = cluster_nodes()
+            strategy = choose_strategy(bundles, nodes) if c.placement_strategy == "auto" else c.placement_strategy
+            problem = placement_problem(bundles, strategy, nodes)   # never placeable: say so now, place nothing
             if problem:
                 raise ReplicaError(problem)
-            self.pg = self._placed.pg = placement_group(bundles, strategy=c.placement_strategy)
+            self.pg = self._placed.pg = placement_group(bundles, strategy=strategy)
             try:
                 wait_placed(self.pg, bundles, c.start_timeout_s)   # reports what it waits for after a few seconds
             except ray.exceptions.GetTimeoutError:
@@ -194,13 +224,13 @@ class Replica:
                                    f"{c.start_timeout_s:.0f}s: the cluster lacks those resources") from None
 
         def opts(i: int, resources: dict) -> dict:
-            res = dict(resources)
-            return {"num_cpus": res.pop("CPU", 0), "num_gpus": res.pop("GPU", 0), "resources": res or None,
-                    "max_concurrency": 2, "max_restarts": 0,
+            return {**actor_options(resources), "max_concurrency": 2, "max_restarts": 0,
                     "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i + offset)}
 
         model = str(Path(c.model).resolve())
         prefix = dict(c.prefix_cache) if c.prefix_cache else None
+        shard_dtype = dtype_name(resolve_dtype(c.dtype, self.cfg, torch.device(rank_device_type(c.device,
+                                                                                              c.gpus_per_shard))))
         for r in range(c.num_routers):
             self.routers.append(ray.remote(Router).options(**opts(r, c.router_resources)).remote(
                 c.engine.model_copy(update={"model": model}), r, self.world, self.placement, prefix))
@@ -209,8 +239,7 @@ class Replica:
             shard_model = str(Path(c.shard_model_dirs[s]).resolve()) if c.shard_model_dirs else model
             self.shards.append(ray.remote(ExpertShard).options(**opts(c.num_routers + s, c.shard_resources)).remote(
                 shard_model, c.num_routers + s, self.world, s, self.placement.shard_experts(s),
-                dtype_name(resolve_dtype(c.dtype, self.cfg)),
-                c.collective_timeout_s))
+                shard_dtype, c.collective_timeout_s, device=c.device))
             self._placed.actors.append(self.shards[-1])
 
     @property

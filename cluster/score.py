@@ -444,7 +444,8 @@ def score(llm, input_path: str | Path, output_path: str | Path, mode: str = "com
 def engine_args(args) -> dict:
     """EngineConfig fields the command line sets; every other field keeps EngineConfig's default. The engine
     runs as many sequences as rows may be in flight."""
-    kwargs = {k: v for k, v in (("dtype", args.dtype), ("max_model_len", args.max_model_len)) if v is not None}
+    given = ("dtype", "max_model_len", "device", "kv_cache_dtype", "gpus_per_router", "gpus_per_shard")
+    kwargs = {k: getattr(args, k) for k in given if getattr(args, k, None) is not None}
     kwargs["max_num_seqs"] = max(1, args.max_in_flight)
     if args.expert_shards:
         kwargs.update(num_routers=args.routers, num_expert_shards=args.expert_shards)

@@ -9,15 +9,39 @@ from .config import ServeConfig
 if TYPE_CHECKING:   # Ray is imported on use: `v4ray serve` reads the placement before it starts (and so imports) Ray
     from ray.serve import Application
 
-def server_placement(cfg: ServeConfig) -> tuple[list[dict[str, float]], str]:
-    """The V4Server replica's placement group: bundles and strategy. Bundle 0 holds the replica (and the engine
-    when it runs in one process); a distributed replica adds one bundle per router, then one per expert shard."""
-    from v4ray.cluster.placement import RANK_RESOURCES, layout_bundles
+def server_bundles(cfg: ServeConfig) -> list[dict[str, float]]:
+    """The V4Server replica's placement group. Bundle 0 holds the replica, and the engine when it runs in one process
+    (then with gpus_per_router GPUs); a distributed replica adds one bundle per router, then one per expert shard,
+    each with its gpus_per_router / gpus_per_shard GPUs (the ReplicaConfig's bundles, in the same order)."""
+    from v4ray.cluster.placement import layout_bundles, rank_resources
 
     if not cfg.num_expert_shards:
-        return [dict(RANK_RESOURCES)], "PACK"
-    return [dict(RANK_RESOURCES)] + layout_bundles(cfg.num_routers, cfg.num_expert_shards, RANK_RESOURCES,
-                                                   RANK_RESOURCES), "SPREAD"
+        return [rank_resources(cfg.gpus_per_router)]
+    return [rank_resources()] + layout_bundles(cfg.num_routers, cfg.num_expert_shards,
+                                               rank_resources(cfg.gpus_per_router), rank_resources(cfg.gpus_per_shard))
+
+
+def server_placement(cfg: ServeConfig,
+                     nodes: list[dict[str, float]] | None = None) -> tuple[list[dict[str, float]], str]:
+    """Bundles and strategy of the V4Server replica's placement group: PACK when one node of `nodes` holds all of
+    it, else SPREAD (`choose_strategy`). `nodes`: default the connected cluster's, when Ray is connected."""
+    from v4ray.cluster.placement import choose_strategy, cluster_nodes
+
+    bundles = server_bundles(cfg)
+    if nodes is None:
+        import sys
+
+        ray = sys.modules.get("ray")   # never imported here: `v4ray serve` sizes its Ray from the bundles first
+        nodes = cluster_nodes() if ray is not None and ray.is_initialized() else []
+    return bundles, choose_strategy(bundles, nodes)
+
+
+def server_actor_options(cfg: ServeConfig) -> dict:
+    """The V4Server actor's resources, inside bundle 0: a CPU, and in one process the engine's GPUs (Ray then sets
+    its CUDA_VISIBLE_DEVICES; the GPUs of a distributed replica are its ranks')."""
+    from v4ray.cluster.placement import actor_options
+
+    return {k: v for k, v in actor_options(server_bundles(cfg)[0]).items() if v is not None}
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -34,7 +58,7 @@ def build_app(args: dict | None = None) -> Application:
     limit = cfg.max_num_seqs * cfg.num_routers + cfg.max_queue_len + 16
     server = serve.deployment(V4Server).options(
         name="V4Server", num_replicas=1, max_ongoing_requests=limit, placement_group_bundles=bundles,
-        placement_group_strategy=strategy,
+        placement_group_strategy=strategy, ray_actor_options=server_actor_options(cfg),
         # a dead engine fails 3 checks in ~6 s; Serve then replaces the replica with no operator
         health_check_period_s=2, health_check_timeout_s=10, graceful_shutdown_timeout_s=5).bind(cfg.model_dump())
     ingress = serve.deployment(OpenAIIngress).options(

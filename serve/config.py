@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from v4ray.engine.config import EngineConfig
 
@@ -37,6 +37,17 @@ class ServeConfig(EngineConfig):
                                                                "larger requests get 400.")
     enable_docs: bool = Field(False, description="Serve /docs and /openapi.json (off: they describe the API to "
                                                  "anyone who can reach the port).")
+
+    @model_validator(mode="after")
+    def _devices(self):
+        """The engine runs in Ray actors (the V4Server, or routers and shards): a GPU it reserves must be used, and
+        a GPU it uses must be reserved."""
+        from v4ray.cluster.placement import device_problem
+
+        problem = device_problem(self, in_actor=True)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     def engine_config(self) -> EngineConfig:
         """The engine part, with the model resolved to its checkpoint directory."""

@@ -48,7 +48,14 @@ class V4Server:
         # only when the variable is unset, so an inherited value (a driver's, a test runner's) would otherwise
         # oversubscribe the node: 2 threads on a 1-CPU reservation made each decode step ~1.5x slower.
         torch.set_num_threads(_reserved_cpus())
-        engine = build_engine(cfg.engine_config())
+        engine_config = cfg.engine_config()
+        self.device = None   # the single-process engine's, resolved once here (a replica's ranks resolve their own)
+        if cfg.num_expert_shards == 0:
+            from v4ray.actors.router import select_device
+
+            self.device = select_device(cfg.device)   # Ray's CUDA_VISIBLE_DEVICES: cuda:0 is this actor's GPU
+            engine_config = engine_config.model_copy(update={"device": str(self.device)})
+        engine = build_engine(engine_config)
         self._local = engine if isinstance(engine, EngineCore) else None
         self.replica = None if self._local is not None else engine.replica
         self.ranks = self.replica.actor_info() if self.replica is not None else []  # rank, role, pid, node
@@ -63,7 +70,8 @@ class V4Server:
     def stats(self) -> dict:
         e = self.engine
         s = {"requests_in_flight": e.num_requests, "dead": e.dead, "engine_steps": e.num_steps,
-             "engine_step_wall_s": e.step_wall_s, "engine_step_cpu_s": e.step_cpu_s, "ranks": self.ranks}
+             "engine_step_wall_s": e.step_wall_s, "engine_step_cpu_s": e.step_cpu_s, "ranks": self.ranks,
+             "device": str(self.device) if self.device is not None else None}
         if self._local is not None:
             s.update(self._local.stats())
             pc = self._local.runner.prefix_cache

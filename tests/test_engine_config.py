@@ -28,9 +28,24 @@ def test_entry_points_share_the_engine_defaults(ray_session, tiny_ckpt):
     scored = EngineConfig(model=ckpt, **engine_args(args)).model_dump()      # v4ray score
     assert {k for k in defaults if scored[k] != defaults[k]} == {"max_num_seqs"}  # = --max-in-flight, by design
 
-    rep = Replica(ReplicaConfig(EngineConfig(model=ckpt, num_expert_shards=1))).start()   # each Router
-    try:
-        router = rep._get(rep.routers[0].stats.remote(), 60, "stats")["config"]
+    rep = Replica(ReplicaConfig(EngineConfig(model=ckpt, num_expert_shards=1, kv_cache_dtype="fp8"))).start()
+    try:                                                                                  # each Router
+        stats = rep._get(rep.routers[0].stats.remote(), 60, "stats")
+        info = rep.actor_info()
     finally:
         rep.shutdown()
-    assert router == EngineConfig(model=router["model"], num_expert_shards=1).model_dump()
+    router = stats["config"]
+    assert router == EngineConfig(model=router["model"], num_expert_shards=1, kv_cache_dtype="fp8").model_dump()
+    assert stats["kv_format"] == "fp8"                        # kv_cache_dtype reaches the router's cache
+    assert info[0]["device"] == stats["device"] == "cpu"     # no GPU reserved: Ray hides them, auto is the CPU
+
+
+def test_kv_cache_dtype_reaches_the_cache(tiny_ckpt):
+    """kv_cache_dtype from LLM and from ServeConfig (the Serve deployment, Helm's serve.args) to PagedKVCache."""
+    from v4ray import LLM
+    from v4ray.serve.config import ServeConfig
+
+    ckpt = str(tiny_ckpt("v4-tiny"))
+    assert LLM(model=ckpt, kv_cache_dtype="fp8").engine.runner.cache.kv_format == "fp8"
+    assert LLM(model=ckpt, dtype="float32").engine.runner.cache.kv_format == "fp32"   # auto: the compute dtype's
+    assert ServeConfig(model=ckpt, kv_cache_dtype="bf16").engine_config().kv_cache_dtype == "bf16"

@@ -171,14 +171,44 @@ def test_renders_validate_offline(helm, values):
     (app,) = conf["applications"]
     assert app["import_path"] == "v4ray.serve.app:build_app" and "runtime_env" not in app
     cfg = ServeConfig.model_validate(app["args"])
-    groups = {g["groupName"]: g for g in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
-    for group, n in (("routers", cfg.num_routers), ("expert-shards", cfg.num_expert_shards)):
-        if n == 0:
-            continue
-        g = groups[group]
-        gpus = int(g["template"]["spec"]["containers"][0]["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
-        if gpus:
-            assert g["replicas"] * gpus == n
+    assert_pods_hold_the_bundles(svc, cfg)
+
+
+def ray_nodes(svc: dict) -> list[dict[str, float]]:
+    """The Ray nodes the RayService's pods become: CPUs from the container's CPU request, GPUs from num-gpus."""
+    rc = svc["spec"]["rayClusterConfig"]
+    groups = [(1, rc["headGroupSpec"])] + [(g["replicas"], g) for g in rc["workerGroupSpecs"]]
+    nodes = []
+    for count, g in groups:
+        requests = g["template"]["spec"]["containers"][0]["resources"].get("requests", {})
+        cpu = str(requests.get("cpu", "0"))
+        node = {"CPU": float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu),
+                "GPU": float(g["rayStartParams"].get("num-gpus", "0"))}
+        nodes += [node] * count
+    return nodes
+
+
+def assert_pods_hold_the_bundles(svc: dict, cfg: ServeConfig) -> dict[str, int]:
+    """Every worker pod requests its GPUs as nvidia.com/gpu (limit and request) and as Ray's num-gpus, alike; the
+    pods' GPUs add up to the GPUs of the V4Server's placement bundles, which can be placed on those pods as Ray
+    nodes. Returns GPUs per pod by group."""
+    from v4ray.cluster.placement import bundle_totals, placement_problem
+    from v4ray.serve.app import server_placement
+
+    rc = svc["spec"]["rayClusterConfig"]
+    per_pod, total = {}, 0
+    for g in rc["workerGroupSpecs"]:
+        res = g["template"]["spec"]["containers"][0]["resources"]
+        gpus = int(g["rayStartParams"]["num-gpus"])
+        assert res.get("limits", {}).get("nvidia.com/gpu", 0) == res.get("requests", {}).get("nvidia.com/gpu", 0) \
+            == gpus, (g["groupName"], res, g["rayStartParams"])
+        per_pod[g["groupName"]] = gpus
+        total += g["replicas"] * gpus
+    assert rc["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    bundles, strategy = server_placement(cfg, ray_nodes(svc))
+    assert total == bundle_totals(bundles).get("GPU", 0), (total, bundles)
+    assert placement_problem(bundles, strategy, ray_nodes(svc)) is None
+    return per_pod
 
 
 def test_pods_are_hardened(helm):
@@ -223,14 +253,57 @@ def test_gpu_pools_and_read_only_model(helm):
     assert shards["template"]["spec"]["nodeSelector"] == {"pool": "experts"}
 
 
+def _service(helm, *args: str) -> tuple[dict, ServeConfig]:
+    (svc,) = by_kind(render(helm, *args), "RayService")
+    (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    return svc, ServeConfig.model_validate(app["args"])
+
+
+def test_gpus_per_rank_size_the_bundles_and_the_pods(helm):
+    """One value per rank: serveConfigV2 carries gpus_per_router / gpus_per_shard, and the worker pods request
+    exactly the GPUs of the ranks they hold (the default: a Flash replica of 6 routers and 2 shards in one pod)."""
+    svc, cfg = _service(helm)
+    assert (cfg.gpus_per_router, cfg.gpus_per_shard, cfg.device, cfg.kv_cache_dtype) == (1, 1, "cuda", "fp8")
+    assert assert_pods_hold_the_bundles(svc, cfg) == {"routers": 8}      # 6 + 2 ranks, one pod: PACK
+    from v4ray.serve.app import server_placement
+
+    assert server_placement(cfg, ray_nodes(svc))[1] == "PACK"
+
+    svc, cfg = _service(helm, "-f", str(CHART / "ci" / "v4-pro-2x8-h200-values.yaml"),
+                        "--set", "serve.args.gpus_per_router=2", "--set", "serve.args.gpus_per_shard=2",
+                        "--set", "workers.routers.replicas=2", "--set", "workers.expertShards.replicas=2")
+    assert (cfg.gpus_per_router, cfg.gpus_per_shard) == (2, 2)
+    assert assert_pods_hold_the_bundles(svc, cfg) == {"routers": 8, "expert-shards": 8}   # 4 ranks x 2 GPUs
+    assert server_placement(cfg, ray_nodes(svc))[1] == "SPREAD"
+
+    svc, cfg = _service(helm, "-f", str(CHART / "ci" / "tiny-cpu-values.yaml"),     # the tiny model on GPUs
+                        "--set", "serve.args.gpus_per_router=1", "--set", "serve.args.gpus_per_shard=1",
+                        "--set", "serve.args.device=auto")
+    assert assert_pods_hold_the_bundles(svc, cfg) == {"routers": 1, "expert-shards": 1}
+    svc, cfg = _service(helm, "-f", str(CHART / "ci" / "tiny-cpu-values.yaml"))       # and on CPUs
+    assert assert_pods_hold_the_bundles(svc, cfg) == {"routers": 0, "expert-shards": 0}
+    svc, cfg = _service(helm, "-f", str(CHART / "ci" / "tiny-cpu-values.yaml"),
+                        "--set", "serve.args.num_expert_shards=0",
+                        "--set", "serve.args.gpus_per_router=1", "--set", "serve.args.device=cuda")  # one process
+    assert assert_pods_hold_the_bundles(svc, cfg) == {"routers": 1}
+
+
 @pytest.mark.parametrize("args,message", [
     (["--set", "workers.routers.replicas=2"],
-     "workers.routers gives 12 GPUs (replicas 2 x gpusPerPod 6) but serve.args.num_routers is 6"),
+     "workers.expertShards.replicas is 0 (the expert shards share the router pod) but workers.routers.replicas is 2"),
+    (["--set", "workers.routers.replicas=4", "--set", "workers.expertShards.replicas=1"],
+     "serve.args.num_routers is 6 but workers.routers.replicas is 4"),
+    (["--set", "workers.expertShards.replicas=3"], "serve.args.num_expert_shards is 2 but workers.expertShards."
+                                                   "replicas is 3"),
+    (["--set-json", "serve.args.gpus_per_router=0.5", "--set-json", "serve.args.gpus_per_shard=0.25"],
+     "workers.routers: 3.5 GPUs over 1 pod(s) is 3.5 per pod, not a whole number"),
+    (["--set", "serve.args.device=cpu"], "serve.args.device is cpu but serve.args.gpus_per_router / gpus_per_shard "
+                                         "reserve GPUs"),
+    (["--set", "workers.routers.gpusPerPod=8"], "Additional property gpusPerPod is not allowed"),
     (["--set", "serve.args.max_batch=3"], "Additional property max_batch is not allowed"),
     (["--set", "security.runAsUser=0"], "security.runAsUser"),
     (["--set", "batchJob.enabled=true"], "batchJob.input is required when batchJob.enabled"),
-    (["--set", "serve.args.num_expert_shards=0", "--set", "workers.expertShards.gpusPerPod=0"],
-     "more than one router needs expert shards"),
+    (["--set", "serve.args.num_expert_shards=0"], "more than one router needs expert shards"),
     (["--set", "apiKey.existingSecret="], "apiKey.existingSecret is empty: the OpenAI routes would serve without "
                                           "authentication"),
 ])

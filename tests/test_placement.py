@@ -88,9 +88,141 @@ def test_serve_bundles_follow_the_layout():
     from v4ray.serve.app import server_placement
     from v4ray.serve.config import ServeConfig
 
-    assert server_placement(ServeConfig()) == ([{"CPU": 1}], "PACK")
-    bundles, strategy = server_placement(ServeConfig(num_routers=2, num_expert_shards=3))
-    assert bundles == [{"CPU": 1}] * 6 and strategy == "SPREAD"
+    assert server_placement(ServeConfig(), NODES) == ([{"CPU": 1}], "PACK")
+    bundles, strategy = server_placement(ServeConfig(num_routers=2, num_expert_shards=3), NODES)
+    assert bundles == [{"CPU": 1}] * 6 and strategy == "SPREAD"     # 6 CPUs: no 2-CPU node holds them all
+    bundles, strategy = server_placement(ServeConfig(num_expert_shards=1), [{"CPU": 8}])
+    assert bundles == [{"CPU": 1}] * 3 and strategy == "PACK"
+
+
+# ---- GPUs: one value per rank (EngineConfig.gpus_per_router / gpus_per_shard) ------------------------------------
+
+GPU_NODE = {"CPU": 64.0, "GPU": 8.0}   # one 8-GPU node
+
+
+def test_gpus_per_rank_make_the_bundles_and_the_actor_options():
+    """ServeConfig with gpus_per_router: 1, gpus_per_shard: 1 renders bundles that request GPUs, and actor options
+    that take them (num_gpus: Ray sets CUDA_VISIBLE_DEVICES only for the GPUs an actor asks for)."""
+    from v4ray.cluster.placement import actor_options, rank_resources
+    from v4ray.serve.app import server_actor_options, server_placement
+    from v4ray.serve.config import ServeConfig
+
+    assert rank_resources(0) == {"CPU": 1} and rank_resources(2) == {"CPU": 1, "GPU": 2}
+    assert actor_options({"CPU": 1, "GPU": 1, "expert_slot": 1}) == {"num_cpus": 1, "num_gpus": 1,
+                                                                     "resources": {"expert_slot": 1}}
+    cfg = ServeConfig(num_routers=2, num_expert_shards=3, gpus_per_router=1, gpus_per_shard=1)
+    bundles, strategy = server_placement(cfg, [GPU_NODE])
+    assert bundles == [{"CPU": 1}] + [{"CPU": 1, "GPU": 1}] * 5 and strategy == "PACK"   # 5 GPUs fit one node
+    assert server_actor_options(cfg) == {"num_cpus": 1, "num_gpus": 0}   # the ranks hold the GPUs, not the server
+    one = ServeConfig(gpus_per_router=1)   # one process: the V4Server's bundle holds the engine's GPU
+    assert server_placement(one, [GPU_NODE]) == ([{"CPU": 1, "GPU": 1}], "PACK")
+    assert server_actor_options(one) == {"num_cpus": 1, "num_gpus": 1}
+    bundles, strategy = server_placement(ServeConfig(num_routers=8, num_expert_shards=8, gpus_per_router=1,
+                                                     gpus_per_shard=1), [GPU_NODE] * 2)
+    assert len(bundles) == 17 and strategy == "SPREAD"   # 16 GPUs: two nodes
+
+
+def test_the_serve_deployment_takes_the_gpu_options(tiny_ckpt):
+    """build_app's V4Server deployment, as Serve validates it (bundle 0 must hold the replica actor's resources)."""
+    from v4ray.serve.app import build_app
+
+    app = build_app({"model": str(tiny_ckpt("v4-tiny")), "gpus_per_router": 1})   # Ray not started: no nodes known
+    server = app._bound_deployment.init_args[0]._bound_deployment
+    assert server.ray_actor_options == {"num_cpus": 1, "num_gpus": 1}
+    assert server._replica_config.placement_group_bundles == [{"CPU": 1, "GPU": 1}]
+
+
+def test_pack_when_one_node_holds_the_replica_else_spread():
+    from v4ray.cluster.placement import choose_strategy
+
+    eight = [{"CPU": 1, "GPU": 1}] * 8
+    assert choose_strategy(eight, [GPU_NODE]) == "PACK"
+    assert choose_strategy(eight, [{"CPU": 64, "GPU": 4}] * 4) == "SPREAD"    # 16 GPUs, but no node holds 8
+    assert choose_strategy(eight + [{"CPU": 1, "GPU": 1}], [GPU_NODE] * 2) == "SPREAD"
+    assert choose_strategy([{"CPU": 1}] * 2, NODES) == "PACK"                 # CPU ranks: the same rule
+    assert choose_strategy([{"CPU": 1}] * 3, NODES) == "SPREAD"
+    assert choose_strategy([{"CPU": 1, "GPU": 1}], []) == "PACK"             # one bundle: nothing to spread
+    assert choose_strategy(eight, []) == "SPREAD"                            # nodes unknown
+
+
+def test_gpu_bundles_on_a_cluster_without_gpus_say_so():
+    from v4ray.cluster.placement import layout_bundles, rank_resources
+
+    msg = placement_problem(layout_bundles(1, 1, rank_resources(1), rank_resources(1)), "PACK", NODES)
+    assert "bundle 0 {CPU: 1, GPU: 1} fits on no node; missing {GPU: 1}" in msg
+    assert "the cluster has 0 GPU" in msg
+    assert "the cluster has 0" not in placement_problem([{"CPU": 4}], "PACK", NODES)   # CPUs exist, just fewer
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"gpus_per_router": 1, "device": "cpu"}, "gpus_per_router=1 reserves GPUs for each engine but device='cpu'"),
+    ({"num_expert_shards": 1, "gpus_per_router": 1, "gpus_per_shard": 1, "device": "cpu"},
+     "gpus_per_router=1 reserves GPUs for each router but device='cpu'"),
+    ({"device": "cuda"}, "device='cuda' but gpus_per_router=0: Ray hides every GPU"),
+    ({"num_expert_shards": 1, "gpus_per_router": 1, "device": "cuda:0"}, "device='cuda:0' but gpus_per_shard=0"),
+    ({"num_expert_shards": 1, "gpus_per_router": 1}, "gpus_per_router=1 and gpus_per_shard=0: routers and expert "
+                                                     "shards share one process"),
+    ({"gpus_per_router": 1, "device": "cuda:1"}, "device='cuda:1' but gpus_per_router=1: each engine sees 1 GPU"),
+])
+def test_a_gpu_reserved_and_unused_or_used_and_unreserved_is_refused(fields, message):
+    from pydantic import ValidationError
+
+    from v4ray.serve.config import ServeConfig
+
+    with pytest.raises(ValidationError, match="Value error") as e:
+        ServeConfig(**fields)
+    assert message in str(e.value)
+
+
+def test_the_engine_outside_ray_may_use_a_gpu_it_does_not_reserve():
+    """`LLM(device="cuda")` runs in the caller's process, which sees its GPUs: no reservation needed."""
+    from v4ray.cluster.placement import device_problem
+    from v4ray.engine.config import EngineConfig
+
+    assert device_problem(EngineConfig(model="m", device="cuda"), in_actor=False) is None
+    assert device_problem(EngineConfig(model="m", device="cuda"), in_actor=True) is not None
+    assert "leaves them unused" in device_problem(EngineConfig(model="m", gpus_per_router=1, device="cpu"), False)
+    for ok in ({}, {"gpus_per_router": 1}, {"num_expert_shards": 2, "gpus_per_router": 1, "gpus_per_shard": 1},
+               {"num_expert_shards": 2, "gpus_per_router": 1, "gpus_per_shard": 1, "device": "cuda"}):
+        assert device_problem(EngineConfig(model="m", **ok), in_actor=True) is None, ok
+
+
+def test_replica_bundles_derive_from_the_engine(tiny_ckpt):
+    from v4ray.cluster.replica import ReplicaConfig
+    from v4ray.engine.config import EngineConfig
+    from v4ray.model.config import V4Config
+
+    ckpt = str(tiny_ckpt("v4-tiny"))
+    cfg = V4Config.from_file(ckpt)
+    c = ReplicaConfig(EngineConfig(model=ckpt, num_routers=2, num_expert_shards=2, gpus_per_router=1,
+                                   gpus_per_shard=2, kv_cache_dtype="fp8"))
+    assert c.bundles() == [{"CPU": 1, "GPU": 1}] * 2 + [{"CPU": 1, "GPU": 2}] * 2
+    assert c.placement_strategy == "auto"
+    c.validate(cfg)   # fp8 KV sizes the probe's fixed state
+    extra = ReplicaConfig(c.engine, shard_resources={"CPU": 1, "expert_slot": 1})   # the GPUs are still the engine's
+    assert extra.shard_resources == {"CPU": 1, "expert_slot": 1, "GPU": 2}
+    with pytest.raises(ValueError, match="router_resources asks for GPU=4 but gpus_per_router=1"):
+        ReplicaConfig(c.engine, router_resources={"CPU": 1, "GPU": 4}).validate(cfg)
+    with pytest.raises(ValueError, match="routers and expert shards share one process group"):
+        ReplicaConfig(c.engine.model_copy(update={"gpus_per_shard": 0})).validate(cfg)
+    assert ReplicaConfig(EngineConfig(model=ckpt, num_expert_shards=1)).bundles() == [{"CPU": 1}] * 2
+
+
+def test_a_router_resolves_its_device_in_its_process():
+    """A Router takes cuda:0 (its own GPU under Ray) when it sees one, else the CPU; device=cuda without a visible
+    GPU fails in the constructor, naming the fields that reserve one."""
+    import torch
+
+    from v4ray.actors.router import Router
+    from v4ray.engine.config import EngineConfig
+    from v4ray.model.expert_placement import ExpertPlacement
+
+    placement = ExpertPlacement.contiguous(4, 1, {})
+    router = Router(EngineConfig(model="m", num_expert_shards=1), 0, 2, placement)
+    assert router.device == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="gpus_per_router/gpus_per_shard"):
+            Router(EngineConfig(model="m", num_expert_shards=1, device="cuda"), 0, 2, placement)
 
 
 # ---- on the running cluster -------------------------------------------------------------------------------------
@@ -118,6 +250,7 @@ def _assert_nothing_left(before):
     ({"num_routers": 2, "num_expert_shards": 5}, "missing {CPU: 1}"),                 # 7 bundles, 6 CPUs
     ({"num_routers": 1, "num_expert_shards": 3,
       "replica_options": {"placement_strategy": "STRICT_SPREAD"}}, "missing 1 node(s)"),   # 4 bundles, 3 nodes
+    ({"num_expert_shards": 1, "gpus_per_router": 1, "gpus_per_shard": 1}, "the cluster has 0 GPU"),
 ])
 def test_a_layout_that_can_never_fit_fails_fast_and_places_nothing(ray_session, tiny_ckpt, layout, missing):
     from v4ray import LLM

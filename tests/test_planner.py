@@ -159,3 +159,38 @@ def test_ci_values_are_the_planner_output(pro):
     """helm/v4ray/ci/v4-pro-2x8-h200-values.yaml is `plan layout --emit-values` output; regenerate if this fails."""
     plan = plan_layout(pro, PRO_2X8)
     assert yaml.safe_load(PRO_CI_VALUES.read_text()) == helm_values(plan, "/models/deepseek-v4-pro")
+
+
+@pytest.mark.parametrize("kv", ["fp8", "bf16"])
+def test_the_plan_deploys_the_kv_dtype_it_sized(flash, kv):
+    """serve.args carry the KV format the pool was sized for (and one GPU per rank, on CUDA): a router that read
+    kv_cache_bytes in another format would hold a different number of sequences than the plan promises."""
+    plan = plan_layout(flash, PlanInput(gpu_mem_gib=140, gpus_per_node=8, kv_dtype=kv))
+    args = ServeConfig.model_validate(helm_values(plan, "/models/flash")["serve"]["args"])
+    assert (args.kv_cache_dtype, args.gpus_per_router, args.gpus_per_shard, args.device) == (kv, 1, 1, "cuda")
+    assert capacity(flash, args.kv_cache_bytes, args.kv_cache_dtype, plan["context"]).max_seqs == \
+        plan["kv"]["sequences_per_router"]
+    other = {"fp8": "bf16", "bf16": "fp8"}[kv]
+    assert capacity(flash, args.kv_cache_bytes, other, plan["context"]).max_seqs != plan["kv"]["sequences_per_router"]
+
+
+def test_pods_and_strategy_follow_the_placement_rule(flash, pro):
+    """A replica that fits one node is one pod, placed PACK; a larger one is router and shard pods, SPREAD — the
+    rule Ray's placement applies (choose_strategy) on the pods the chart makes."""
+    from v4ray.cluster.planner import pod_placement
+
+    one = plan_layout(flash, PlanInput(gpu_mem_gib=140, gpus_per_node=8))["layout"]
+    assert (one["routers"], one["expert_shards"], one["colocated"], one["placement_strategy"]) == (6, 2, True, "PACK")
+    assert one["router_pods"] == {"replicas": 1, "gpus_per_pod": 8} and one["expert_pods"]["replicas"] == 0
+    two = plan_layout(pro, PRO_2X8)["layout"]
+    assert (two["colocated"], two["placement_strategy"]) == (False, "SPREAD")
+    assert two["router_pods"] == two["expert_pods"] == {"replicas": 1, "gpus_per_pod": 8}
+    assert pod_placement(16, 16, 8)["router_pods"] == {"replicas": 2, "gpus_per_pod": 8}
+
+
+def test_default_values_are_the_flash_plan(flash):
+    """helm/v4ray/values.yaml's serve.args and workers are `plan layout` for Flash on one 8 x 140 GiB node."""
+    values = yaml.safe_load((REPO / "helm" / "v4ray" / "values.yaml").read_text())
+    planned = helm_values(plan_layout(flash, PlanInput(gpu_mem_gib=140, gpus_per_node=8)), "/models/deepseek-v4-flash")
+    assert values["serve"]["args"] == planned["serve"]["args"]
+    assert {g: {"replicas": values["workers"][g]["replicas"]} for g in planned["workers"]} == planned["workers"]

@@ -44,15 +44,26 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (gt (int $a.num_routers) 1) (eq (int $a.num_expert_shards) 0) }}
 {{- fail (printf "serve.args.num_routers is %d but num_expert_shards is 0: more than one router needs expert shards (as ServeConfig requires)" (int $a.num_routers)) }}
 {{- end }}
-{{- if gt (int $r.gpusPerPod) 0 }}
-{{- if ne (mul (int $r.replicas) (int $r.gpusPerPod)) (int $a.num_routers) }}
-{{- fail (printf "workers.routers gives %d GPUs (replicas %d x gpusPerPod %d) but serve.args.num_routers is %d: one router per GPU; regenerate both with `v4ray plan layout --emit-values`" (mul (int $r.replicas) (int $r.gpusPerPod)) (int $r.replicas) (int $r.gpusPerPod) (int $a.num_routers)) }}
+{{- $R := int (default 1 $a.num_routers) }}
+{{- $S := int (default 0 $a.num_expert_shards) }}
+{{- if and (eq (default "auto" $a.device) "cpu") (or (gt (float64 (default 0 $a.gpus_per_router)) 0.0) (and (gt $S 0) (gt (float64 (default 0 $a.gpus_per_shard)) 0.0))) }}
+{{- fail "serve.args.device is cpu but serve.args.gpus_per_router / gpus_per_shard reserve GPUs: the pods would hold GPUs the engine never uses. Set device to auto or cuda, or the GPUs to 0" }}
+{{- end }}
+{{- if and (gt $S 0) (eq (int $s.replicas) 0) }}
+{{- if ne (int $r.replicas) 1 }}
+{{- fail (printf "workers.expertShards.replicas is 0 (the expert shards share the router pod) but workers.routers.replicas is %d: a replica in one pod needs workers.routers.replicas 1; give the shards pods of their own otherwise" (int $r.replicas)) }}
+{{- end }}
+{{- else }}
+{{- if ne (mod $R (int $r.replicas)) 0 }}
+{{- fail (printf "serve.args.num_routers is %d but workers.routers.replicas is %d: each router pod holds the same number of routers; regenerate both with `v4ray plan layout --emit-values`" $R (int $r.replicas)) }}
+{{- end }}
+{{- if and (gt $S 0) (ne (mod $S (int $s.replicas)) 0) }}
+{{- fail (printf "serve.args.num_expert_shards is %d but workers.expertShards.replicas is %d: each expert-shard pod holds the same number of shards; regenerate both with `v4ray plan layout --emit-values`" $S (int $s.replicas)) }}
 {{- end }}
 {{- end }}
-{{- if gt (int $s.gpusPerPod) 0 }}
-{{- if ne (mul (int $s.replicas) (int $s.gpusPerPod)) (int $a.num_expert_shards) }}
-{{- fail (printf "workers.expertShards gives %d GPUs (replicas %d x gpusPerPod %d) but serve.args.num_expert_shards is %d: one shard per GPU; regenerate both with `v4ray plan layout --emit-values`" (mul (int $s.replicas) (int $s.gpusPerPod)) (int $s.replicas) (int $s.gpusPerPod) (int $a.num_expert_shards)) }}
-{{- end }}
+{{- $_ := include "v4ray.podGpus" (dict "root" . "group" "routers") }}
+{{- if and (gt $S 0) (gt (int $s.replicas) 0) }}
+{{- $_ := include "v4ray.podGpus" (dict "root" . "group" "expertShards") }}
 {{- end }}
 {{- if and (hasPrefix "/" $model) .Values.model.claimName (not (hasPrefix .Values.model.mountPath $model)) }}
 {{- fail (printf "serve.args.model %q is not below model.mountPath %q where the model claim %q is mounted" $model .Values.model.mountPath .Values.model.claimName) }}
@@ -69,6 +80,31 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (eq .Values.rayAuth.mode "token") (not .Values.rayAuth.secretName) }}
 {{- fail "rayAuth.secretName is required when rayAuth.mode is token: name a Secret holding the Ray auth token (key auth_token)" }}
 {{- end }}
+{{- end }}
+
+{{/* GPUs of one pod of a worker group, sized from serve.args (the one value that also sizes every rank's
+placement bundle): ranks per pod x gpus_per_router / gpus_per_shard. With workers.expertShards.replicas 0 the
+router pod holds the expert shards too (a replica that fits one node: Ray places it PACK). Args: dict "root" $
+"group" (routers | expertShards). Prints an integer; fails when a pod would need a fraction of a GPU. */}}
+{{- define "v4ray.podGpus" -}}
+{{- $a := .root.Values.serve.args }}
+{{- $w := .root.Values.workers }}
+{{- $S := int (default 0 $a.num_expert_shards) }}
+{{- $routerGpus := mulf (int (default 1 $a.num_routers)) (float64 (default 0 $a.gpus_per_router)) }}
+{{- $shardGpus := mulf $S (float64 (default 0 $a.gpus_per_shard)) }}
+{{- $total := $shardGpus }}
+{{- if eq .group "routers" }}
+{{- $total = $routerGpus }}
+{{- if and (gt $S 0) (eq (int $w.expertShards.replicas) 0) }}
+{{- $total = addf $routerGpus $shardGpus }}
+{{- end }}
+{{- end }}
+{{- $pods := int (index $w .group).replicas }}
+{{- $per := divf $total $pods }}
+{{- if ne (floor $per) $per }}
+{{- fail (printf "workers.%s: %g GPUs over %d pod(s) is %g per pod, not a whole number (serve.args.gpus_per_router %v, gpus_per_shard %v); change the pods or the GPUs per rank" .group $total $pods $per (default 0 $a.gpus_per_router) (default 0 $a.gpus_per_shard)) }}
+{{- end }}
+{{- int $per }}
 {{- end }}
 
 {{/* One word of a POSIX shell command: as is when it holds only safe characters, else in single quotes with
@@ -234,8 +270,8 @@ spec:
       resources:
         {{- $res := deepCopy ($pool.resources | default dict) }}
         {{- if gt (int .gpus) 0 }}
-        {{- $limits := merge (dict "nvidia.com/gpu" (int .gpus)) ($res.limits | default dict) }}
-        {{- $_ := set $res "limits" $limits }}
+        {{- $_ := set $res "limits" (merge (dict "nvidia.com/gpu" (int .gpus)) ($res.limits | default dict)) }}
+        {{- $_ := set $res "requests" (merge (dict "nvidia.com/gpu" (int .gpus)) ($res.requests | default dict)) }}
         {{- end }}
         {{- toYaml $res | nindent 8 }}
       volumeMounts:
@@ -256,18 +292,20 @@ spec:
   {{- end }}
 {{- end }}
 
-{{/* A worker group. Args: dict "root" $ "name" "pool" "component" "data". */}}
+{{/* A worker group. Args: dict "root" $ "name" "group" (routers | expertShards) "component" "data". Its pods'
+GPUs (nvidia.com/gpu and Ray's num-gpus alike) come from v4ray.podGpus. */}}
 {{- define "v4ray.workerGroup" -}}
-{{- $gpus := int .pool.gpusPerPod -}}
+{{- $gpus := include "v4ray.podGpus" (dict "root" .root "group" .group) | int -}}
+{{- $pool := index .root.Values.workers .group -}}
 - groupName: {{ .name }}
-  replicas: {{ .pool.replicas }}
-  minReplicas: {{ .pool.replicas }}
-  maxReplicas: {{ .pool.replicas }}
+  replicas: {{ $pool.replicas }}
+  minReplicas: {{ $pool.replicas }}
+  maxReplicas: {{ $pool.replicas }}
   rayStartParams:
-    {{- $params := merge (dict) (.pool.rayStartParams | default dict) (dict "num-gpus" (toString $gpus)) }}
+    {{- $params := merge (dict) ($pool.rayStartParams | default dict) (dict "num-gpus" (toString $gpus)) }}
     {{- toYaml $params | nindent 4 }}
   template:
-    {{- include "v4ray.podTemplate" (dict "root" .root "component" .component "pool" .pool "gpus" $gpus "ports" false "data" .data) | nindent 4 }}
+    {{- include "v4ray.podTemplate" (dict "root" .root "component" .component "pool" $pool "gpus" $gpus "ports" false "data" .data) | nindent 4 }}
 {{- end }}
 
 {{/* The RayCluster spec shared by the RayService and the RayJob. Args: dict "root" $ "data" <or nil>. */}}
@@ -286,8 +324,8 @@ headGroupSpec:
   template:
     {{- include "v4ray.podTemplate" (dict "root" .root "component" "head" "pool" $v.head "gpus" 0 "ports" true "data" .data) | nindent 4 }}
 workerGroupSpecs:
-  {{- include "v4ray.workerGroup" (dict "root" .root "name" "routers" "component" "router" "pool" $v.workers.routers "data" .data) | nindent 2 }}
-  {{- if gt (int $v.serve.args.num_expert_shards) 0 }}
-  {{- include "v4ray.workerGroup" (dict "root" .root "name" "expert-shards" "component" "expert-shard" "pool" $v.workers.expertShards "data" .data) | nindent 2 }}
+  {{- include "v4ray.workerGroup" (dict "root" .root "name" "routers" "component" "router" "group" "routers" "data" .data) | nindent 2 }}
+  {{- if and (gt (int $v.serve.args.num_expert_shards) 0) (gt (int $v.workers.expertShards.replicas) 0) }}
+  {{- include "v4ray.workerGroup" (dict "root" .root "name" "expert-shards" "component" "expert-shard" "group" "expertShards" "data" .data) | nindent 2 }}
   {{- end }}
 {{- end }}
