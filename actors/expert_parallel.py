@@ -4,10 +4,14 @@ Ranks: routers 0..R-1, expert shards R..R+S-1, one process group per model repli
 every MoE layer's exchange, in layer order, so routers step in lockstep; a rank with nothing to send sends
 zero rows. Per layer:
 
-1. counts: all_to_all_single of int64 [world] — how many (token, expert) rows each rank sends to each rank
-   (the one host synchronisation per MoE layer);
+1. counts: all_to_all_single of int64 [world] — how many (token, expert) rows each rank sends to each rank;
+   each rank then reads its [2, world] sent/received counts to the host in one transfer: the split sizes of
+   the two variable-size collectives below (the one device->host sync per MoE layer on each rank);
 2. dispatch: all_to_all_single of the rows [M, D + 2] = hidden vector, expert id, routing weight (fp32);
 3. combine: all_to_all_single of the weighted expert outputs [M, D] back, with the split sizes reversed.
+
+Every buffer, count and index lives on the rank's `device` (NCCL takes CUDA tensors only); routing tables are
+computed there, and a shard counts the rows each expert serves in a device tensor read only by `stats()`.
 """
 
 from __future__ import annotations
@@ -39,14 +43,20 @@ def tcp_address(host: str, port: int) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
+def backend_for(device: torch.device) -> str:
+    """NCCL for CUDA ranks, gloo for CPU ranks: from the rank's own device, not from what the node has."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def init_group(address: str, rank: int, world_size: int, timeout_s: float, listener: socket.socket | None = None,
-               backend: str | None = None) -> str:
-    """Join the replica's process group through the TCPStore at `address` (tcp://host:port); every collective
-    then has `timeout_s`. Returns the backend.
+               device: torch.device | str = "cpu") -> str:
+    """Join the replica's process group through the TCPStore at `address` (tcp://host:port) with the backend
+    for `device` (this rank's exchange buffers); every collective then has `timeout_s`. Returns the backend.
 
     Rank 0 serves the store from `listener` (see `rendezvous_listener`): torch's own tcp:// rendezvous would
     bind the store to every interface, and anyone who reaches it could join or disturb the group."""
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(device)
+    backend = backend_for(device)
     url = urlsplit(address)
     if url.scheme != "tcp" or not url.hostname or not url.port:
         raise ValueError(f"rendezvous address must be tcp://host:port, got {address!r}")
@@ -59,7 +69,9 @@ def init_group(address: str, rank: int, world_size: int, timeout_s: float, liste
                               master_listen_fd=listener.detach())
     else:
         store = dist.TCPStore(url.hostname, url.port, world_size, is_master=False, timeout=timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    # NCCL binds its communicator to this rank's GPU (the actor's own, see engine.build.resolve_device).
+    bound = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **bound)
     return backend
 
 
@@ -75,73 +87,94 @@ class PhaseTimer:
         return now
 
 
-def _exchange_counts(send: torch.Tensor) -> torch.Tensor:
+def _exchange_counts(send: torch.Tensor) -> tuple[list[int], list[int]]:
+    """send [world] rows this rank sends to each rank (on the device) -> (send sizes, receive sizes) on the host:
+    the all_to_all of the counts, then ONE device->host transfer of both."""
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send)
-    return recv
+    send_sizes, recv_sizes = torch.stack([send, recv]).tolist()   # the one sync of this layer
+    return send_sizes, recv_sizes
 
 
 class RouterExchange:
     """A router's side of the exchange: the expert backend (`model.v4.ExpertBackend`) of its model's MoE layers.
     Layers take part in the same order on every rank, so the collectives need no layer tag."""
 
-    def __init__(self, rank: int, world_size: int, num_routers: int, placement: ExpertPlacement, hidden: int):
+    def __init__(self, rank: int, world_size: int, num_routers: int, placement: ExpertPlacement, hidden: int,
+                 device: torch.device | str = "cpu"):
+        """device: where the model's activations and this exchange's buffers live (NCCL needs CUDA)."""
         self.rank, self.world, self.num_routers = rank, world_size, num_routers
-        self.placement, self.hidden = placement, hidden
+        self.placement, self.hidden, self.device = placement, hidden, torch.device(device)
+        holders, copies = placement.table()   # built once, on the host; routing reads them on the device
+        self.holders, self.copies = holders.to(self.device), copies.to(self.device)
         self.timer = PhaseTimer()
 
     def route(self, layer: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights/idx [N, K] -> sum_k w_k Expert_{idx_k}(x) [N, D] fp32, experts on the shards."""
         t0 = time.perf_counter()
+        dev, D = self.device, self.hidden
         flat_e = idx.reshape(-1)
-        rows = torch.arange(flat_e.numel(), device=idx.device)
-        dest = self.num_routers + self.placement.destinations(flat_e, rows)   # global rank of each row's holder
+        rows = torch.arange(flat_e.numel(), device=dev)
+        # Each row's holder (copy number row % copies among the expert's holders), as a global rank.
+        dest = self.num_routers + self.holders[flat_e, rows % self.copies[flat_e]]
         order, tok = group_rows(idx, key=dest * self.placement.num_experts + flat_e)   # by shard, then expert
-        send_counts = torch.bincount(dest[order], minlength=self.world)
+        send_counts = torch.zeros(self.world, dtype=torch.long, device=dev).scatter_add_(0, dest, torch.ones_like(dest))
         payload = torch.cat([x[tok].float(), flat_e[order].float()[:, None],
                              weights.reshape(-1)[order].float()[:, None]], dim=1)      # [M, D + 2]
         t0 = self.timer.add("router_prepare", t0)
-        recv_counts = _exchange_counts(send_counts)
-        recv = torch.empty(int(recv_counts.sum()), self.hidden + 2, device=x.device)   # routers receive none
-        dist.all_to_all_single(recv, payload, recv_counts.tolist(), send_counts.tolist())
+        send_sizes, recv_sizes = _exchange_counts(send_counts)
+        recv = torch.empty(sum(recv_sizes), D + 2, device=dev)   # routers receive none
+        dist.all_to_all_single(recv, payload, recv_sizes, send_sizes)
         t0 = self.timer.add("dispatch", t0)
-        back = torch.empty(payload.shape[0], self.hidden, device=x.device)
-        dist.all_to_all_single(back, torch.empty(0, self.hidden, device=x.device), send_counts.tolist(),
-                               recv_counts.tolist())
+        back = torch.empty(payload.shape[0], D, device=dev)
+        dist.all_to_all_single(back, torch.empty(0, D, device=dev), send_sizes, recv_sizes)
         t0 = self.timer.add("combine", t0)
         return combine_rows(idx.shape[0], tok, back)
 
     def idle(self, num_layers: int) -> None:
         """Take part in a step with no tokens of our own."""
-        empty = torch.empty(0, self.hidden)
+        dev = self.device
+        empty = torch.empty(0, self.hidden, device=dev)
         for layer in range(num_layers):
-            self.route(layer, empty, torch.empty(0, 1), torch.empty(0, 1, dtype=torch.long))
+            self.route(layer, empty, torch.empty(0, 1, device=dev), torch.empty(0, 1, dtype=torch.long, device=dev))
 
 
 class ShardServer:
     """An expert shard's side: per step, for every MoE layer, receive rows, run the experts, send results."""
 
-    def __init__(self, world_size: int, hidden: int, experts: list[dict], dtype: torch.dtype, swiglu_limit: float):
+    def __init__(self, world_size: int, hidden: int, experts: list[dict], dtype: torch.dtype, swiglu_limit: float,
+                 device: torch.device | str = "cpu"):
+        """experts: per layer {global expert id: (w1, w2, w3)}, already on `device`."""
         self.world, self.hidden, self.experts, self.dtype = world_size, hidden, experts, dtype
-        self.limit = swiglu_limit
+        self.limit, self.device = swiglu_limit, torch.device(device)
         self.timer = PhaseTimer()
-        self.tokens_per_expert = [defaultdict(int) for _ in experts]   # per layer: expert -> rows served
+        dev = self.device
+        self.no_rows = torch.zeros(world_size, dtype=torch.long, device=dev)   # a shard sends no dispatch rows
+        self.none_in = torch.empty(0, hidden + 2, device=dev)
+        self.none_out = torch.empty(0, hidden, device=dev)
+        ids = [e for layer in experts for e in layer]
+        # rows served per layer and global expert id, counted on the device; read only by tokens_per_expert()
+        self.expert_rows = torch.zeros(len(experts), max(ids, default=-1) + 1, dtype=torch.long, device=dev)
 
     def serve_step(self) -> int:
-        rows_served = 0
-        zeros = torch.zeros(self.world, dtype=torch.long)
+        rows_served, D = 0, self.hidden
         for layer, experts in enumerate(self.experts):
             t0 = time.perf_counter()
-            recv_counts = _exchange_counts(zeros)
-            recv = torch.empty(int(recv_counts.sum()), self.hidden + 2)
-            dist.all_to_all_single(recv, torch.empty(0, self.hidden + 2), recv_counts.tolist(), zeros.tolist())
+            send_sizes, recv_sizes = _exchange_counts(self.no_rows)
+            recv = torch.empty(sum(recv_sizes), D + 2, device=self.device)
+            dist.all_to_all_single(recv, self.none_in, recv_sizes, send_sizes)
             t0 = self.timer.add("dispatch_wait", t0)
-            x, e, w = recv[:, :self.hidden].to(self.dtype), recv[:, self.hidden].long(), recv[:, self.hidden + 1]
+            x, e, w = recv[:, :D].to(self.dtype), recv[:, D].long(), recv[:, D + 1]
             y = expert_mlp(x, e, w, experts, self.limit).float()
-            for eid, n in zip(*torch.unique(e, return_counts=True)):
-                self.tokens_per_expert[layer][int(eid)] += int(n)
+            self.expert_rows[layer].scatter_add_(0, e, torch.ones_like(e))
             rows_served += x.shape[0]
             t0 = self.timer.add("expert", t0)
-            dist.all_to_all_single(torch.empty(0, self.hidden), y, zeros.tolist(), recv_counts.tolist())
+            dist.all_to_all_single(self.none_out, y, send_sizes, recv_sizes)
             self.timer.add("combine", t0)
         return rows_served
+
+    def tokens_per_expert(self) -> list[dict[int, int]]:
+        """Per layer {global expert id: rows served} for the experts that served any (one read of the counts)."""
+        counts = self.expert_rows.tolist()
+        return [{e: counts[layer][e] for e in sorted(experts) if counts[layer][e]}
+                for layer, experts in enumerate(self.experts)]

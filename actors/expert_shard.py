@@ -1,12 +1,14 @@
 """ExpertShard actor: holds routed experts of every MoE layer (a contiguous range of global ids, plus any
-redundant copies), kept in their checkpoint format, and serves them to the routers each step."""
+redundant copies), kept in their checkpoint format on its device, and serves them to the routers each step."""
 
 from __future__ import annotations
 
 import os
 import time
 
-from v4ray.engine.build import resolve_dtype
+import torch
+
+from v4ray.engine.build import resolve_device, resolve_dtype
 from v4ray.model.config import V4Config
 from v4ray.model.loader import load_expert_weights
 
@@ -15,10 +17,11 @@ from .expert_parallel import ShardServer, init_group
 
 class ExpertShard:
     def __init__(self, model_path: str, rank: int, world_size: int, shard_index: int, expert_ids: list[int],
-                 dtype: str, collective_timeout_s: float, keep_quantized: bool = True):
+                 dtype: str, collective_timeout_s: float, keep_quantized: bool = True, device: str = "auto"):
+        """device: the engine config's device ("auto": the GPU Ray assigned this actor, else the CPU)."""
         self.model_path, self.rank, self.world, self.shard_index = model_path, rank, world_size, shard_index
         self.expert_ids = list(expert_ids)
-        self.dtype = resolve_dtype(dtype, V4Config.from_file(model_path))
+        self.dtype_name, self.device_spec = dtype, device
         self.timeout_s, self.keep_quantized = collective_timeout_s, keep_quantized
         self.server: ShardServer | None = None
         self.steps = 0
@@ -31,12 +34,16 @@ class ExpertShard:
 
     def start(self, init_method: str) -> dict:
         t0 = time.perf_counter()
-        backend = init_group(init_method, self.rank, self.world, self.timeout_s)
+        device = resolve_device(self.device_spec)   # under Ray, cuda:0 is the GPU assigned to this actor
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = init_group(init_method, self.rank, self.world, self.timeout_s, device=device)
         cfg = V4Config.from_file(self.model_path)
-        experts = load_expert_weights(self.model_path, self.expert_ids, self.dtype, self.keep_quantized, cfg)
-        self.server = ShardServer(self.world, cfg.hidden_size, experts, self.dtype, cfg.swiglu_limit)
+        dtype = resolve_dtype(self.dtype_name, cfg, device=device)
+        experts = load_expert_weights(self.model_path, self.expert_ids, dtype, self.keep_quantized, cfg, device=device)
+        self.server = ShardServer(self.world, cfg.hidden_size, experts, dtype, cfg.swiglu_limit, device=device)
         nbytes = sum(w.nbytes for layer in experts for ws in layer.values() for w in ws)
-        return {"backend": backend, "load_s": time.perf_counter() - t0, "expert_bytes": nbytes}
+        return {"backend": backend, "device": str(device), "load_s": time.perf_counter() - t0, "expert_bytes": nbytes}
 
     def ping(self) -> bool:
         return True
@@ -47,5 +54,4 @@ class ExpertShard:
 
     def stats(self) -> dict:
         return {"rank": self.rank, "shard": self.shard_index, "steps": self.steps,
-                "phases": dict(self.server.timer.seconds),
-                "tokens_per_expert": [dict(d) for d in self.server.tokens_per_expert]}
+                "phases": dict(self.server.timer.seconds), "tokens_per_expert": self.server.tokens_per_expert()}

@@ -1,9 +1,11 @@
 """Router and ExpertShard actors with all-to-all, on a 3-node simulated Ray cluster, against the single-process
-engine (the same engine API, no actors)."""
+engine (the same engine API, no actors); and the exchange itself in one process per rank over a real gloo group,
+its tensors followed as device-resident (tests/device_provenance.py) to count host syncs per MoE layer."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -22,6 +24,7 @@ from v4ray.model.loader import INDEX_FILE
 from v4ray.model.tiny import expert_files
 
 from conftest import parity_prompt
+from device_provenance import DEVICE, Provenance, kernels_as_device_ops, to_device
 from test_parity import PARITY_RTOL, TIE_GAP
 
 DECODE_STEPS = 32
@@ -175,3 +178,148 @@ def test_killed_shard_fails_fast_and_replica_rebuilds(ray_session, tiny_ckpt):
     llm.shutdown()
     with LLM(model=ckpt, dtype="float32", num_expert_shards=2) as rebuilt:
         assert rebuilt.generate(prompt, greedy)[0].outputs[0].token_ids == want
+
+
+# ---- the exchange alone: one process per rank, a real gloo group, tensors followed as device-resident ----------
+
+# Issue 16: the split sizes of a variable-size all_to_all must be on the host, so each rank reads them once per
+# MoE layer (the counts it sends and receives, in one transfer); nothing else may wait on the device.
+SYNCS_PER_MOE_LAYER = 1
+EXCHANGE = {"routers": 1, "shards": 2, "layers": 3, "experts": 8, "hidden": 16, "inter": 8, "tokens": 5, "topk": 2,
+            "steps": 2}
+# The exchange regroups each token's K expert rows (by shard, then expert) before summing them: fp32 sums in
+# another order differ in the last bits; outputs here are O(1).
+EXCHANGE_ATOL = 1e-5
+
+
+def _exchange_experts(layer: int, ids) -> dict:
+    """Plain fp32 experts {id: (w1, w2, w3)} of one layer, the same in every process (seeded by layer, expert)."""
+    from v4ray.kernels.quant import QuantTensor
+
+    c, out = EXCHANGE, {}
+    for e in ids:
+        g = torch.Generator().manual_seed(1000 * layer + e)
+        shapes = [(c["inter"], c["hidden"]), (c["hidden"], c["inter"]), (c["inter"], c["hidden"])]
+        out[e] = tuple(QuantTensor(torch.randn(*s, generator=g) / s[1] ** 0.5) for s in shapes)
+    return out
+
+
+def _exchange_inputs(step: int, layer: int):
+    """One MoE layer's router input: x [N, D], routing weights and expert ids [N, K] (distinct per token)."""
+    c = EXCHANGE
+    g = torch.Generator().manual_seed(100 * step + layer)
+    x = torch.randn(c["tokens"], c["hidden"], generator=g)
+    idx = torch.stack([torch.randperm(c["experts"], generator=g)[:c["topk"]] for _ in range(c["tokens"])])
+    return x, torch.rand(c["tokens"], c["topk"], generator=g), idx
+
+
+def _exchange_rank(rank: int, addresses, results) -> None:
+    """One rank of the exchange under a Provenance mode: the router routes every layer of EXCHANGE["steps"] steps
+    and then one idle step; each shard serves them. Reports per-window event counts (and the router its outputs)."""
+    from v4ray.actors.expert_parallel import RouterExchange, ShardServer, init_group, rendezvous_listener, \
+        tcp_address
+
+    c = EXCHANGE
+    world, R = c["routers"] + c["shards"], c["routers"]
+    try:
+        if rank == 0:
+            listener = rendezvous_listener("127.0.0.1")
+            address = tcp_address("127.0.0.1", listener.getsockname()[1])
+            for _ in range(world - 1):
+                addresses.put(address)
+            init_group(address, rank, world, 60, listener=listener, device="cpu")
+        else:
+            init_group(addresses.get(timeout=60), rank, world, 60, device="cpu")
+        placement = ExpertPlacement.contiguous(c["experts"], c["shards"])
+        report = {"rank": rank, "windows": {}, "outputs": []}
+        with Provenance() as prov, kernels_as_device_ops(prov):
+            if rank < R:
+                exchange = RouterExchange(rank, world, R, placement, c["hidden"], device=DEVICE)
+                for step in range(c["steps"]):
+                    for layer in range(c["layers"]):
+                        x, w, idx = (to_device(t) for t in _exchange_inputs(step, layer))
+                        with prov.window(f"step {step} layer {layer}") as win:
+                            y = exchange.route(layer, x, w, idx)
+                        report["outputs"].append(y.inner.tolist())   # no tensors through the queue: the rank exits
+                        report["windows"][win.name] = win
+                with prov.window("idle step") as win:
+                    exchange.idle(c["layers"])
+                report["windows"][win.name] = win
+            else:
+                mine = placement.shard_experts(rank - R)
+                experts = [{e: tuple(type(t)(to_device(t.data)) for t in ws)
+                            for e, ws in _exchange_experts(layer, mine).items()} for layer in range(c["layers"])]
+                server = ShardServer(world, c["hidden"], experts, torch.float32, 10.0, device=DEVICE)
+                for step in range(c["steps"] + 1):
+                    with prov.window(f"step {step}") as win:
+                        server.serve_step()
+                    report["windows"][win.name] = win
+                report["tokens_per_expert"] = server.tokens_per_expert()
+        report["windows"] = {name: {k: w.count(k) for k in ("sync", "upload", "mix")} | {"summary": w.summary()}
+                             for name, w in report["windows"].items()}
+        results.put(report)
+    except BaseException as e:  # the parent names the rank and the error
+        results.put({"rank": rank, "error": repr(e)})
+        raise
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_backend_follows_the_device():
+    from v4ray.actors.expert_parallel import backend_for
+
+    assert backend_for(torch.device("cuda", 0)) == "nccl"   # whether or not this process sees a GPU
+    assert backend_for(torch.device("cpu")) == "gloo"
+
+
+def test_exchange_syncs_once_per_moe_layer_per_rank():
+    """1 router + 2 shards in separate processes over gloo; inputs, expert weights and every buffer the exchange
+    makes are followed as device-resident: per MoE layer each rank makes at most SYNCS_PER_MOE_LAYER device->host
+    reads, no upload and no host/device mix, and the routed outputs equal the single-process expert compute."""
+    from v4ray.kernels.moe import expert_mlp_ref
+    from v4ray.model.v4 import combine_rows, group_rows
+
+    c = EXCHANGE
+    world, L = c["routers"] + c["shards"], c["layers"]
+    ctx = multiprocessing.get_context("spawn")
+    addresses, results = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_exchange_rank, args=(r, addresses, results), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        reports = {}
+        for _ in range(world):
+            rep = results.get(timeout=240)
+            reports[rep["rank"]] = rep
+        for p in procs:
+            p.join(timeout=60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    errors = {r: rep["error"] for r, rep in reports.items() if "error" in rep}
+    assert not errors, f"ranks failed: {errors}"
+
+    for rank, rep in reports.items():
+        for name, counts in rep["windows"].items():
+            layers = L if name.startswith("step") and rank >= c["routers"] or name == "idle step" else 1
+            detail = f"rank {rank} {name}:\n{counts['summary']}"
+            assert counts["sync"] <= SYNCS_PER_MOE_LAYER * layers, detail
+            assert counts["sync"] >= 1, detail   # the split sizes are read: the count is real, not vacuous
+            assert counts["upload"] == 0 and counts["mix"] == 0, detail
+
+    experts = [_exchange_experts(layer, range(c["experts"])) for layer in range(L)]
+    want = []
+    for step in range(c["steps"]):
+        for layer in range(L):
+            x, w, idx = _exchange_inputs(step, layer)
+            order, tok = group_rows(idx)
+            y = expert_mlp_ref(x[tok], idx.reshape(-1)[order], w.reshape(-1)[order], experts[layer], 10.0)
+            want.append(combine_rows(x.shape[0], tok, y))
+    for i, (got, ref) in enumerate(zip(reports[0]["outputs"], want, strict=True)):
+        torch.testing.assert_close(torch.tensor(got), ref, atol=EXCHANGE_ATOL, rtol=0, msg=f"step/layer {i}")
+    served = [sum(sum(reports[r]["tokens_per_expert"][layer].values()) for r in range(1, world)) for layer in range(L)]
+    assert served == [c["steps"] * c["tokens"] * c["topk"]] * L
