@@ -49,13 +49,17 @@ def backend_for(device: torch.device) -> str:
 
 
 def init_group(address: str, rank: int, world_size: int, timeout_s: float, listener: socket.socket | None = None,
-               device: torch.device | str = "cpu") -> str:
+               device: torch.device | str = "cpu", backend: str | None = None) -> str:
     """Join the replica's process group through the TCPStore at `address` (tcp://host:port) with the backend
     for `device` (this rank's exchange buffers); every collective then has `timeout_s`. Returns the backend.
+    `backend`, if given, must be the device's (a check, not a choice).
 
     Rank 0 serves the store from `listener` (see `rendezvous_listener`): torch's own tcp:// rendezvous would
     bind the store to every interface, and anyone who reaches it could join or disturb the group."""
     device = torch.device(device)
+    if backend is not None and backend != backend_for(device):
+        raise ValueError(f"backend={backend!r} cannot exchange tensors on {device}: use backend_for(device) "
+                         f"({backend_for(device)!r}) or leave backend unset")
     backend = backend_for(device)
     url = urlsplit(address)
     if url.scheme != "tcp" or not url.hostname or not url.port:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import queue
 import shutil
 import signal
 import threading
@@ -269,10 +270,12 @@ def _exchange_rank(rank: int, addresses, results) -> None:
 
 
 def test_backend_follows_the_device():
-    from v4ray.actors.expert_parallel import backend_for
+    from v4ray.actors.expert_parallel import backend_for, init_group
 
     assert backend_for(torch.device("cuda", 0)) == "nccl"   # whether or not this process sees a GPU
     assert backend_for(torch.device("cpu")) == "gloo"
+    with pytest.raises(ValueError, match="backend='nccl' cannot exchange tensors on cpu"):
+        init_group("tcp://127.0.0.1:1", 1, 2, 1.0, device="cpu", backend="nccl")   # refused before connecting
 
 
 def test_exchange_syncs_once_per_moe_layer_per_rank():
@@ -292,7 +295,11 @@ def test_exchange_syncs_once_per_moe_layer_per_rank():
     try:
         reports = {}
         for _ in range(world):
-            rep = results.get(timeout=240)
+            try:
+                rep = results.get(timeout=240)
+            except queue.Empty:
+                raise AssertionError(f"ranks {sorted(set(range(world)) - set(reports))} never reported; exit codes "
+                                     f"{[p.exitcode for p in procs]}") from None
             reports[rep["rank"]] = rep
         for p in procs:
             p.join(timeout=60)
