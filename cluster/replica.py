@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from v4ray.engine.build import dtype_name, kv_format, resolve_dtype
+from v4ray.engine.build import dtype_name, resolve_dtype
 from v4ray.engine.config import EngineConfig
 from v4ray.model.config import V4Config
 from v4ray.model.expert_placement import ExpertPlacement
@@ -152,7 +152,8 @@ class ReplicaConfig:
         # The routers' KV pool: the same checks as PagedKVCache.from_budget, on a one-slot cache with no blocks
         # (a few MB; the real pool is allocated on the routers).
         dtype = resolve_dtype(self.dtype, cfg, torch.device(rank_device_type(self.device, self.gpus_per_router)))
-        probe = PagedKVCache(cfg, 0, 1, dtype, self.block_size, kv_format=kv_format(self.kv_cache_dtype))
+        stored = None if self.kv_cache_dtype == "auto" else self.kv_cache_dtype   # auto: the compute dtype's
+        probe = PagedKVCache(cfg, 0, 1, dtype, self.block_size, kv_format=stored)   # raises on a bad block_size
         fixed = kv_bytes(cfg, probe.kv_format, probe.block_size).fixed_per_seq
         if self.max_num_seqs * fixed > self.kv_cache_bytes:
             raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes} cannot hold the fixed state of max_num_seqs="
