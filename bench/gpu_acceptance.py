@@ -1,6 +1,6 @@
 """GPU acceptance for v4ray on one CUDA device: correctness, compiled kernels, decode speed, kernel roofline.
 
-    python bench/gpu_acceptance.py [--quick] [--sections correctness kernels decode kernel_perf] [--out PATH]
+    python bench/gpu_acceptance.py [--quick] [--sections NAME ...] [--batches 1 32 128] [--out PATH] [--device D]
 
 Standalone: needs only torch and triton. No Ray, pydantic, safetensors or tokenizers, and no installed v4ray:
 the checkout's kernels/, model/ and engine/ load by path as `v4ray.kernels`, `v4ray.model`, `v4ray.engine` under
@@ -10,7 +10,8 @@ confident=True)` would write. Sections, each a function that records its checks 
 
 1. correctness   the tiny model (prefill of several sequences + decode steps through `engine.runner.ModelRunner`):
                  fp32 on the device against the CPU fp32 reference (max relative logit error per position),
-                 bf16 on the device against that reference (top-1 agreement).
+                 bf16 on the device against that reference (top-1 agreement, mean relative error).
+   fp8_kv        the bf16 model with an FP8 KV cache against a bf16 KV cache, on the device.
 2. kernels       every Triton kernel, compiled (not interpreted), against its torch reference on the device at
                  the small regular / ragged / real-tile shapes and tolerances of tests/kernel_checks.py.
 3. decode        tokens/s of the bf16 tiny model at batch 1/32/128 (one token per sequence per step, wall time
@@ -50,7 +51,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 from common import RESULTS, machine, table  # noqa: E402
 
-SECTIONS = ("correctness", "kernels", "decode", "kernel_perf")
+SECTIONS = ("correctness", "fp8_kv", "kernels", "decode", "kernel_perf")
 TIME_BUDGET_S = 480  # the issue's bound for the whole script on one H200; reported (not a check: other GPUs differ)
 
 # ---- tolerances (named, with reasons) -------------------------------------------------------------------------------
@@ -64,6 +65,10 @@ BF16_TOP1_MIN = 0.97
 # Mean over positions of the bf16 relative logit error (tests/test_bf16.py's BF16_MEAN_REL_ERR: 0.3-0.7 % observed;
 # 2 % catches a path that silently loses precision, e.g. a router or norm in bf16).
 BF16_MEAN_REL_ERR = 0.02
+# FP8 KV cache against a bf16 one (tests/test_kv_pools.py's bounds): e4m3 entries carry ~3 significant bits with a
+# scale per 64 dims, so a few near-tied argmaxes may flip; a wrong scale or layout moves far more.
+FP8_KV_TOP1_MIN = 0.95
+FP8_KV_MEAN_REL_ERR = 0.05
 # Kernel vs torch reference (tests/kernel_checks.py's values): max|out - ref| / max|ref| and cosine similarity.
 FP32_REL = 1e-5         # same math in fp32, different summation order
 FP32_COS_MIN = 1 - 1e-7
@@ -179,21 +184,22 @@ def build_model(lib, cfg, state: dict[str, torch.Tensor], dtype: torch.dtype):
     return model.eval()
 
 
-def kv_budget(lib, cfg, dtype: torch.dtype, num_seqs: int, tokens_per_seq: int) -> int:
+def kv_budget(lib, cfg, dtype: torch.dtype, num_seqs: int, tokens_per_seq: int, kv_format: str | None = None) -> int:
     """Bytes of KV cache that hold `num_seqs` sequences of `tokens_per_seq` tokens (plus one spare block each)."""
-    fmt = "fp32" if dtype == torch.float32 else "bf16"
+    fmt = kv_format or ("fp32" if dtype == torch.float32 else "bf16")
     block = lib.model_kv_format.default_block_size(cfg)
     kb = lib.model_kv_format.kv_bytes(cfg, fmt, block)
     blocks = num_seqs * (-(-tokens_per_seq // block) + 1)
     return int(num_seqs * kb.fixed_per_seq + blocks * kb.per_block) + 1
 
 
-def run_model(lib, model, prompts: list[list[int]], decode: list[list[int]]) -> torch.Tensor:
+def run_model(lib, model, prompts: list[list[int]], decode: list[list[int]], kv_format: str | None = None
+              ) -> torch.Tensor:
     """Prefill every prompt in one step (logits of every prompt row), then one step per column of `decode`
     (teacher-forced tokens, so both models see the same inputs). Returns all logits [positions, V] on the CPU."""
     steps = len(decode[0])
-    runner = lib.engine_runner.ModelRunner(model, kv_budget(lib, model.cfg, model.dtype, len(prompts),
-                                                             max(map(len, prompts)) + steps), len(prompts))
+    budget = kv_budget(lib, model.cfg, model.dtype, len(prompts), max(map(len, prompts)) + steps, kv_format)
+    runner = lib.engine_runner.ModelRunner(model, budget, len(prompts), kv_format=kv_format)
     for i, p in enumerate(prompts):
         runner.admit(f"s{i}", len(p) + steps)
     out = [runner.step([(f"s{i}", p, list(range(len(p)))) for i, p in enumerate(prompts)])]
@@ -247,17 +253,21 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 # ---- 1. correctness --------------------------------------------------------------------------------------------------
 
-def section_correctness(lib, dev: torch.device, opts, sec: Section) -> None:
-    quick = opts.quick
-    cfg = lib.model_config.load_preset("v4-tiny")
-    state = tiny_state(lib, cfg)
+def model_inputs(cfg, quick: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """Seeded prompts (BOS + random tokens) and teacher-forced decode tokens, one list per sequence. 320 tokens
+    cross many CSA windows, two HCA windows of 128 and the 128-token sliding window."""
     g = torch.Generator().manual_seed(5)
-    # 320 tokens crosses many CSA windows, two HCA windows of 128 and the 128-token sliding window.
-    lengths = (48, 17) if quick else (320, 200, 57)
-    steps = 3 if quick else 8
+    lengths, steps = ((48, 17), 3) if quick else ((320, 200, 57), 8)
     prompts = [[0] + torch.randint(16, cfg.vocab_size, (n - 1,), generator=g).tolist() for n in lengths]
     decode = [torch.randint(16, cfg.vocab_size, (steps,), generator=g).tolist() for _ in lengths]
-    sec.notes.update(prompt_lengths=list(lengths), decode_steps=steps)
+    return prompts, decode
+
+
+def section_correctness(lib, dev: torch.device, opts, sec: Section) -> None:
+    cfg = lib.model_config.load_preset("v4-tiny")
+    state = tiny_state(lib, cfg)
+    prompts, decode = model_inputs(cfg, opts.quick)
+    sec.notes.update(prompt_lengths=[len(p) for p in prompts], decode_steps=len(decode[0]))
 
     env = lib.kernels_backend.ENV_KERNELS
     saved = os.environ.get(env)
@@ -295,6 +305,28 @@ def section_correctness(lib, dev: torch.device, opts, sec: Section) -> None:
             sec.check("bf16 mean relative logit error vs CPU fp32", mean_err, BF16_MEAN_REL_ERR,
                       mean_err <= BF16_MEAN_REL_ERR)
         del model
+
+
+def section_fp8_kv(lib, dev: torch.device, opts, sec: Section) -> None:
+    """The bf16 tiny model with an FP8 KV cache against the same model with a bf16 cache, both on the device
+    (prefill and decode steps: on CUDA the attention and indexer read the packed FP8 entries)."""
+    cfg = lib.model_config.load_preset("v4-tiny")
+    model = build_model(lib, cfg, tiny_state(lib, cfg), torch.bfloat16).to(dev)
+    prompts, decode = model_inputs(cfg, opts.quick)
+    bf16 = run_model(lib, model, prompts, decode, kv_format="bf16")
+    before = dict(lib.kernels_backend.triton_calls)
+    fp8 = run_model(lib, model, prompts, decode, kv_format="fp8")
+    sec.notes["triton_kernels_launched"] = sorted(k for k, n in lib.kernels_backend.triton_calls.items()
+                                                  if n > before.get(k, 0))
+    finite = bool(torch.isfinite(fp8).all())
+    sec.check("fp8 KV logits finite", finite, True, finite)
+    errs = rel_errs(fp8, bf16)
+    agree = float((fp8.argmax(-1) == bf16.argmax(-1)).double().mean())
+    sec.rows.append({"model": f"tiny bf16, fp8 KV vs bf16 KV on {dev}", "positions": bf16.shape[0],
+                     "max_rel_err": float(errs.max()), "mean_rel_err": float(errs.mean()), "top1_agreement": agree})
+    sec.check("fp8 KV top-1 agreement with bf16 KV", agree, FP8_KV_TOP1_MIN, agree >= FP8_KV_TOP1_MIN)
+    sec.check("fp8 KV mean relative logit error vs bf16 KV", float(errs.mean()), FP8_KV_MEAN_REL_ERR,
+              float(errs.mean()) <= FP8_KV_MEAN_REL_ERR)
 
 
 # ---- 2. kernels vs reference -----------------------------------------------------------------------------------------
@@ -544,9 +576,10 @@ def section_kernel_perf(lib, dev: torch.device, opts, sec: Section) -> None:
                 torch.cuda.empty_cache()
 
 
-RUNNERS = {"correctness": section_correctness, "kernels": section_kernels, "decode": section_decode,
-           "kernel_perf": section_kernel_perf}
+RUNNERS = {"correctness": section_correctness, "fp8_kv": section_fp8_kv, "kernels": section_kernels,
+           "decode": section_decode, "kernel_perf": section_kernel_perf}
 COLUMNS = {"correctness": ["model", "positions", "max_rel_err", "mean_rel_err", "top1_agreement"],
+           "fp8_kv": ["model", "positions", "max_rel_err", "mean_rel_err", "top1_agreement"],
            "kernels": ["kernel", "case", "max_rel", "cos", "ok"],
            "decode": ["batch", "steps", "ms_per_step", "tokens_per_s"],
            "kernel_perf": ["model", "op", "shape", "triton_ms", "torch_ms", "speedup", "tflops", "gbs",
