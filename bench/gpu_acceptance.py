@@ -275,7 +275,10 @@ def section_correctness(lib, dev: torch.device, opts, sec: Section) -> None:
     try:
         ref = run_model(lib, build_model(lib, cfg, state, torch.float32), prompts, decode)  # CPU fp32 reference
     finally:
-        os.environ.pop(env) if saved is None else os.environ.__setitem__(env, saved)
+        if saved is None:
+            del os.environ[env]
+        else:
+            os.environ[env] = saved
     backend = lib.kernels_backend.kernel_backend(dev)
     sec.notes.update(kernel_backend=backend, interpreted=lib.kernels_backend.triton_interpreted())
     if dev.type == "cuda":
