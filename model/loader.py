@@ -155,6 +155,9 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
+        # Each read asks for exactly one tensor's bytes, in one large request. Kernel readahead (often several
+        # MB) would also pull in the neighbouring tensors, which an expert shard does not keep.
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
         try:
             size = os.fstat(self.fd).st_size
             head = os.pread(self.fd, 8, 0)
