@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-import torch
-
-from v4ray.engine.build import resolve_device, resolve_dtype
+from v4ray.engine.build import resolve_dtype, select_device
 from v4ray.model.config import V4Config
 from v4ray.model.loader import load_expert_weights
 
@@ -34,9 +32,7 @@ class ExpertShard:
 
     def start(self, init_method: str) -> dict:
         t0 = time.perf_counter()
-        device = resolve_device(self.device_spec)   # under Ray, cuda:0 is the GPU assigned to this actor
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        device = select_device(self.device_spec)   # under Ray, cuda:0 is the GPU assigned to this actor
         backend = init_group(init_method, self.rank, self.world, self.timeout_s, device=device)
         cfg = V4Config.from_file(self.model_path)
         dtype = resolve_dtype(self.dtype_name, cfg, device=device)

@@ -7,9 +7,7 @@ from __future__ import annotations
 import os
 import time
 
-import torch
-
-from v4ray.engine.build import build_engine_core, resolve_device, resolve_dtype
+from v4ray.engine.build import build_engine_core, resolve_dtype, select_device
 from v4ray.engine.config import EngineConfig
 from v4ray.engine.core import EngineCore
 from v4ray.engine.runner import ModelRunner
@@ -19,16 +17,6 @@ from v4ray.model.expert_placement import ExpertPlacement
 from v4ray.model.loader import load_model
 
 from .expert_parallel import RouterExchange, init_group, rendezvous_listener, tcp_address
-
-
-def select_device(spec: str) -> torch.device:
-    """This actor's device from EngineConfig.device: Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned, so cuda:0
-    (what auto picks) is the actor's own GPU. Made the current CUDA device, so that every allocation without an
-    explicit device (NCCL's communicator included) lands on it."""
-    device = resolve_device(spec)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
 
 
 class Router:

@@ -71,7 +71,8 @@ def _serve(args) -> int:
     import yaml
 
     from v4ray.cluster.local_ray import ensure_ray
-    from v4ray.cluster.placement import PENDING_REPORT_AFTER_S, bundle_totals, cluster_problem, pending_report
+    from v4ray.cluster.placement import (PENDING_REPORT_AFTER_S, bundle_totals, cluster_nodes, cluster_problem,
+                                         pending_report)
     from v4ray.serve.app import server_placement
     from v4ray.serve.config import ServeConfig
 
@@ -81,7 +82,8 @@ def _serve(args) -> int:
     if len(apps) != 1:
         raise ValueError(f"{args.config}: 'applications' must hold exactly one v4ray application")
     app_conf = apps[0]
-    bundles, strategy = server_placement(ServeConfig(**(app_conf.get("args") or {})))
+    serve_config = ServeConfig(**(app_conf.get("args") or {}))
+    bundles, _ = server_placement(serve_config)   # what the embedded Ray must offer (before it starts)
     http = conf.get("http_options") or {}
     host, port = http.get("host", "127.0.0.1"), int(args.port or http.get("port", 8000))
     stop, deployed = threading.Event(), threading.Event()
@@ -94,6 +96,7 @@ def _serve(args) -> int:
     ensure_ray(args.address, num_cpus=bundle_totals(bundles).get("CPU", 0))
     import ray
 
+    bundles, strategy = server_placement(serve_config, cluster_nodes())   # PACK or SPREAD by the real nodes
     problem = cluster_problem(bundles, strategy)
     if problem:
         ray.shutdown()
@@ -137,7 +140,7 @@ def _serve(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from v4ray.model.config import preset_names
-    from v4ray.engine.config import DTYPES as ENGINE_DTYPES
+    from v4ray.engine.config import DTYPES as ENGINE_DTYPES, KV_CACHE_DTYPES
     from v4ray.model.tiny import DTYPES
 
     p = argparse.ArgumentParser(prog="v4ray", description="Serve DeepSeek-V4 on Ray.")
@@ -177,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--max-in-flight", type=int, default=32, help="rows admitted to the engine at once")
     sc.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
     sc.add_argument("--dtype", default=None, choices=ENGINE_DTYPES, help="default: EngineConfig's (auto)")
+    sc.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: EngineConfig's, auto)")
+    sc.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES, help="default: auto (the compute "
+                                                                                     "dtype's)")
+    sc.add_argument("--gpus-per-router", type=float, default=None, help="GPUs each router (or the engine) reserves")
+    sc.add_argument("--gpus-per-shard", type=float, default=None, help="GPUs each expert shard reserves")
     sc.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS inside a Ray job)")
     sc.set_defaults(func=_score)
 

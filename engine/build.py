@@ -43,6 +43,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def select_device(spec: str | torch.device) -> torch.device:
+    """This process's device (`resolve_device`), made the current CUDA device when it is one, so that anything
+    allocated without an explicit device (NCCL's communicator included) lands on it. Called once per actor —
+    Router, ExpertShard, V4Server — before its process group forms (docs/architecture.md §11)."""
+    device = resolve_device(spec)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def resolve_dtype(dtype: str | torch.dtype, cfg: V4Config, device: torch.device | None = None) -> torch.dtype:
     """"auto" is bfloat16 on a GPU; on the CPU the checkpoint's dtype (bfloat16 unless it is stored in float32)."""
     if isinstance(dtype, torch.dtype):
@@ -57,6 +67,11 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: V4Config, device: torch.device 
     if aliases.get(dtype, dtype) not in _DTYPES:
         raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
     return _DTYPES[aliases.get(dtype, dtype)]
+
+
+def kv_format(kv_cache_dtype: str) -> str | None:
+    """EngineConfig.kv_cache_dtype -> PagedKVCache's storage format; None ("auto"): the compute dtype's."""
+    return None if kv_cache_dtype == "auto" else kv_cache_dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -77,9 +92,13 @@ def build_engine_core(config: EngineConfig, model=None, prefix_cache=None, locks
     path = checkpoint_dir(config)
     cfg = model.cfg if model is not None else V4Config.from_file(path)
     if model is None:
-        model = load_model(path, resolve_dtype(config.dtype, cfg), keep_quantized=config.keep_quantized, cfg=cfg)
+        device = resolve_device(config.device)
+        model = load_model(path, resolve_dtype(config.dtype, cfg, device), keep_quantized=config.keep_quantized,
+                           cfg=cfg, device=device)
+    model.to(model.device)  # buffers computed at construction (RoPE tables) join the weights
     runner = ModelRunner(model, config.kv_cache_bytes, config.max_num_seqs,
-                         config.block_size or default_block_size(cfg), prefix_cache=prefix_cache)
+                         config.block_size or default_block_size(cfg), kv_format=kv_format(config.kv_cache_dtype),
+                         prefix_cache=prefix_cache)
     return EngineCore(runner, V4Tokenizer.from_dir(path), config.max_model_len or cfg.max_position_embeddings,
                       config.max_num_batched_tokens, config.max_num_seqs, prefix_caching=prefix_cache is not None,
                       lockstep=lockstep, config=config)

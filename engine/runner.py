@@ -21,7 +21,7 @@ class ModelRunner:
                  kv_format: str | None = None, prefix_cache=None):
         self.model = model
         self.cache = PagedKVCache.from_budget(model.cfg, kv_cache_bytes, max_num_seqs, model.dtype, block_size,
-                                              kv_format)
+                                              kv_format, model.device)
         self.prefix_cache = prefix_cache
         self.io = PrefixIO(self.cache) if prefix_cache is not None else None
         self.seqs: dict[str, SeqCache] = {}
@@ -72,14 +72,14 @@ class ModelRunner:
             return False
         seq = self.seqs[key]
         assert seq.num_tokens % PREFIX_UNIT == 0 and len(tokens) == seq.num_tokens
-        return self.prefix_cache.store(tokens, lambda idx: [self.io.export_units(seq, i, i + 1)[0].numpy()
+        return self.prefix_cache.store(tokens, lambda idx: [self.io.export_units(seq, i, i + 1)[0].cpu().numpy()
                                                             for i in idx],
-                                       self.io.export_boundary(seq).numpy())
+                                       self.io.export_boundary(seq).cpu().numpy())
 
     # ---- steps -------------------------------------------------------------------------------------------
     def step(self, chunks: list[Chunk]) -> torch.Tensor:
         """Run one step: each chunk appends its tokens to its sequence. Returns the logits of every requested
-        row, chunk by chunk, as [rows, V] fp32."""
+        row, chunk by chunk, as [rows, V] fp32 on the model's device."""
         seqs, lengths, tokens, rows = [], [], [], []
         for key, new, want in chunks:
             seq = self.seqs[key]
@@ -89,6 +89,5 @@ class ModelRunner:
             rows.extend(len(tokens) + r for r in want)
             seqs.append(seq), lengths.append(len(new)), tokens.extend(new)
         if not chunks:
-            return torch.empty(0, self.model.cfg.vocab_size)
-        batch = StepBatch.build(self.cache, seqs, lengths)
-        return self.model.step(torch.tensor(tokens), batch, torch.tensor(rows, dtype=torch.long))
+            return torch.empty(0, self.model.cfg.vocab_size, device=self.model.device)
+        return self.model.step(tokens, StepBatch.build(self.cache, seqs, lengths), rows)

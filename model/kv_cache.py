@@ -15,7 +15,7 @@ Accounting (which block or slot is free) is plain Python in `BlockAllocator`; `P
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 import torch
 
@@ -100,14 +100,63 @@ def state_rows(kind: str, ratio: int) -> int:
     return 2 * ratio if kind == CSA else ratio
 
 
+class StagingBuffer:
+    """The one host->device copy of a step (docs/architecture.md §11): the step's index tensors, built on the host
+    from Python lists, are packed into one host buffer (pinned on CUDA) and uploaded with one non-blocking copy;
+    each comes back as a view of the device copy. On the CPU nothing is copied.
+
+    The host buffer is reused step after step. Refilling it is safe: every step ends by reading its results back
+    (the sampled tokens), which waits for the device, so the previous upload has completed."""
+
+    ALIGN = 8  # byte alignment of each packed tensor, so every view keeps its dtype's alignment
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.host = torch.empty(0, dtype=torch.uint8)
+
+    def upload(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.device.type == "cpu":
+            return tensors
+        spans, total = [], 0
+        for t in tensors:
+            n = t.numel() * t.element_size()
+            spans.append((total, n))
+            total += -(-n // self.ALIGN) * self.ALIGN
+        if self.host.numel() < total:
+            self.host = torch.empty(max(total, 2 * self.host.numel()), dtype=torch.uint8,
+                                    pin_memory=self.device.type == "cuda")
+        for t, (at, n) in zip(tensors, spans):
+            if n:
+                self.host[at:at + n].copy_(t.contiguous().view(-1).view(torch.uint8))
+        staged = self.host[:total].to(self.device, non_blocking=True)
+        return [staged[at:at + n].view(t.dtype).view(t.shape) if n else
+                torch.empty(t.shape, dtype=t.dtype, device=self.device) for t, (at, n) in zip(tensors, spans)]
+
+
+def _tensors_of(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if is_dataclass(value):
+        return [t for f in fields(value) for t in _tensors_of(getattr(value, f.name))]
+    return []
+
+
+def _swap_tensors(value, moved: dict[int, torch.Tensor]):
+    if isinstance(value, torch.Tensor):
+        return moved[id(value)]
+    if is_dataclass(value):
+        return replace(value, **{f.name: _swap_tensors(getattr(value, f.name), moved) for f in fields(value)})
+    return value
+
+
 class PagedKVCache:
     """All layers' cache tensors plus block/slot accounting for a fixed number of blocks and slots."""
 
     def __init__(self, cfg: V4Config, num_blocks: int, num_slots: int, dtype: torch.dtype = torch.float32,
-                 block_size: int | None = None, kv_format: str | None = None):
+                 block_size: int | None = None, kv_format: str | None = None, device: torch.device | None = None):
         """dtype: the compute dtype reads return. kv_format: storage of entries and window rings — "fp32",
         "bf16" or "fp8" (packed; docs/v4_model.md §3.1); default: the compute dtype's. block_size: default
-        `default_block_size(cfg)`."""
+        `default_block_size(cfg)`. device: where every cache tensor lives (default cpu)."""
         block_size = block_size or default_block_size(cfg)
         bad = sorted({r for r in cfg.compress_ratios if r and block_size % r})
         if bad or block_size % 128:
@@ -117,14 +166,16 @@ class PagedKVCache:
         if fmt not in ENTRY_FORMATS:
             raise ValueError(f"kv_format must be one of {ENTRY_FORMATS}, got {fmt!r}")
         self.cfg, self.block_size, self.dtype, self.kv_format = cfg, block_size, dtype, fmt
+        self.device = device = torch.device(device or "cpu")
+        self.staging = StagingBuffer(device)
         self.blocks, self.slots = BlockAllocator(num_blocks), BlockAllocator(num_slots)
         d, dI, w, r = cfg.head_dim, cfg.index_head_dim, cfg.sliding_window, cfg.qk_rope_head_dim
 
         def store(*shape_then_width: int, width: int) -> torch.Tensor:
             if fmt == "fp8":
-                return torch.zeros(*shape_then_width, width, dtype=torch.uint8)
+                return torch.zeros(*shape_then_width, width, dtype=torch.uint8, device=device)
             return torch.zeros(*shape_then_width, width // (4 if fmt == "fp32" else 2),
-                               dtype=torch.float32 if fmt == "fp32" else torch.bfloat16)
+                               dtype=torch.float32 if fmt == "fp32" else torch.bfloat16, device=device)
 
         main_b, idx_b = main_entry_bytes(d, r, fmt), index_key_bytes(dI, fmt)
         self.layers: list[LayerCache] = []
@@ -133,17 +184,18 @@ class PagedKVCache:
             if kind != SWA:
                 coff, rows = (2 if kind == CSA else 1), state_rows(kind, m)
                 lc.entries = store(num_blocks, block_size // m, width=main_b)
-                lc.state_kv = torch.zeros(num_slots, rows, coff * d)
-                lc.state_gate = torch.zeros(num_slots, rows, coff * d)
+                lc.state_kv = torch.zeros(num_slots, rows, coff * d, device=device)
+                lc.state_gate = torch.zeros(num_slots, rows, coff * d, device=device)
             if kind == CSA:
                 lc.index_keys = store(num_blocks, block_size // m, width=idx_b)
-                lc.index_state_kv = torch.zeros(num_slots, 2 * m, 2 * dI)
-                lc.index_state_gate = torch.zeros(num_slots, 2 * m, 2 * dI)
+                lc.index_state_kv = torch.zeros(num_slots, 2 * m, 2 * dI, device=device)
+                lc.index_state_gate = torch.zeros(num_slots, 2 * m, 2 * dI, device=device)
             self.layers.append(lc)
 
     @classmethod
     def from_budget(cls, cfg: V4Config, budget_bytes: int, max_seqs: int, dtype: torch.dtype = torch.float32,
-                    block_size: int | None = None, kv_format: str | None = None) -> "PagedKVCache":
+                    block_size: int | None = None, kv_format: str | None = None,
+                    device: torch.device | None = None) -> "PagedKVCache":
         """As many blocks as fit in `budget_bytes` after the fixed state of `max_seqs` sequences."""
         block_size = block_size or default_block_size(cfg)
         fmt = kv_format or ("fp32" if dtype == torch.float32 else "bf16")
@@ -156,7 +208,7 @@ class PagedKVCache:
             num_blocks = left // kb.per_block
         else:  # sliding-window-only model: blocks hold no bytes, only the fixed state limits sequences
             num_blocks = max_seqs * -(-cfg.max_position_embeddings // block_size)
-        return cls(cfg, int(num_blocks), max_seqs, dtype, block_size, fmt)
+        return cls(cfg, int(num_blocks), max_seqs, dtype, block_size, fmt, device)
 
     @property
     def nbytes(self) -> int:
@@ -261,6 +313,7 @@ class StepBatch:
     cache: PagedKVCache
     chunks: list[tuple[SeqCache, int, int]]
     _layouts: dict = field(default_factory=dict)
+    prepared: bool = False
 
     @classmethod
     def build(cls, cache: PagedKVCache, seqs: list[SeqCache], lengths: list[int]) -> "StepBatch":
@@ -279,8 +332,34 @@ class StepBatch:
     def num_tokens(self) -> int:
         return sum(n for _, _, n in self.chunks)
 
+    def prepare(self, token_ids, logit_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Build every index layout this step's layers read (they depend only on the chunks and the config),
+        then move them with the token ids, positions and logit rows (default: each chunk's last row) to the
+        cache's device in one copy. -> (token ids, logit rows) on the device. Layouts asked for later raise."""
+        cfg, w = self.cache.cfg, self.cache.cfg.sliding_window
+        self.positions()
+        self.ring_writes(w)
+        for kind, m in sorted(set(zip(cfg.layer_types, cfg.compress_ratios))):
+            if self.decode_group:
+                self.decode_tables(self.decode_group)
+            for group in self.prefill_groups:
+                self.window_layout(w, group)
+                if kind != SWA:
+                    self.entry_layout(m, group)
+            if kind != SWA:
+                self.emit_layout(m, state_rows(kind, m), kind == CSA)
+        host = {"tokens": torch.as_tensor(token_ids, dtype=torch.long),
+                "rows": self.last_rows() if logit_rows is None else torch.as_tensor(logit_rows, dtype=torch.long)}
+        staged = {k: v for k, v in host.items() if v.device != self.cache.device}
+        unique = {id(t): t for v in [*self._layouts.values(), *staged.values()] for t in _tensors_of(v)}
+        moved = dict(zip(unique, self.cache.staging.upload(list(unique.values()))))
+        self._layouts = {k: _swap_tensors(v, moved) for k, v in self._layouts.items()}
+        self.prepared = True
+        return tuple(moved[id(v)] if k in staged else v for k, v in host.items())
+
     def positions(self) -> torch.Tensor:
-        return torch.cat([torch.arange(seq.num_tokens, seq.num_tokens + n) for seq, _, n in self.chunks])
+        return self._cached("positions", lambda: torch.cat(
+            [torch.arange(seq.num_tokens, seq.num_tokens + n) for seq, _, n in self.chunks]))
 
     def last_rows(self) -> torch.Tensor:
         """Row index of each chunk's last token (where the next token is predicted)."""
@@ -315,6 +394,9 @@ class StepBatch:
 
     def _cached(self, key, fn):
         if key not in self._layouts:
+            if self.prepared:
+                raise RuntimeError(f"step layout {key!r} was not built by StepBatch.prepare (it would be a second "
+                                   f"host->device copy in the step)")
             self._layouts[key] = fn()
         return self._layouts[key]
 
@@ -495,6 +577,7 @@ class PrefixIO:
         """Load a prefix of len(units) units into a fresh sequence (blocks must be allocated)."""
         n_tokens = len(units) * PREFIX_UNIT
         assert seq.num_tokens == 0 and self.cache.blocks_for(n_tokens) <= len(seq.block_table)
+        *units, boundary = self.cache.staging.upload([*units, boundary])   # one copy to the cache's device
         for u, buf in enumerate(units):
             _unflat_into(buf, self._unit_views(seq, u))
         _unflat_into(boundary, self._boundary_views(seq))

@@ -52,8 +52,8 @@ def pack_main(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
     E, d = x.shape
     nope = d - rope_dim
     n_scales = math.ceil(nope / NOPE_SCALE_BLOCK)
-    out = torch.zeros(E, main_entry_bytes(d, rope_dim, "fp8"), dtype=torch.uint8)
-    xn = torch.zeros(E, n_scales * NOPE_SCALE_BLOCK)
+    out = torch.zeros(E, main_entry_bytes(d, rope_dim, "fp8"), dtype=torch.uint8, device=x.device)
+    xn = torch.zeros(E, n_scales * NOPE_SCALE_BLOCK, device=x.device)
     xn[:, :nope] = x[:, :nope].float()
     blocks = xn.view(E, n_scales, NOPE_SCALE_BLOCK)
     exp = torch.ceil(torch.log2(blocks.abs().amax(-1).clamp(min=1e-30) / E4M3_MAX)).clamp(-127, 127)
@@ -65,6 +65,10 @@ def pack_main(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
 
 
 def unpack_main(b: torch.Tensor, head_dim: int, rope_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """[..., main_entry_bytes] uint8 -> [..., head_dim] in `dtype` (any leading shape: a decode step gathers
+    [sequences, keys, bytes])."""
+    if b.dim() != 2:
+        return unpack_main(b.reshape(-1, b.shape[-1]), head_dim, rope_dim, dtype).view(*b.shape[:-1], head_dim)
     E = b.shape[0]
     nope = head_dim - rope_dim
     n_scales = math.ceil(nope / NOPE_SCALE_BLOCK)
@@ -79,13 +83,16 @@ def pack_index(x: torch.Tensor) -> torch.Tensor:
     """[E, dI] float -> [E, dI + 4] uint8: e4m3 values and one fp32 scale."""
     E, dI = x.shape
     scale = (x.float().abs().amax(-1, keepdim=True) / E4M3_MAX).clamp(min=1e-30)
-    out = torch.empty(E, dI + 4, dtype=torch.uint8)
+    out = torch.empty(E, dI + 4, dtype=torch.uint8, device=x.device)
     out[:, :dI] = (x.float() / scale).to(torch.float8_e4m3fn).view(torch.uint8)
     out[:, dI:] = scale.contiguous().view(torch.uint8)
     return out
 
 
 def unpack_index(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., dI + 4] uint8 -> [..., dI] in `dtype`."""
+    if b.dim() != 2:
+        return unpack_index(b.reshape(-1, b.shape[-1]), dtype).view(*b.shape[:-1], b.shape[-1] - 4)
     dI = b.shape[1] - 4
     scale = b[:, dI:].contiguous().view(torch.float32)
     return (b[:, :dI].contiguous().view(torch.float8_e4m3fn).float() * scale).to(dtype)

@@ -137,11 +137,14 @@ class Compressor(nn.Module):
         W, m, d = kv.shape[0], self.ratio, self.dim
         if not self.overlap:
             return self.norm(compress_pool(kv, gate))
-        slot_kv = kv.new_zeros(W, 2 * m, d)
-        slot_gate = gate.new_full((W, 2 * m, d), float("-inf"))
-        slot_kv[:, m:], slot_gate[:, m:] = kv[..., d:], gate[..., d:]
-        if has_prev is not None and bool(has_prev.any()):
-            slot_kv[has_prev, :m], slot_gate[has_prev, :m] = prev_kv[has_prev], prev_gate[has_prev]
+        if has_prev is None:  # no window has a predecessor: its slots are empty (kv 0, gate -inf)
+            prev_kv, prev_gate = kv.new_zeros(W, m, d), gate.new_full((W, m, d), float("-inf"))
+        else:  # selected, not masked-indexed: the shapes stay fixed and the device is never asked for a count
+            keep = has_prev[:, None, None]
+            prev_kv = torch.where(keep, prev_kv, 0.0)
+            prev_gate = torch.where(keep, prev_gate, float("-inf"))
+        slot_kv = torch.cat([prev_kv, kv[..., d:]], dim=1)                  # [W, 2m, d]
+        slot_gate = torch.cat([prev_gate, gate[..., d:]], dim=1)
         return self.norm(compress_pool(slot_kv, slot_gate))
 
 
@@ -210,7 +213,8 @@ class Attention(nn.Module):
         """Queries q [T, H, d] at `positions` over the sliding-window keys (K=V vectors at `window_pos`; the
         last `window` including self are visible) and optional compressed entries with their bias."""
         rel = window_pos[None, :] - positions[:, None]                      # key - query
-        bias = torch.zeros(rel.shape).masked_fill((rel > 0) | (rel <= -self.window), float("-inf"))
+        hidden = (rel > 0) | (rel <= -self.window)
+        bias = torch.zeros(rel.shape, device=q.device).masked_fill(hidden, float("-inf"))
         keys = window_kv
         if compressed is not None:
             entries, entry_bias = compressed
@@ -231,7 +235,7 @@ class Attention(nn.Module):
         iq = apply_rope(ix.wq_b(c_q).view(T, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
         w = ix.weights_proj(u) * ix.n_heads ** -0.5                         # [T, h]
         top = indexer_topk(iq, index_keys, w, lo, hi, ix.topk)              # [T, k], -1 = none
-        bias = torch.full((T, C + 1), float("-inf"))
+        bias = torch.full((T, C + 1), float("-inf"), device=u.device)
         bias.scatter_(1, torch.where(top >= 0, top, C), 0.0)
         return entries, bias[:, :C]
 
@@ -242,21 +246,22 @@ class Attention(nn.Module):
         entries = self._compress_all(self.compressor, u)                    # [C, d]
         ikeys = self._compress_all(self.indexer.compressor, u) if self.indexer is not None else None
         hi = (positions + 1) // self.ratio                                  # entries query t may see
-        hidden = torch.arange(entries.shape[0])[None, :] >= hi[:, None]
-        all_visible = torch.zeros(hidden.shape).masked_fill(hidden, float("-inf"))
+        hidden = torch.arange(entries.shape[0], device=u.device)[None, :] >= hi[:, None]
+        all_visible = torch.zeros(hidden.shape, device=u.device).masked_fill(hidden, float("-inf"))
         return self._entry_bias(entries, ikeys, u, c_q, positions, torch.zeros_like(hi), hi, all_visible)
 
     def _compress_all(self, comp: Compressor, u: torch.Tensor) -> torch.Tensor:
         m = comp.ratio
         W = u.shape[0] // m
         if W == 0:
-            return torch.zeros(0, comp.dim)
+            return torch.zeros(0, comp.dim, device=u.device)
         kv, gate = comp.project(u[: W * m])
         kv, gate = kv.view(W, m, -1), gate.view(W, m, -1) + comp.ape
         prev_kv = torch.cat([kv[:1], kv[:-1]])[..., :comp.dim]             # window j-1 for j >= 1
         prev_gate = torch.cat([gate[:1], gate[:-1]])[..., :comp.dim]
-        pooled = comp.pool(kv, gate, prev_kv, prev_gate, torch.arange(W) >= 1)  # [W, dim]
-        cos, sin = rope_cos_sin(torch.arange(W) * m, self.inv_freq)         # entry j at position j*m
+        windows = torch.arange(W, device=u.device)
+        pooled = comp.pool(kv, gate, prev_kv, prev_gate, windows >= 1)      # [W, dim]
+        cos, sin = rope_cos_sin(windows * m, self.inv_freq)                 # entry j at position j*m
         return apply_rope(pooled, cos, sin)
 
     # -- cached (paged) path ----------------------------------------------------------------------------------
@@ -295,17 +300,18 @@ class Attention(nn.Module):
         """Single-token chunks, paged-attention style: each query reads its own window ring (the ring row of
         the position falling out of the window is the one this token replaces) and its own compressed entries
         through its block table — the indexer's top-k of them for CSA — then attends sparsely."""
-        r, w = dec.rows, self.window
+        r, w, dev = dec.rows, self.window, q.device
         n = r.shape[0]
-        ring = lc.read_main(lc.swa, dec.slots[:, None], torch.arange(w)[None, :], kv.dtype)        # [n, w, d]
-        ring[torch.arange(n), dec.cached % w] = kv[r]
+        ring_rows = torch.arange(w, device=dev)[None, :]
+        ring = lc.read_main(lc.swa, dec.slots[:, None], ring_rows, kv.dtype)                      # [n, w, d]
+        ring[torch.arange(n, device=dev), dec.cached % w] = kv[r]
         keys = [ring]
-        valid = [torch.arange(w)[None, :] <= dec.cached[:, None]]       # rows not yet written are empty
+        valid = [ring_rows <= dec.cached[:, None]]                      # rows not yet written are empty
         if self.compressor is not None:
             per_block = lc.entries.shape[1]                                 # entries per token block
             count = (dec.cached + 1) // self.ratio                                                 # [n]
             width = dec.block_tables.shape[1] * per_block
-            slot = torch.arange(width)[None, :]
+            slot = torch.arange(width, device=dev)[None, :]
             ok = slot < count[:, None]
             blocks = dec.block_tables.repeat_interleave(per_block, dim=1)                         # [n, width]
             offsets = (slot % per_block).expand(n, -1)
@@ -322,7 +328,7 @@ class Attention(nn.Module):
                 keys.append(lc.read_main(lc.entries, blocks, offsets, kv.dtype))
                 valid.append(ok)
         keys_t, valid_t = torch.cat(keys, dim=1), torch.cat(valid, dim=1)
-        bias = torch.zeros(valid_t.shape).masked_fill(~valid_t, float("-inf"))
+        bias = torch.zeros(valid_t.shape, device=dev).masked_fill(~valid_t, float("-inf"))
         return sparse_sink_attention(q[r], keys_t.to(q.dtype), bias, self.attn_sink, self.head_dim ** -0.5)
 
     def _emit(self, comp: Compressor, u: torch.Tensor, positions: torch.Tensor, step: StepBatch,
@@ -494,21 +500,27 @@ class V4Model(nn.Module):
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward of one sequence without cache. token_ids [T] -> logits [T, V] (fp32)."""
         T = token_ids.shape[0]
-        positions = torch.arange(T)
+        positions = torch.arange(T, device=token_ids.device)
         x = F.embedding(token_ids, self.embed_weight).to(self.dtype)
         x = x[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()    # [T, n, D]
         for block in self.layers:
             x = block(x, positions, token_ids)
         return self.logits(x)
 
-    @torch.no_grad()
-    def step(self, token_ids: torch.Tensor, batch: StepBatch, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Prefill and/or decode through the paged cache: token_ids [N] are the chunks of `batch`, concatenated.
+    @property
+    def device(self) -> torch.device:
+        return self.embed_weight.device
 
-        Returns logits [len(logit_rows), V] (default: each chunk's last token) and advances each sequence's
-        cached token count."""
-        if token_ids.shape[0] != batch.num_tokens:
-            raise ValueError(f"token_ids has {token_ids.shape[0]} tokens, the batch's chunks {batch.num_tokens}")
+    @torch.no_grad()
+    def step(self, token_ids, batch: StepBatch, logit_rows=None) -> torch.Tensor:
+        """Prefill and/or decode through the paged cache: token_ids [N] (a tensor or list) are the chunks of
+        `batch`, concatenated; logit_rows (default: each chunk's last token) the rows whose logits are returned.
+
+        The step's index layouts, token ids and rows reach the device in one copy (`StepBatch.prepare`). Returns
+        logits [len(logit_rows), V] fp32 on the model's device and advances each sequence's cached token count."""
+        if len(token_ids) != batch.num_tokens:
+            raise ValueError(f"token_ids has {len(token_ids)} tokens, the batch's chunks {batch.num_tokens}")
+        token_ids, rows = batch.prepare(token_ids, logit_rows)
         positions = batch.positions()
         x = F.embedding(token_ids, self.embed_weight).to(self.dtype)
         x = x[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()    # [N, n, D]
@@ -516,7 +528,6 @@ class V4Model(nn.Module):
             x = block(x, positions, token_ids, batch, layer_cache)
         for seq, _, n in batch.chunks:
             seq.num_tokens += n
-        rows = batch.last_rows() if logit_rows is None else logit_rows
         return self.logits(x[rows])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ class V4Server:
         engine_config = cfg.engine_config()
         self.device = None   # the single-process engine's, resolved once here (a replica's ranks resolve their own)
         if cfg.num_expert_shards == 0:
-            from v4ray.actors.router import select_device
+            from v4ray.engine.build import select_device
 
             self.device = select_device(cfg.device)   # Ray's CUDA_VISIBLE_DEVICES: cuda:0 is this actor's GPU
             engine_config = engine_config.model_copy(update={"device": str(self.device)})

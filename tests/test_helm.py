@@ -425,3 +425,22 @@ def test_templated_strings_with_quotes_round_trip(helm, tmp_path):
         assert c["image"] == "ghcr.io/v4ray/v4ray:" + values["image"]["tag"]
         env = {e["name"]: e for e in c["env"]}
         assert env["V4RAY_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == values["apiKey"]["existingSecret"]
+
+
+def test_batch_job_scores_on_the_devices_its_pods_reserve(helm, tmp_path):
+    """The RayJob's `v4ray score` gets the same device, KV format and GPUs per rank as the service's args, so a
+    GPU-values job uses the GPUs its worker groups reserve (parsed by the real CLI into EngineConfig fields)."""
+    from v4ray.cli import build_parser
+    from v4ray.cluster.score import engine_args
+
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump({"batchJob": {"enabled": True, "input": "/data/in.jsonl", "output": "/data/out.jsonl",
+                                              "data": {"claimName": "batch-data"}}}))
+    docs = render(helm, "-f", str(f))
+    (app,) = yaml.safe_load(by_kind(docs, "RayService")[0]["spec"]["serveConfigV2"])["applications"]
+    served = app["args"]
+    assert served["gpus_per_router"] > 0 and served["device"] == "cuda"   # the default values are a GPU plan
+    argv = shlex.split(by_kind(docs, "RayJob")[0]["spec"]["entrypoint"])
+    fields = engine_args(build_parser().parse_args(argv[1:]))
+    for name in ("device", "kv_cache_dtype", "gpus_per_router", "gpus_per_shard"):
+        assert fields[name] == served[name], name
