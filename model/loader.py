@@ -315,7 +315,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, expert_rang
             owner = model.get_submodule(owner_name) if owner_name else model
             if mod_name in linears:
                 lin: Linear = owner
-                q = _quant_weight(r, name, (lin.out_features, lin.in_features), dtype, keep_quantized)
+                # fp32 linears (LM head, router, compressor and indexer-weight projections) are kept in fp32
+                # once here, so that their forward never casts a weight (2 GB per step for V4-Flash's head).
+                q = _quant_weight(r, name, (lin.out_features, lin.in_features),
+                                  torch.float32 if lin.fp32 else dtype, keep_quantized)
                 lin.fmt, lin._buffers["weight"], lin._buffers["scale"] = q.fmt, q.data, q.scale
                 continue
             stored, expect = list(r.meta(name).shape), list(owner._buffers[attr].shape)

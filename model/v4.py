@@ -56,7 +56,8 @@ def unweighted_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 class Linear(nn.Module):
     """y = x W^T. `weight` is plain, or FP8/FP4 as stored with `scale` (dequantized per call when kept
-    quantized). `fp32=True` computes in fp32 whatever x's dtype (router, compressor)."""
+    quantized). `fp32=True` computes in fp32 whatever x's dtype (router, compressor, LM head); the loader stores
+    such a weight in fp32, so the `.float()` below casts nothing."""
 
     def __init__(self, in_features: int, out_features: int, fp32: bool = False):
         super().__init__()
