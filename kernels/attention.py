@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import kernel_backend, record_triton_call, triton_interpreted
+from .backend import kernel_backend, launch, record_triton_call, triton_interpreted
+from .kv_fp8 import main_entry_bytes, unpack_main_ref
 
 
 def sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
@@ -44,9 +45,30 @@ def sparse_sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, bias: torch.Ten
 
 
 @triton.jit
+def _load_keys(kv_ptr, row_off, k, d, k_mask, d_mask, stride_kk,
+               KV_FP8: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr):
+    """[BLOCK_K, BLOCK_D] keys as fp32. KV_FP8: kv_ptr points at packed uint8 entries (kv_fp8's layout; row_off and
+    stride_kk in bytes): e4m3 nope dims times their ue8m0 scale, bf16 rope dims, dequantized here in registers."""
+    if KV_FP8:
+        row = row_off + k[:, None] * stride_kk                                   # byte offset of each entry
+        nope = (d < NOPE)[None, :] & k_mask[:, None]
+        x = tl.load(kv_ptr.to(tl.pointer_type(tl.float8e4nv)) + row + d[None, :], mask=nope, other=0.0)
+        sb = tl.load(kv_ptr + row + (NOPE + 2 * ROPE) + d[None, :] // 64, mask=nope, other=127).to(tl.int32)
+        x = x.to(tl.float32) * (sb << 23).to(tl.float32, bitcast=True)          # 2^(b - 127); pack writes b >= 19
+        rope = (d >= NOPE)[None, :] & d_mask[None, :] & k_mask[:, None]
+        r = tl.load(kv_ptr.to(tl.pointer_type(tl.bfloat16)) + (row + NOPE) // 2 + (d[None, :] - NOPE), mask=rope,
+                    other=0.0).to(tl.float32)
+        return tl.where((d < NOPE)[None, :], x, r)
+    else:
+        return tl.load(kv_ptr + row_off + k[:, None] * stride_kk + d[None, :],
+                       mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _sink_attention_kernel(q_ptr, kv_ptr, bias_ptr, sink_ptr, out_ptr, H, K, D, scale,
                            stride_qn, stride_qh, stride_kn, stride_kk, stride_bn, stride_on, stride_oh,
                            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                           KV_FP8: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -62,8 +84,8 @@ def _sink_attention_kernel(q_ptr, kv_ptr, bias_ptr, sink_ptr, out_ptr, H, K, D, 
         k_mask = k < K
         b = tl.load(bias_ptr + row * stride_bn + k, mask=k_mask, other=float("-inf")).to(tl.float32)   # [BK]
         if tl.max(b, axis=0) > float("-inf"):                               # skip fully masked key blocks
-            kv = tl.load(kv_ptr + row * stride_kn + k[:, None] * stride_kk + d[None, :],
-                         mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32).to(DOT_DTYPE)
+            kv = _load_keys(kv_ptr, row * stride_kn, k, d, k_mask, d_mask, stride_kk,
+                            KV_FP8, NOPE, ROPE).to(DOT_DTYPE)                                # [BK, BD]
             logits = tl.dot(q, tl.trans(kv), input_precision=PRECISION) * scale + b[None, :]  # [BH, BK]
             m_new = tl.maximum(m, tl.max(logits, axis=1))
             alpha = tl.exp(m - m_new)
@@ -79,14 +101,30 @@ def _sink_attention_kernel(q_ptr, kv_ptr, bias_ptr, sink_ptr, out_ptr, H, K, D, 
 _TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def attention_launch_settings(H: int, d: int, dtype: torch.dtype, kv_fp8: bool) -> dict:
+    """Block sizes and warps of `_sink_attention_kernel` (the only place they are chosen; kernels/aot.py compiles
+    what the wrappers launch with them and checks that none spills registers).
+
+    32 heads share each key tile (tl.dot needs >= 16 rows). At head_dim 512 the [32, 512] fp32 accumulator, the q
+    tile and the key tile fill 8 warps' registers: 32 keys per step in bf16; 16 when the keys are fp32 or are
+    dequantized from FP8 in registers (32 spilled there)."""
+    block_d = triton.next_power_of_2(d)
+    wide = block_d >= 256
+    block_k = (16 if dtype == torch.float32 or kv_fp8 else 32) if wide else 64
+    return dict(BLOCK_H=16 if H <= 16 else 32, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8 if wide else 4)
+
+
 def _launch_sink_attention(q: torch.Tensor, kv: torch.Tensor, stride_kn: int, bias: torch.Tensor,
-                           sinks: torch.Tensor, scale: float, name: str) -> torch.Tensor:
-    """q [n, H, d]; kv rows of row i at kv + i * stride_kn ([K, d], unit stride in d); bias [n, K]."""
+                           sinks: torch.Tensor, scale: float, name: str,
+                           fp8: tuple[int, int] | None = None) -> torch.Tensor:
+    """q [n, H, d]; kv rows of row i at kv + i * stride_kn ([K, d], unit stride in d); bias [n, K].
+    fp8 = (head_dim, rope_dim): kv holds packed uint8 entries [K, entry_bytes] (strides in bytes) instead."""
     n, H, d = q.shape
-    for t, what in ((q, "q"), (kv, "kv")):
-        if t.dtype not in _TL_FLOAT:
-            raise ValueError(f"{name}: {what} must be fp32/bf16/fp16, got {t.dtype}")
-    if q.dtype != kv.dtype:
+    if q.dtype not in _TL_FLOAT:
+        raise ValueError(f"{name}: q must be fp32/bf16/fp16, got {q.dtype}")
+    if fp8 is None and kv.dtype not in _TL_FLOAT:
+        raise ValueError(f"{name}: kv must be fp32/bf16/fp16, got {kv.dtype}")
+    if fp8 is None and q.dtype != kv.dtype:
         raise ValueError(f"{name}: q ({q.dtype}) and kv ({kv.dtype}) must share a dtype")
     if not (q.device == kv.device == bias.device == sinks.device):
         raise ValueError(f"{name}: q, kv, bias, sinks must be on one device, got {q.device}, {kv.device}, "
@@ -100,14 +138,13 @@ def _launch_sink_attention(q: torch.Tensor, kv: torch.Tensor, stride_kn: int, bi
         return out
     interp_or_fp32 = triton_interpreted() or q.dtype == torch.float32
     dot_dtype = tl.float32 if interp_or_fp32 else _TL_FLOAT[q.dtype]
-    block_h = 16 if H <= 16 else 32          # tl.dot needs >= 16 rows; 32 heads share each key tile
-    block_d = triton.next_power_of_2(d)
-    block_k = 32 if block_d >= 256 else 64
-    _sink_attention_kernel[(n, triton.cdiv(H, block_h))](
-        q, kv, bias, sinks.contiguous(), out, H, K, d, float(scale),
-        q.stride(0), q.stride(1), stride_kn, kv.stride(-2), bias.stride(0), out.stride(0), out.stride(1),
-        DOT_DTYPE=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
-        BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8 if block_d >= 256 else 4)
+    cfg = attention_launch_settings(H, d, q.dtype, fp8 is not None)
+    head_dim, rope_dim = fp8 or (d, 0)
+    launch(_sink_attention_kernel, (n, triton.cdiv(H, cfg["BLOCK_H"])),
+           q, kv, bias, sinks.contiguous(), out, H, K, d, float(scale),
+           q.stride(0), q.stride(1), stride_kn, kv.stride(-2), bias.stride(0), out.stride(0), out.stride(1),
+           DOT_DTYPE=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
+           KV_FP8=fp8 is not None, NOPE=head_dim - rope_dim, ROPE=rope_dim, **cfg)
     record_triton_call(name)
     return out
 
@@ -125,6 +162,43 @@ def sink_attention_triton(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor,
     query row reading the same keys. Not query-tiled: each (row, head block) program streams the keys not
     masked for it, so it suits windowed/sparse bias patterns, not dense long prefill."""
     return _launch_sink_attention(q, kv, 0, bias, sinks, scale, "sink_attention")
+
+
+def sparse_sink_attention_fp8_ref(q: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
+                                  scale: float, head_dim: int, rope_dim: int) -> torch.Tensor:
+    """`sparse_sink_attention_ref` over FP8-packed keys: unpack them to q's dtype (kv_fp8.unpack_main_ref), then
+    attend. packed [n, K, entry_bytes] uint8 -> [n, H, head_dim]."""
+    return sparse_sink_attention_ref(q, unpack_main_ref(packed, head_dim, rope_dim, q.dtype), bias, sinks, scale)
+
+
+def sparse_sink_attention_fp8_triton(q: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
+                                     scale: float, head_dim: int, rope_dim: int) -> torch.Tensor:
+    """Triton form of `sparse_sink_attention_fp8_ref`: the kernel reads the packed entries and dequantizes them in
+    registers (to q's dtype for the dots, as the reference's unpack does)."""
+    name = "sparse_sink_attention_fp8"
+    if packed.dtype != torch.uint8 or packed.dim() != 3 or packed.shape[2] != main_entry_bytes(head_dim, rope_dim):
+        raise ValueError(f"{name}: packed keys must be uint8 [n, K, {main_entry_bytes(head_dim, rope_dim)}] "
+                         f"(head_dim {head_dim}, rope_dim {rope_dim}); got {packed.dtype} {list(packed.shape)}")
+    if packed.stride(0) % 2 or packed.stride(1) % 2 or (head_dim - rope_dim) % 2:
+        raise ValueError(f"{name}: entry strides {packed.stride()[:2]} must be even (bf16 rope dims are read in "
+                         f"place); pass the gathered entries contiguous")
+    return _launch_sink_attention(q, packed, packed.stride(0), bias, sinks, scale, name, fp8=(head_dim, rope_dim))
+
+
+def sparse_sink_attention_fp8(q: torch.Tensor, packed_keys: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
+                              scale: float, head_dim: int, rope_dim: int) -> torch.Tensor:
+    """Dispatch point for sparse decode attention over gathered FP8 cache entries (the KV cache's "fp8" format,
+    kernels/kv_fp8.py): q [n, H, head_dim], packed_keys [n, K, entry_bytes] uint8, bias [n, K], sinks [H] ->
+    [n, H, head_dim] in q's dtype. Triton dequantizes in registers; the torch reference unpacks, then attends."""
+    n, H, d = q.shape
+    if packed_keys.dim() != 3 or packed_keys.shape[0] != n or d != head_dim or bias.shape != packed_keys.shape[:2] \
+            or sinks.shape != (H,):
+        raise ValueError(f"sparse_sink_attention_fp8: q [n,H,head_dim]={tuple(q.shape)} (head_dim {head_dim}), "
+                         f"packed_keys [n,K,bytes]={tuple(packed_keys.shape)}, bias [n,K]={tuple(bias.shape)}, "
+                         f"sinks [H]={tuple(sinks.shape)} do not fit")
+    if kernel_backend(q.device) == "triton":
+        return sparse_sink_attention_fp8_triton(q, packed_keys, bias, sinks, scale, head_dim, rope_dim)
+    return sparse_sink_attention_fp8_ref(q, packed_keys, bias, sinks, scale, head_dim, rope_dim)
 
 
 def sparse_sink_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,

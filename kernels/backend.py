@@ -9,6 +9,9 @@
 
 `triton_calls` counts Triton launches per kernel name, so tests can prove the Triton path ran instead of a
 silent fallback to torch.
+
+Every wrapper launches through `launch`, so `aot.recording()` can capture the exact kernel, arguments, block sizes
+and warps a wrapper would launch and compile them ahead of time for a GPU this machine does not have.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ BACKENDS = ("auto", "triton", "torch")
 _INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 triton_calls: Counter[str] = Counter()
+_recorded_launches: list | None = None  # a list while `aot.recording()` is active: launches are recorded, not run
 
 
 def kernel_backend(device: torch.device) -> str:
@@ -53,3 +57,11 @@ def triton_interpreted() -> bool:
 def record_triton_call(name: str) -> None:
     """Called by each Triton wrapper once per launch group."""
     triton_calls[name] += 1
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """`kernel[grid](*args, **kwargs)`, or, inside `aot.recording()`, record (kernel, grid, args, kwargs) instead."""
+    if _recorded_launches is not None:
+        _recorded_launches.append((kernel, grid, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)

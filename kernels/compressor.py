@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import kernel_backend, record_triton_call
+from .backend import kernel_backend, launch, record_triton_call
 
 
 def compress_pool_ref(kv: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ def compress_pool_triton(kv: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         raise ValueError("compress_pool_triton: a window needs at least one slot")
     block_s = triton.next_power_of_2(S)
     block_d = min(triton.next_power_of_2(D), max(16, 4096 // block_s))   # a [slots, channels] tile of <= 4K
-    _compress_pool_kernel[(W, triton.cdiv(D, block_d))](
+    launch(_compress_pool_kernel, (W, triton.cdiv(D, block_d)),
         kv, gate, out, S, D, kv.stride(0), kv.stride(1), gate.stride(0), gate.stride(1), out.stride(0),
         BLOCK_S=block_s, BLOCK_D=block_d)
     record_triton_call("compress_pool")

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import kernel_backend, record_triton_call, triton_interpreted
+from .backend import kernel_backend, launch, record_triton_call, triton_interpreted
+from .kv_fp8 import index_entry_bytes, unpack_index_ref
 
 
 def indexer_topk_ref(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, lo: torch.Tensor,
@@ -38,11 +39,20 @@ def indexer_topk_ref(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
     return torch.where(invalid, torch.full_like(idx, -1), idx)
 
 
+def indexer_launch_settings(NH: int, DI: int) -> dict:
+    """Block sizes and warps of `_indexer_scores_kernel` (the only place they are chosen; kernels/aot.py compiles
+    what the wrappers launch with them and checks that none spills registers)."""
+    # the fp32 [heads, dI] query tile and [BLOCK_C, dI] key tile share the registers (the dot runs on FMA units):
+    # at 64 heads, 64 keys per program spilled on sm_90a and sm_100a, 32 on sm_100a; 16 over 8 warps use ~75
+    return dict(BLOCK_H=max(16, triton.next_power_of_2(NH)), BLOCK_C=16, BLOCK_D=max(16, triton.next_power_of_2(DI)),
+                num_warps=8)
+
+
 @triton.jit
 def _indexer_scores_kernel(q_ptr, k_ptr, w_ptr, lo_ptr, hi_ptr, valid_ptr, out_ptr, NH, C, DI, head_scale,
                            stride_qt, stride_qh, stride_kt, stride_kc, stride_wt, stride_vt, stride_ot,
-                           HAS_VALID: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
+                           HAS_VALID: tl.constexpr, KEYS_FP8: tl.constexpr, BLOCK_H: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     h = tl.arange(0, BLOCK_H)
@@ -50,8 +60,15 @@ def _indexer_scores_kernel(q_ptr, k_ptr, w_ptr, lo_ptr, hi_ptr, valid_ptr, out_p
     c_mask, h_mask, d_mask = c < C, h < NH, d < DI
     q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :], mask=h_mask[:, None] & d_mask[None, :],
                 other=0.0).to(tl.float32)                                                      # [BH, BD]
-    keys = tl.load(k_ptr + t * stride_kt + c[:, None] * stride_kc + d[None, :],
-                   mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)            # [BC, BD]
+    if KEYS_FP8:  # packed uint8 keys (kv_fp8's layout, strides in bytes): e4m3 dims, then one fp32 scale
+        row = t * stride_kt + c * stride_kc
+        keys = tl.load(k_ptr.to(tl.pointer_type(tl.float8e4nv)) + row[:, None] + d[None, :],
+                       mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)        # [BC, BD]
+        scale = tl.load(k_ptr.to(tl.pointer_type(tl.float32)) + (row + DI) // 4, mask=c_mask, other=0.0)
+        keys = keys * scale[:, None]                                  # dequantized in registers, as unpack_index
+    else:
+        keys = tl.load(k_ptr + t * stride_kt + c[:, None] * stride_kc + d[None, :],
+                       mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)        # [BC, BD]
     w = tl.load(w_ptr + t * stride_wt + h, mask=h_mask, other=0.0).to(tl.float32)              # [BH]
     s = tl.maximum(tl.dot(q, tl.trans(keys), input_precision="ieee"), 0.0) * head_scale       # [BH, BC]
     score = tl.sum(s * w[:, None], axis=0)                                                     # [BC]
@@ -64,12 +81,13 @@ def _indexer_scores_kernel(q_ptr, k_ptr, w_ptr, lo_ptr, hi_ptr, valid_ptr, out_p
 
 def _launch_indexer_scores(q: torch.Tensor, keys: torch.Tensor, stride_kt: int, weights: torch.Tensor,
                            C: int, lo: torch.Tensor | None, hi: torch.Tensor | None, valid: torch.Tensor | None,
-                           name: str) -> torch.Tensor:
+                           name: str, keys_fp8: bool = False) -> torch.Tensor:
     """q [T, h, dI]; the keys of row t at keys + t * stride_kt ([C, dI]) -> fp32 scores [T, C], -inf where
-    entry c is not selectable (outside [lo_t, hi_t), or not valid[t, c])."""
+    entry c is not selectable (outside [lo_t, hi_t), or not valid[t, c]). keys_fp8: keys are packed uint8
+    [C, dI + 4] rows (kv_fp8's layout; strides in bytes)."""
     T, NH, DI = q.shape
     for x, what in ((q, "q"), (keys, "keys"), (weights, "weights")):
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) and not (what == "keys" and keys_fp8):
             raise ValueError(f"{name}: {what} must be fp32/bf16/fp16, got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name}: {what} is on {x.device}, q on {q.device}")
@@ -84,13 +102,12 @@ def _launch_indexer_scores(q: torch.Tensor, keys: torch.Tensor, stride_kt: int, 
         lo = hi = valid  # unused placeholders
     else:
         lo, hi = lo.to(q.device).contiguous(), hi.to(q.device).contiguous()
-    block_c = 32 if triton_interpreted() else 64
-    _indexer_scores_kernel[(T, triton.cdiv(C, block_c))](
-        q, keys, weights, lo, hi, valid if valid is not None else lo, scores, NH, C, DI, DI ** -0.5,
-        q.stride(0), q.stride(1), stride_kt, keys.stride(-2), weights.stride(0),
-        valid.stride(0) if valid is not None else 0, scores.stride(0),
-        HAS_VALID=valid is not None, BLOCK_H=max(16, triton.next_power_of_2(NH)), BLOCK_C=block_c,
-        BLOCK_D=max(16, triton.next_power_of_2(DI)))
+    cfg = indexer_launch_settings(NH, DI)
+    launch(_indexer_scores_kernel, (T, triton.cdiv(C, cfg["BLOCK_C"])),
+           q, keys, weights, lo, hi, valid if valid is not None else lo, scores, NH, C, DI, DI ** -0.5,
+           q.stride(0), q.stride(1), stride_kt, keys.stride(-2), weights.stride(0),
+           valid.stride(0) if valid is not None else 0, scores.stride(0),
+           HAS_VALID=valid is not None, KEYS_FP8=keys_fp8, **cfg)
     record_triton_call(name)
     return scores
 
@@ -126,7 +143,7 @@ def indexer_topk_padded_ref(q: torch.Tensor, keys: torch.Tensor, weights: torch.
     n, E = valid.shape
     k = min(topk, E)
     if E == 0:
-        return torch.empty(n, 0, dtype=torch.long)
+        return torch.empty(n, 0, dtype=torch.long, device=q.device)
     scores = torch.einsum("nhd,ned->nhe", q.float(), keys.float()).relu() * (q.shape[-1] ** -0.5)
     scores = (scores * weights.float()[..., None]).sum(dim=1).masked_fill(~valid, float("-inf"))  # [n, E]
     idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
@@ -155,3 +172,45 @@ def indexer_topk_padded(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tens
     if kernel_backend(q.device) == "triton":
         return indexer_topk_padded_triton(q, keys, weights, valid, topk)
     return indexer_topk_padded_ref(q, keys, weights, valid, topk)
+
+
+def indexer_topk_padded_fp8_ref(q: torch.Tensor, packed: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
+                                topk: int) -> torch.Tensor:
+    """`indexer_topk_padded_ref` over FP8-packed keys [n, E, dI + 4] uint8, unpacked to fp32 first
+    (kv_fp8.unpack_index_ref)."""
+    return indexer_topk_padded_ref(q, unpack_index_ref(packed, torch.float32), weights, valid, topk)
+
+
+def indexer_topk_padded_fp8_triton(q: torch.Tensor, packed: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
+                                   topk: int) -> torch.Tensor:
+    """Triton form of `indexer_topk_padded_fp8_ref`: the scoring kernel reads the packed keys and dequantizes them
+    in registers (e4m3 times the fp32 scale, in fp32, as the reference's unpack)."""
+    name = "indexer_topk_padded_fp8"
+    n, E = valid.shape
+    DI = q.shape[2]
+    if packed.dtype != torch.uint8 or packed.dim() != 3 or packed.shape[2] != index_entry_bytes(DI):
+        raise ValueError(f"{name}: packed keys must be uint8 [n, E, {index_entry_bytes(DI)}] for dI {DI}; got "
+                         f"{packed.dtype} {list(packed.shape)}")
+    if packed.stride(0) % 4 or packed.stride(1) % 4 or DI % 4:
+        raise ValueError(f"{name}: entry strides {packed.stride()[:2]} and dI {DI} must be multiples of 4 (the fp32 "
+                         f"scale is read in place); pass the gathered keys contiguous")
+    k = min(topk, E)
+    if E == 0:
+        return torch.empty(n, 0, dtype=torch.long, device=q.device)
+    scores = _launch_indexer_scores(q, packed, packed.stride(0), weights, E, None, None, valid, name, keys_fp8=True)
+    idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.where(valid.gather(1, idx), idx, torch.full_like(idx, -1))
+
+
+def indexer_topk_padded_fp8(q: torch.Tensor, packed_keys: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
+                            topk: int) -> torch.Tensor:
+    """Dispatch point for decode-time indexer scoring over gathered FP8 cache keys (the KV cache's "fp8" format,
+    kernels/kv_fp8.py): q [n, h, dI], packed_keys [n, E, dI + 4] uint8, weights [n, h], valid [n, E] bool ->
+    indices [n, min(topk, E)] into each row's E (-1 = none); the scores and tie rule of `indexer_topk_padded` over
+    the keys unpacked to fp32."""
+    if packed_keys.dim() != 3 or packed_keys.shape[0] != q.shape[0] or valid.shape != packed_keys.shape[:2]:
+        raise ValueError(f"indexer_topk_padded_fp8: q {tuple(q.shape)}, packed_keys [n,E,dI+4] "
+                         f"{tuple(packed_keys.shape)}, valid {tuple(valid.shape)} do not fit")
+    if kernel_backend(q.device) == "triton":
+        return indexer_topk_padded_fp8_triton(q, packed_keys, weights, valid, topk)
+    return indexer_topk_padded_fp8_ref(q, packed_keys, weights, valid, topk)

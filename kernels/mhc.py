@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import kernel_backend, record_triton_call, triton_interpreted
+from .backend import kernel_backend, launch, record_triton_call, triton_interpreted
 
 
 def mhc_weights_ref(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
@@ -129,7 +129,7 @@ def mhc_weights_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, sc
     comb = torch.empty(N, n, n, dtype=torch.float32, device=x.device)
     if N == 0:
         return pre, post, comb
-    block_t, block_k = 16, 128
+    block_t, block_k = 16, 64   # a 128-deep k-step spilled 16 B in fp32 (kernels/aot.py checks for spills)
     block_o = max(16, triton.next_power_of_2(OUT))
     # split K so that even a decode step's few tokens give ~2 programs per SM (one split on the interpreter)
     token_blocks = triton.cdiv(N, block_t)
@@ -139,9 +139,9 @@ def mhc_weights_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, sc
     splits = triton.cdiv(K, k_per_split)
     mix = torch.empty(splits, N, block_o, dtype=torch.float32, device=x.device)
     sq = torch.empty(splits, N, dtype=torch.float32, device=x.device)
-    _mhc_mix_kernel[(token_blocks, splits)](flat, fn, mix, sq, N, K, OUT, k_per_split, flat.stride(0), fn.stride(0),
-                                            BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_K=block_k)
-    _mhc_sinkhorn_kernel[(triton.cdiv(N, block_t),)](
+    launch(_mhc_mix_kernel, (token_blocks, splits), flat, fn, mix, sq, N, K, OUT, k_per_split, flat.stride(0),
+           fn.stride(0), BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_K=block_k)
+    launch(_mhc_sinkhorn_kernel, (triton.cdiv(N, block_t),),
         mix, sq, base, scale, pre, post, comb, N, n, K, splits, float(norm_eps), float(hc_eps), int(sinkhorn_iters),
         BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_NS=max(2, triton.next_power_of_2(n)))
     record_triton_call("mhc_weights")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import kernel_backend, record_triton_call, triton_interpreted
+from .backend import kernel_backend, launch, record_triton_call, triton_interpreted
 from .quant import FP4_BLOCK, FP8_BLOCK, QuantTensor
 
 
@@ -216,6 +216,18 @@ def _tile_schedule(slot: torch.Tensor, G: int, block_m: int):
     return order, group, row0.to(torch.int32), row1.to(torch.int32), num_tiles
 
 
+def moe_launch_settings(rows_per_expert: float, x_dtype: torch.dtype) -> dict:
+    """Tile sizes and warps of both expert GEMM kernels (the only place they are chosen; kernels/aot.py compiles
+    what the wrapper launches with them, and checks: no register spills, tensor-core dots for bf16 at every tile).
+
+    BLOCK_M follows the rows per expert (decode: 16, the smallest tl.dot tile). 8 warps and a 64-deep k-step keep
+    the two dequantized [BLOCK_K, BLOCK_N] weight tiles of gate_up in registers (4 warps x 128 spilled); fp32 dots
+    run on FMA units with both operands in registers, hence a 16-deep k-step. BLOCK_K divides 128, so each FP8 k-step
+    lies in one scale block."""
+    block_m = 16 if rows_per_expert <= 16 else (32 if rows_per_expert <= 64 else 64)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=16 if x_dtype == torch.float32 else 64, num_warps=8)
+
+
 def expert_mlp_triton(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor,
                       experts: dict[int, tuple[QuantTensor, QuantTensor, QuantTensor]], limit: float) -> torch.Tensor:
     """Grouped expert GEMM in Triton; same contract as `expert_mlp_ref`. Expert weights may be plain float,
@@ -245,9 +257,8 @@ def expert_mlp_triton(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.
     weights = weights.contiguous()
     torch._assert_async((slot >= 0).all(), "expert_mlp_triton: an expert_idx is not among the given experts")
 
-    rows_per_expert = M / G
-    block_m = 16 if rows_per_expert <= 16 else (32 if rows_per_expert <= 64 else 64)
-    block_n, block_k = 64, 128  # FP8: block_k must divide 128 so each k-tile has one scale column
+    cfg = moe_launch_settings(M / G, x.dtype)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     order, group, row0, row1, num_tiles = _tile_schedule(slot, G, block_m)
 
     w1s, w2s, w3s = ([experts[e][i] for e in keys] for i in range(3))
@@ -266,17 +277,15 @@ def expert_mlp_triton(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.
 
     h = torch.empty(M, I, dtype=x.dtype, device=x.device)
     sw, ss = strides(w1s[0])
-    _moe_gate_up_kernel[(num_tiles, triton.cdiv(I, block_n))](
+    launch(_moe_gate_up_kernel, (num_tiles, triton.cdiv(I, block_n)),
         x, order, group, row0, row1, tables[0], tables[1], scales[0], scales[1], h,
         D, I, x.stride(0), h.stride(0), sw, ss, float(limit),
-        FMT=_FMT_CODE[fmt], W_DTYPE=w_dtype, DOT_DTYPE=dot_dtype, PRECISION=precision, SCALE_K=scale_k,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        FMT=_FMT_CODE[fmt], W_DTYPE=w_dtype, DOT_DTYPE=dot_dtype, PRECISION=precision, SCALE_K=scale_k, **cfg)
     sw, ss = strides(w2s[0])
-    _moe_down_kernel[(num_tiles, triton.cdiv(D, block_n))](
+    launch(_moe_down_kernel, (num_tiles, triton.cdiv(D, block_n)),
         h, order, weights, group, row0, row1, tables[2], scales[2], out,
         D, I, h.stride(0), out.stride(0), sw, ss,
-        FMT=_FMT_CODE[fmt], W_DTYPE=w_dtype, DOT_DTYPE=dot_dtype, PRECISION=precision, SCALE_K=scale_k,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        FMT=_FMT_CODE[fmt], W_DTYPE=w_dtype, DOT_DTYPE=dot_dtype, PRECISION=precision, SCALE_K=scale_k, **cfg)
     record_triton_call("expert_mlp")
     return out
 

@@ -29,15 +29,19 @@ os.environ["V4RAY_KERNELS"] = "triton"   # the dispatch functions must take the 
 
 import torch  # noqa: E402
 
-from v4ray.kernels import (compress_pool, expert_mlp, indexer_topk, indexer_topk_padded, mhc_weights,  # noqa: E402
-                           sink_attention, sparse_sink_attention)
-from v4ray.kernels.attention import sink_attention_ref, sparse_sink_attention_ref  # noqa: E402
+from v4ray.kernels import (compress_pool, expert_mlp, indexer_topk, indexer_topk_padded,  # noqa: E402
+                           indexer_topk_padded_fp8, mhc_weights, sink_attention, sparse_sink_attention,
+                           sparse_sink_attention_fp8)
+from v4ray.kernels.attention import (sink_attention_ref, sparse_sink_attention_fp8_ref,  # noqa: E402
+                                     sparse_sink_attention_ref)
 from v4ray.kernels.backend import ENV_KERNELS, triton_calls  # noqa: E402
 from v4ray.kernels.compressor import compress_pool_ref  # noqa: E402
-from v4ray.kernels.indexer import indexer_topk_padded_ref, indexer_topk_ref  # noqa: E402
+from v4ray.kernels.indexer import indexer_topk_padded_fp8_ref, indexer_topk_padded_ref, indexer_topk_ref  # noqa: E402
 from v4ray.kernels.mhc import mhc_weights_ref  # noqa: E402
+from v4ray.kernels.kv_fp8 import unpack_index_ref  # noqa: E402
 from v4ray.kernels.moe import expert_mlp_ref  # noqa: E402
 from v4ray.kernels.quant import QuantTensor, quant_fp4, quant_fp8  # noqa: E402
+from v4ray.model.kv_format import pack_index, pack_main  # noqa: E402  (the cache's own packing)
 
 # Named tolerances: max|out - ref| / max|ref| and cosine similarity (over the flattened outputs, float64).
 FP32_REL = 1e-5        # same math in fp32, different summation order
@@ -144,6 +148,23 @@ def check_attention():
             out = sparse_sink_attention(q, kv, bias, sinks, d ** -0.5)
         ref = sparse_sink_attention_ref(q, kv, bias, sinks, d ** -0.5)
         _compare("attention", f"sparse-{case}", out, ref, *_tols(dtype), shape=[n, H, K, d])
+    # FP8 cache entries read in place (packed by the cache's own pack_main; dequantized in registers)
+    # (case, n, H, K, head_dim, rope_dim, q dtype); head_dim 96 / rope 32: a partial block and a ragged d tile
+    for case, n, H, K, d, rope, dtype in [("ragged", 3, 20, 77, 96, 32, torch.float32),
+                                          ("ragged-bf16", 3, 20, 77, 96, 32, torch.bfloat16),
+                                          ("real-tile", 2, 64, 200, 512, 64, torch.float32)]:
+        q = torch.randn(n, H, d, generator=g).to(dtype)
+        # entries and 64-dim blocks of many magnitudes, so the ue8m0 scale bytes differ per block
+        block_gain = torch.exp2(torch.randint(-6, 4, (n * K, -(-d // 64)), generator=g).float())
+        kv = torch.randn(n * K, d, generator=g) * block_gain.repeat_interleave(64, 1)[:, :d] * 0.25
+        packed = pack_main(kv, rope).view(n, K, -1)
+        sinks = torch.randn(H, generator=g) * 2
+        bias = torch.zeros(n, K).masked_fill(torch.rand(n, K, generator=g) < 0.4, float("-inf"))
+        bias[0, K // 2:] = float("-inf")
+        with ran_triton("sparse_sink_attention_fp8"):
+            out = sparse_sink_attention_fp8(q, packed, bias, sinks, d ** -0.5, d, rope)
+        ref = sparse_sink_attention_fp8_ref(q, packed, bias, sinks, d ** -0.5, d, rope)
+        _compare("attention", f"sparse-fp8-{case}", out, ref, *_tols(dtype), shape=[n, H, K, d])
     # prefill form: shared keys, causal + window bias
     for case, T, H, S, d in [("regular", 16, 16, 32, 64), ("ragged", 13, 20, 45, 96), ("real-tile", 6, 32, 160, 512)]:
         q = torch.randn(T, H, d, generator=g)
@@ -217,6 +238,18 @@ def check_indexer():
         ref_top = indexer_topk_padded_ref(q, keys_p, w, valid, k)
         scores = _index_scores(q, keys_p, w).masked_fill(~valid, float("-inf"))
         _compare_topk(f"padded-{case}", top, ref_top, scores)
+
+        packed = pack_index(keys_p.flatten(0, 1) * torch.logspace(-2, 2, T * E)[:, None]).view(T, E, -1)
+        with ran_triton("indexer_topk_padded_fp8"):
+            top = indexer_topk_padded_fp8(q, packed, w, valid, k)
+        ref_top = indexer_topk_padded_fp8_ref(q, packed, w, valid, k)
+        keys_8 = unpack_index_ref(packed, torch.float32)
+        scores = _index_scores(q, keys_8, w).masked_fill(~valid, float("-inf"))
+        _compare_topk(f"padded-fp8-{case}", top, ref_top, scores)
+        from v4ray.kernels.indexer import _launch_indexer_scores
+        raw = _launch_indexer_scores(q, packed, packed.stride(0), w, E, None, None, valid, "indexer_topk_padded_fp8",
+                                     keys_fp8=True)
+        _compare("indexer", f"padded-fp8-{case}-scores", raw, scores, FP32_REL, FP32_COS_MIN, shape=[T, h, dI, E])
 
 
 # ---- compressor -----------------------------------------------------------------------------------------------------

@@ -19,14 +19,17 @@ import pytest
 import torch
 
 from v4ray.kernels import backend
-from v4ray.kernels.attention import sparse_sink_attention_triton
+from v4ray.kernels import kv_fp8
+from v4ray.kernels.attention import sparse_sink_attention_fp8_triton, sparse_sink_attention_triton
 from v4ray.kernels.backend import ENV_KERNELS, kernel_backend, triton_calls
 from v4ray.kernels.compressor import compress_pool
+from v4ray.kernels.indexer import indexer_topk_padded_fp8_triton
 from v4ray.kernels.moe import expert_mlp_triton
 from v4ray.kernels.quant import QuantTensor, quant_fp8
+from v4ray.model import kv_format
 
 CHECKS = Path(__file__).with_name("kernel_checks.py")
-KERNEL_FAMILIES = ["moe", "attention", "indexer", "compressor", "mhc"]
+KERNEL_FAMILIES = ["moe", "attention", "indexer", "compressor", "mhc"]  # attention, indexer: FP8 cache paths too
 CHECKS_TIMEOUT_S = 270
 
 
@@ -107,3 +110,33 @@ def test_wrappers_reject_bad_inputs():
     with pytest.raises(ValueError, match="must be contiguous"):
         kv_t = torch.randn(2, 16, 5).transpose(1, 2)
         sparse_sink_attention_triton(q, kv_t, torch.zeros(2, 5), torch.zeros(4), 0.25)
+    bias = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match=r"packed keys must be uint8 \[n, K, 136\]"):
+        sparse_sink_attention_fp8_triton(torch.randn(2, 4, 96), torch.zeros(2, 5, 160, dtype=torch.uint8), bias,
+                                         torch.zeros(4), 0.1, 96, 32)
+    with pytest.raises(ValueError, match=r"packed keys must be uint8 \[n, E, 20\]"):
+        indexer_topk_padded_fp8_triton(torch.randn(2, 4, 16), torch.zeros(2, 5, 16), torch.randn(2, 4),
+                                       torch.ones(2, 5, dtype=torch.bool), 3)
+
+
+# ---- the FP8 cache layout the kernels read ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head_dim,rope_dim", [(512, 64), (96, 32), (128, 64)])
+def test_kernel_fp8_unpack_matches_the_cache_format(head_dim, rope_dim):
+    """kernels/kv_fp8.py restates model/kv_format.py's byte layout (kernels cannot import the model): same entry
+    sizes, and unpacking the cache's own packed bytes gives bit-identical values."""
+    g = torch.Generator().manual_seed(7)
+    assert kv_fp8.main_entry_bytes(head_dim, rope_dim) == kv_format.main_entry_bytes(head_dim, rope_dim, "fp8")
+    assert kv_fp8.index_entry_bytes(head_dim) == kv_format.index_key_bytes(head_dim, "fp8")
+    blocks = -(-head_dim // 64)
+    gain = torch.exp2(torch.randint(-20, 12, (40, blocks), generator=g).float()).repeat_interleave(64, 1)
+    x = torch.randn(40, head_dim, generator=g) * gain[:, :head_dim]
+    x[0] = 0                                                       # an all-zero entry: the smallest scale byte
+    x[1, : head_dim - rope_dim] = 448 * 2.0 ** 10                  # saturating magnitudes
+    packed = kv_format.pack_main(x, rope_dim)
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = kv_fp8.unpack_main_ref(packed.view(4, 10, -1), head_dim, rope_dim, dtype).view(40, head_dim)
+        assert torch.equal(ours, kv_format.unpack_main(packed, head_dim, rope_dim, dtype))
+    packed_index = kv_format.pack_index(x)
+    assert torch.equal(kv_fp8.unpack_index_ref(packed_index, torch.float32),
+                       kv_format.unpack_index(packed_index, torch.float32))
