@@ -13,7 +13,7 @@ import torch
 
 from .outputs import RequestOutput
 from .runner import ModelRunner
-from .sampling import RequestOutputKind, SamplingParamError, SamplingParams, make_generator
+from .sampling import Penalties, RequestOutputKind, SamplingBatch, SamplingParamError, SamplingParams, make_generator
 from .scheduler import ScheduledChunk, Scheduler, SeqState
 from .sequence import Sequence, prompt_logprobs
 from v4ray.model.tokenizer import V4Tokenizer
@@ -28,6 +28,7 @@ class _Request:
         self.params = params
         self.states: list[SeqState] = []
         self.emitted = False  # a DELTA output was sent
+        self.prompt_targets: torch.Tensor | None = None  # prompt ids [1:] on the device, for prompt_logprobs
 
 
 class EngineCore:
@@ -40,6 +41,7 @@ class EngineCore:
         self.runner, self.tokenizer, self.max_model_len = runner, tokenizer, max_model_len
         self.lockstep, self.config = lockstep, config
         self.scheduler = Scheduler(runner, max_num_batched_tokens, max_num_seqs, prefix_caching)
+        self.device = runner.model.device  # where the logits are, so where sampling runs
         self.requests: dict[str, _Request] = {}
         self._arrival = itertools.count()
         self.num_steps = 0
@@ -60,9 +62,14 @@ class EngineCore:
             raise ValueError(f"a sequence of {len(prompt_ids)} prompt tokens plus max_tokens={params.max_tokens} "
                              f"cannot fit in this replica's KV cache; lower max_tokens or raise the cache size")
         req = _Request(request_id, prompt, prompt_ids, params)
-        generator = make_generator(params.seed)
+        # Everything sampling will need on the device is uploaded now, outside any step.
+        generator = make_generator(params.seed, self.device)
+        if params.prompt_logprobs is not None and len(prompt_ids) > 1:
+            req.prompt_targets = torch.tensor(prompt_ids[1:], dtype=torch.long).to(self.device)
+        vocab_size = self.runner.model.cfg.vocab_size
         for i in range(params.n):
-            seq = Sequence(i, prompt_ids, params, self.tokenizer, generator, self.max_model_len)
+            penalties = Penalties.of(params, prompt_ids, vocab_size, self.tokenizer.eos_token_id, self.device)
+            seq = Sequence(i, prompt_ids, params, self.tokenizer, generator, self.max_model_len, penalties)
             state = SeqState(f"{request_id}#{i}", request_id, seq, next(self._arrival),
                              want_prompt_logits=(i == 0 and params.prompt_logprobs is not None))
             req.states.append(state)
@@ -103,35 +110,62 @@ class EngineCore:
                     if rid in self.requests]
         self.num_steps += 1
         failed: dict[str, str] = {}
-        # one batched log-softmax and argmax for every sampled row (per-row Python work stays small)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        argmax = logits.argmax(dim=-1).tolist()
-        k = max((self.requests[c.state.request_id].params.logprobs or 0 for c in plan
-                 if c.sample and c.state.request_id in self.requests), default=0)
-        top = None
-        if k:  # every row's top-k logprobs in one call, as lists (per-row topk + tolist cost ~30 us each)
-            values, indices = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-            top = values.tolist(), indices.tolist()
         touched: dict[str, _Request] = {}
+        sampled: list[tuple[SeqState, int]] = []  # sequences to sample and their logits row
         at = 0
         for c in plan:
             n = len(c.logit_rows)
             rid = c.state.request_id
             if rid in self.requests:  # else it failed earlier in this step
                 try:
-                    last = at + n - 1
-                    self._advance(c, logits[at:at + n], logprobs[last] if n else None, argmax[last] if n else None,
-                                  (top[0][last], top[1][last]) if top and n else None)
+                    self._advance(c, logits[at:at + n])
                     touched[rid] = self.requests[rid]
+                    if c.sample:
+                        sampled.append((c.state, at + n - 1))
                 except Exception as e:  # noqa: BLE001 - isolate the request that raised
-                    log.exception("request %s failed in sampling", rid)
-                    failed[rid] = f"{type(e).__name__}: {e}"
-                    touched.pop(rid, None)
-                    self.abort(rid)
+                    self._isolate(rid, e, failed, touched)
             at += n
+        if sampled:
+            self._sample(logits, sampled, failed, touched)
         outs = [self._output(req) for req in touched.values()]
         outs += [self._failed_output(rid, msg) for rid, msg in failed.items()]
         return [o for o in outs if o is not None]
+
+    def _sample(self, logits: torch.Tensor, sampled: list[tuple[SeqState, int]], failed: dict[str, str],
+                touched: dict[str, "_Request"]) -> None:
+        """Sample every sequence of the step together on the logits' device, read the tokens back with ONE
+        transfer (their logprobs in it when asked), then do each sequence's Python bookkeeping. A request whose
+        sampling raises — now, or when its row's probabilities turn out invalid — fails alone; the other rows'
+        tokens do not depend on it."""
+        rows = [row for _, row in sampled]
+        batch = SamplingBatch(logits if rows == list(range(logits.shape[0]))
+                              else torch.stack([logits[row] for row in rows]))  # [S, V]
+        for i, (s, _) in enumerate(sampled):
+            if s.request_id in self.requests:
+                try:
+                    s.seq.sample(batch, i)
+                except Exception as e:  # noqa: BLE001
+                    self._isolate(s.request_id, e, failed, touched)
+        asked = [s.seq.params.logprobs for s, _ in sampled
+                 if s.request_id in self.requests and s.seq.params.logprobs is not None]
+        results = batch.run(max(asked) if asked else None)  # the step's one device->host transfer
+        for (s, _), result in zip(sampled, results):
+            if s.request_id not in self.requests:
+                continue
+            try:
+                s.seq.append(result)
+                if s.seq.finished:
+                    self.scheduler.remove(s.key)
+                    self.runner.release(s.key)
+            except Exception as e:  # noqa: BLE001
+                self._isolate(s.request_id, e, failed, touched)
+
+    def _isolate(self, request_id: str, error: Exception, failed: dict[str, str], touched: dict) -> None:
+        """Fail one request of the step: it is dropped and its output carries the error."""
+        log.error("request %s failed in sampling", request_id, exc_info=error)
+        failed[request_id] = f"{type(error).__name__}: {error}"
+        touched.pop(request_id, None)
+        self.abort(request_id)
 
     def _fail(self, request_id: str, message: str) -> RequestOutput:
         self.abort(request_id)
@@ -141,8 +175,8 @@ class EngineCore:
     def _failed_output(request_id: str, message: str) -> RequestOutput:
         return RequestOutput(request_id, None, [], None, [], finished=True, error=message)
 
-    def _advance(self, c: ScheduledChunk, rows: torch.Tensor, last_logprobs: torch.Tensor | None,
-                 last_argmax: int | None, last_top: tuple[list[float], list[int]] | None = None) -> None:
+    def _advance(self, c: ScheduledChunk, rows: torch.Tensor) -> None:
+        """Bookkeeping of a chunk before sampling: prompt logits kept for prompt_logprobs, the prefix stored."""
         s = c.state
         prompt = s.seq.prompt_token_ids
         if s.want_prompt_logits and c.start < len(prompt):
@@ -151,17 +185,11 @@ class EngineCore:
         if s.store_at is not None and s.num_computed == s.store_at:
             self.runner.store_prefix(s.key, prompt[:s.store_at])
             s.store_at = None
-        if not c.sample:
-            return
-        req = self.requests[s.request_id]
-        if s.want_prompt_logits and s.num_computed >= len(prompt):
+        if c.sample and s.want_prompt_logits and s.num_computed >= len(prompt):
+            req = self.requests[s.request_id]
             req.out.prompt_logprobs = prompt_logprobs(torch.cat(s.prompt_logits)[:len(prompt)], prompt,
-                                                      req.params.prompt_logprobs, self.tokenizer)
+                                                      req.prompt_targets, req.params.prompt_logprobs, self.tokenizer)
             s.want_prompt_logits, s.prompt_logits = False, []
-        s.seq.step(rows[-1], last_logprobs, last_argmax if s.seq.plain_greedy else None, last_top)
-        if s.seq.finished:
-            self.scheduler.remove(s.key)
-            self.runner.release(s.key)
 
     def _output(self, req: _Request) -> RequestOutput | None:
         """This step's output of a request in its output kind (None: nothing to send yet)."""

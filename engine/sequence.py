@@ -1,14 +1,15 @@
-"""One generated sequence's bookkeeping: sampling state, detokenization, stop conditions, logprobs.
+"""One generated sequence's bookkeeping: its sampling state, detokenization, stop conditions, logprobs.
 
-Plain Python around per-token logits; the same object serves the offline `LLM` and, later, the engine.
+Two halves per step: `sample` adds the sequence's device work to the step's `SamplingBatch` (nothing is read
+back), and `append` takes the chosen token, read back with the whole batch's, and does the Python work:
+stop checks, detokenization, logprobs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .sampling import (SamplingParams, apply_min_tokens, apply_penalties, check_stop, sample_token,
-                                  top_logprobs)
+from .sampling import Penalties, SampledToken, SamplingBatch, SamplingParams, check_stop, read_back, sampling_probs
 from v4ray.model.tokenizer import V4Tokenizer
 
 from .outputs import CompletionOutput
@@ -18,9 +19,11 @@ class Sequence:
     """Generated continuation number `index` of one request."""
 
     def __init__(self, index: int, prompt_token_ids: list[int], params: SamplingParams, tokenizer: V4Tokenizer,
-                 generator: torch.Generator | None, max_model_len: int):
+                 generator: torch.Generator | None, max_model_len: int, penalties: Penalties | None = None):
+        """generator: the request's (shared by its n sequences), on the logits' device. penalties: this
+        sequence's device state when its logits are reshaped (`Penalties.of`)."""
         self.index, self.params, self.tokenizer, self.generator = index, params, tokenizer, generator
-        self.prompt_token_ids = prompt_token_ids
+        self.prompt_token_ids, self.penalties = prompt_token_ids, penalties
         self.max_model_len = max_model_len
         self.output_token_ids: list[int] = []
         self.text = ""
@@ -46,22 +49,30 @@ class Sequence:
         return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
                 and p.frequency_penalty == 0.0 and len(self.output_token_ids) >= p.min_tokens)
 
-    def step(self, logits: torch.Tensor, logprobs: torch.Tensor | None = None, token: int | None = None,
-             top: tuple[list[float], list[int]] | None = None) -> int:
-        """Sample the next token from this position's raw logits [V] (fp32) and update stop state.
-
-        A batched caller may pass this row's log-softmax, for `plain_greedy` sequences its argmax, and its
-        top-k logprobs as lists (k >= params.logprobs)."""
+    def sample(self, batch: SamplingBatch, row: int) -> None:
+        """Add this sequence's device work for row `row` of the step's batch (raw logits); reads nothing back."""
         p = self.params
-        if token is None:
-            shaped = apply_penalties(logits, self.output_token_ids, self.prompt_token_ids, p)
-            shaped = apply_min_tokens(shaped, len(self.output_token_ids), p, self.tokenizer.eos_token_id)
-            token = sample_token(shaped, p, self.generator)
+        if self.penalties is not None and self.penalties.counts is not None:
+            batch.count(row, self.penalties)
+        if self.plain_greedy:
+            return  # the batch's argmax of the raw logits
+        logits = batch.logits[row]  # [V]
+        if self.penalties is not None:
+            logits = self.penalties.apply(logits, len(self.output_token_ids))
+        if p.greedy:
+            batch.greedy(row, logits)
+        else:
+            batch.draw(row, sampling_probs(logits, p), self.generator)
+
+    def append(self, sampled: SampledToken) -> int:
+        """Take the token chosen for this sequence (host values) and update logprobs and stop state."""
+        if sampled.error:
+            raise RuntimeError(sampled.error)
+        token = sampled.token
         self.output_token_ids.append(token)
-        raw = torch.log_softmax(logits.float(), dim=-1) if logprobs is None else logprobs
-        self.cumulative_logprob += float(raw[token])
+        self.cumulative_logprob += sampled.logprob
         if self.logprobs is not None:
-            self.logprobs.append(top_logprobs(logits, p.logprobs, token, self.tokenizer.decode_token, raw, top))
+            self.logprobs.append(sampled.logprobs(self.params.logprobs, self.tokenizer.decode_token))
         self._check_finished(token)
         return token
 
@@ -107,11 +118,15 @@ class Sequence:
                                 finish_reason=self.finish_reason, stop_reason=self.stop_reason)
 
 
-def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: list[int], k: int, tokenizer: V4Tokenizer):
+def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: list[int], targets: torch.Tensor | None, k: int,
+                    tokenizer: V4Tokenizer):
     """vLLM's prompt_logprobs: None for the first token, then per position the top-k plus the actual token.
 
-    logits [P, V]: row i predicts token i+1."""
-    out: list = [None]
-    for i in range(1, len(prompt_token_ids)):
-        out.append(top_logprobs(logits[i - 1], k, prompt_token_ids[i], tokenizer.decode_token))
-    return out
+    logits [P, V]: row i predicts token i+1. targets: prompt_token_ids[1:] on the logits' device (the engine
+    uploads them when the request arrives; None for a one-token prompt). All positions come back in one transfer
+    (`read_back`): prefill only, the one extra transfer of the step in which the prompt completes."""
+    if len(prompt_token_ids) < 2:
+        return [None]
+    raw = torch.log_softmax(logits[:len(prompt_token_ids) - 1].float(), dim=-1)  # [P-1, V]
+    rows, _ = read_back(targets, raw, k)
+    return [None] + [row.logprobs(k, tokenizer.decode_token) for row in rows]

@@ -18,6 +18,8 @@ from v4ray.model.tokenizer import V4Tokenizer
 
 from conftest import parity_prompt
 
+BATCH_LOGPROB_TOL = 1e-4  # fp32 logits of one row move by ~1e-6 with the batch around it (matmul shapes)
+
 
 def _core(ckpt, max_num_seqs=16):
     runner = ModelRunner(load_model(ckpt, torch.float32), 32 << 20, max_num_seqs)
@@ -90,6 +92,37 @@ def test_a_request_that_fails_in_sampling_fails_alone(tiny_ckpt):
     assert seen["bad"][-1].error and seen["bad"][-1].finished
     assert seen["a"][-1].error is None and seen["a"][-1].outputs[0].token_ids == alone
     assert len(seen["b"][-1].outputs[0].token_ids) == 8
+    assert not core.requests and core.runner.cache.blocks.num_free == core.runner.cache.blocks.num
+
+
+def test_a_request_that_fails_in_batched_sampling_leaves_seeded_neighbours_exact(tiny_ckpt):
+    """All rows of a step are sampled together and read back at once; a row whose probabilities are invalid (NaN
+    temperature) fails its request (all n of its sequences) when the batch is read back, and the seeded, penalised
+    and logprob-asking requests beside it get exactly the tokens they get alone (logprobs within the batch's
+    rounding)."""
+    ckpt = tiny_ckpt("v4-tiny-swa")
+    ids = parity_prompt(24).tolist()
+    neighbours = {"s": SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, top_k=30, seed=11, logprobs=3),
+                  "p": SamplingParams(max_tokens=8, temperature=0.7, seed=2, repetition_penalty=1.3,
+                                      frequency_penalty=0.4, logit_bias={7: 2.0}, min_tokens=4),
+                  "g": SamplingParams(max_tokens=8, temperature=0, presence_penalty=1.0, logprobs=0)}
+    alone = {rid: _run(_core(ckpt), [(rid, ids[:20 + i], p)])[rid][-1].outputs
+             for i, (rid, p) in enumerate(neighbours.items())}
+    core = _core(ckpt)
+    bad = SamplingParams(max_tokens=8, temperature=1.0, n=2, ignore_eos=True)
+    core.add_request("bad", ids, bad)
+    bad.temperature = float("nan")
+    seen = _run(core, [(rid, ids[:20 + i], p) for i, (rid, p) in enumerate(neighbours.items())])
+    assert seen["bad"][-1].error and "probability tensor" in seen["bad"][-1].error and len(seen["bad"]) == 1
+    for rid in neighbours:
+        got = seen[rid][-1].outputs
+        assert seen[rid][-1].error is None
+        assert [c.token_ids for c in got] == [c.token_ids for c in alone[rid]], rid
+        for a, b in zip(got, alone[rid]):
+            assert math.isclose(a.cumulative_logprob, b.cumulative_logprob, abs_tol=BATCH_LOGPROB_TOL)
+            for x, y in zip(a.logprobs or [], b.logprobs or []):
+                assert x.keys() == y.keys()
+                assert all(math.isclose(x[t].logprob, y[t].logprob, abs_tol=BATCH_LOGPROB_TOL) for t in x)
     assert not core.requests and core.runner.cache.blocks.num_free == core.runner.cache.blocks.num
 
 

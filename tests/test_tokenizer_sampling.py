@@ -8,13 +8,18 @@ import pytest
 import torch
 
 from v4ray.engine.sampling import (
+    INVALID_PROBABILITIES,
     Logprob,
+    Penalties,
+    SamplingBatch,
     SamplingParams,
     apply_min_tokens,
     apply_penalties,
     check_stop,
+    draw,
     make_generator,
     sample_token,
+    sampling_probs,
     top_logprobs,
 )
 from v4ray.model.tokenizer import BYTE_OFFSET, SPECIAL_TOKENS, V4Tokenizer, build_byte_tokenizer
@@ -231,6 +236,101 @@ def test_top_logprobs_ranks_and_chosen():
     within = top_logprobs(logits, k=3, chosen=0)
     assert list(within) == [1, 2, 0] and within[0].rank == 3 and within[0].decoded_token is None
     assert list(top_logprobs(logits, k=0, chosen=4)) == [4]
+
+
+def test_draw_is_torch_multinomial_bit_for_bit():
+    """`draw` replaces torch.multinomial (whose argument check reads the device, or asserts on it) with the same
+    algorithm: the same generator state draws the same token, row by row in a batch too."""
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(6, 1000) * torch.arange(6)[:, None], dim=-1)
+    probs[2, 10:] = 0  # a top-k / top-p style support
+    probs[3] = 0
+    probs[3, 999] = 1  # one token left
+    for seed in range(20):
+        expected = [int(torch.multinomial(p, 1, generator=make_generator(seed + i))) for i, p in enumerate(probs)]
+        tokens, valid = draw(probs, [make_generator(seed + i) for i in range(len(probs))])
+        assert tokens.tolist() == expected and valid.all()
+    torch.manual_seed(5)  # no generator: the default one, consumed the same way
+    expected = [int(torch.multinomial(p, 1)) for p in probs]
+    torch.manual_seed(5)
+    assert draw(probs, [None] * len(probs))[0].tolist() == expected
+
+
+def test_an_invalid_row_fails_alone_and_leaves_the_others_as_alone():
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=0.9, top_k=10, seed=3)
+    bad = SamplingParams(temperature=1.0)
+    bad.temperature = float("nan")  # what validation refuses
+
+    def run(rows):
+        batch = SamplingBatch(logits[rows])
+        for i, row in enumerate(rows):
+            p = bad if row == 1 else params
+            batch.draw(i, sampling_probs(logits[row], p), make_generator(row))
+        return batch.run()
+
+    together = run([0, 1, 2, 3])
+    assert together[1].error == INVALID_PROBABILITIES
+    assert [r.error for i, r in enumerate(together) if i != 1] == [None] * 3
+    assert [together[i].token for i in (0, 2, 3)] == [run([i])[0].token for i in (0, 2, 3)]
+
+
+def test_penalty_counts_kept_on_the_device_equal_the_token_lists():
+    """The engine counts each step's chosen token into `Penalties` on the device; after any sequence of tokens
+    the penalised logits equal those computed from the token list at once."""
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.5,
+                            logit_bias={4: 1.0, 9: -2.0}, min_tokens=5, stop_token_ids=[7])
+    logits = torch.randn(16, generator=torch.Generator().manual_seed(2))
+    prompt, generated = [3, 3, 11], [0, 5, 0, 12, 5, 0]
+    penalties = Penalties(params, prompt, 16, eos_token_id=1, device=logits.device)
+    for n, token in enumerate(generated):
+        torch.testing.assert_close(penalties.penalise(logits), apply_penalties(logits, generated[:n], prompt, params),
+                                   rtol=0, atol=0)
+        penalties.count(torch.tensor([token]))
+    assert penalties.counts.tolist() == torch.bincount(torch.tensor(generated), minlength=16).tolist()
+    banned = penalties.apply(logits, 4)
+    assert torch.isinf(banned[[1, 7]]).all() and torch.isfinite(banned[[0, 2, 3]]).all()
+    assert torch.isfinite(penalties.apply(logits, 5)).all()
+
+
+def test_a_sampling_batch_reads_back_once_with_the_same_results():
+    """Rows of every kind (plain greedy, greedy after penalties, seeded draws with top-k/top-p/min-p, logprobs)
+    on logits tagged device-resident: `run` makes exactly one device->host read, no upload, no host/device mix,
+    and returns what the same batch returns on plain CPU tensors."""
+    from device_provenance import Provenance, to_device
+
+    kinds = [dict(temperature=0), dict(temperature=0, repetition_penalty=1.2, min_tokens=3),
+             dict(temperature=0.8, top_k=20, top_p=0.9, seed=1), dict(temperature=1.0, min_p=0.2, seed=2),
+             dict(temperature=0.7, frequency_penalty=0.5, logit_bias={3: 2.0}, seed=3), dict(temperature=0)]
+    raw = torch.randn(len(kinds), 300, generator=torch.Generator().manual_seed(4)) * 3
+
+    params = [SamplingParams(logprobs=row, **kw) for row, kw in enumerate(kinds)]
+
+    def state(device):  # what the engine uploads when the requests arrive
+        return [(Penalties.of(p, [5, 6, 7], 300, 1, device), make_generator(p.seed, device)) for p in params]
+
+    def run(logits, rows):
+        batch = SamplingBatch(logits)
+        for row, (p, (penalties, generator)) in enumerate(zip(params, rows)):
+            shaped = logits[row]
+            if penalties is not None:
+                if penalties.counts is not None:
+                    batch.count(row, penalties)
+                shaped = penalties.apply(shaped, 1)
+            if not p.greedy:
+                batch.draw(row, sampling_probs(shaped, p), generator)
+            elif penalties is not None:
+                batch.greedy(row, shaped)
+        return batch.run(len(kinds) - 1)
+
+    with Provenance() as prov:
+        logits = to_device(raw.clone())
+        rows = state(logits.device)
+        with prov.window("sample") as w:
+            tagged = run(logits, rows)
+    assert w.count("sync") == 1 and w.count("upload") == 0 and w.count("mix") == 0, w.summary()
+    assert tagged == run(raw, state(raw.device))
+    assert [r.top[1][:1] for r in tagged] == [[i] for i in raw.argmax(dim=-1).tolist()]  # top-1 is the argmax
 
 
 @pytest.mark.parametrize(
