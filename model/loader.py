@@ -14,6 +14,7 @@ a second copy of every weight in host memory during the load (`bench/load.py` me
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -191,12 +192,20 @@ class SafetensorsFile:
                                   f"fit its shape {e['shape']} ({e['dtype']}) or the file")
         return t
 
-    def read(self, stored: str) -> torch.Tensor:
-        """The stored tensor, in a fresh host buffer."""
+    def read(self, stored: str, rows: tuple[int, int] | None = None, staging=None) -> torch.Tensor:
+        """The stored tensor (or its rows [r0, r1) along the first dim) in host memory: a fresh buffer, or a
+        view of `staging(nbytes)` (a reused uint8 buffer) for data that is converted right away."""
         m = self.meta(stored)
-        t = torch.empty(m.shape, dtype=m.dtype)
-        buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-        offset, done = self.base + self.entries[stored]["data_offsets"][0], 0
+        shape, offset = list(m.shape), self.base + self.entries[stored]["data_offsets"][0]
+        if rows is not None:
+            offset += rows[0] * (m[0].numel() * m.element_size())
+            shape[0] = rows[1] - rows[0]
+        if staging is None:
+            t = torch.empty(shape, dtype=m.dtype)
+        else:
+            nbytes = math.prod(shape) * m.element_size()
+            t = staging(nbytes)[:nbytes].view(m.dtype).view(shape)
+        buf, done = memoryview(t.reshape(-1).view(torch.uint8).numpy()), 0
         while done < len(buf):
             n = os.preadv(self.fd, [buf[done:]], offset + done)
             if n == 0:
@@ -211,6 +220,13 @@ class TensorReader:
     def __init__(self, ckpt: Checkpoint, device: torch.device | str | None = None):
         self.ckpt, self.device = ckpt, torch.device(device or "cpu")
         self.open: dict[str, SafetensorsFile] = {}
+        self._staging = torch.empty(0, dtype=torch.uint8)
+
+    def staging(self, nbytes: int) -> torch.Tensor:
+        """One host buffer for the chunks of converted tensors, reused (fresh ones would fragment the heap)."""
+        if self._staging.numel() < nbytes:
+            self._staging = torch.empty(nbytes, dtype=torch.uint8)
+        return self._staging
 
     def __enter__(self) -> "TensorReader":
         return self
@@ -219,6 +235,7 @@ class TensorReader:
         for f in self.open.values():
             f.close()
         self.open.clear()
+        self._staging = torch.empty(0, dtype=torch.uint8)
 
     def _file(self, name: str) -> tuple[SafetensorsFile, str]:
         fname, stored = self.ckpt.files[name]
@@ -233,10 +250,41 @@ class TensorReader:
         f, stored = self._file(name)
         return f.meta(stored)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor and put it on the device; the host buffer is dropped when the caller is done."""
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor onto the device, cast to `dtype` when given. A cast fills its result on the device
+        CHUNK_ELEMENTS at a time, so the stored form is never held whole beside the converted one."""
         f, stored = self._file(name)
-        return f.read(stored).to(self.device)
+        m = f.meta(stored)
+        if dtype is None or dtype == m.dtype or m.dim() == 0:
+            return f.read(stored).to(self.device).to(dtype or m.dtype)
+        out = torch.empty(m.shape, dtype=dtype, device=self.device)
+        for rows in _row_chunks(m):
+            out[rows[0]:rows[1]] = f.read(stored, rows, self.staging).to(self.device)
+        return out
+
+    def get_dequantized(self, name: str, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+        """An FP8/FP4 weight dequantized to `dtype` on the device, a chunk of rows (whole scale blocks) at a time."""
+        f, stored = self._file(name)
+        m = f.meta(stored)
+        scale = self.get(name[: -len("weight")] + "scale")
+        out = torch.empty(QuantTensor(m, scale, fmt).shape, dtype=dtype, device=self.device)
+        for r0, r1 in _row_chunks(m, FP8_BLOCK):
+            s = scale[r0 // FP8_BLOCK: -(-r1 // FP8_BLOCK)] if fmt == "fp8" else scale[r0:r1]
+            data = f.read(stored, (r0, r1), self.staging).to(self.device)
+            out[r0:r1] = QuantTensor(data, s, fmt).dequantize(dtype)
+        return out
+
+
+# Elements per chunk when a tensor is converted on load: bounds the extra memory (its stored bytes, plus the
+# dequantization's fp32 temporaries, a few times 16 MB) while each read stays large.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(m: torch.Tensor, multiple: int = 1) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) of about CHUNK_ELEMENTS elements each, r0 a multiple of `multiple`."""
+    per_row = max(1, m[0].numel()) if m.shape[0] else 1
+    step = max(multiple, CHUNK_ELEMENTS // per_row // multiple * multiple)
+    return [(r, min(r + step, m.shape[0])) for r in range(0, m.shape[0], step)]
 
 
 def _weight_format(name: str, t: torch.Tensor, scale: torch.Tensor | None, logical: tuple[int, int]) -> str | None:
@@ -268,10 +316,11 @@ def _quant_weight(r: TensorReader, name: str, logical: tuple[int, int], dtype: t
     scale_name = name[: -len("weight")] + "scale"
     has_scale = scale_name in r.ckpt
     fmt = _weight_format(name, r.meta(name), r.meta(scale_name) if has_scale else None, logical)
-    q = QuantTensor(r.get(name), r.get(scale_name) if has_scale else None, fmt)
     if fmt is None:
-        return QuantTensor(q.data.to(dtype))
-    return q if keep_quantized else QuantTensor(q.dequantize(dtype))
+        return QuantTensor(r.get(name, dtype))
+    if keep_quantized:
+        return QuantTensor(r.get(name), r.get(scale_name), fmt)
+    return QuantTensor(r.get_dequantized(name, fmt, dtype))
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, expert_range: tuple[int, int] | None = None,
@@ -324,15 +373,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, expert_rang
             stored, expect = list(r.meta(name).shape), list(owner._buffers[attr].shape)
             if stored != expect:
                 raise CheckpointError(f"tensor '{name}' has shape {stored}, expected {expect}")
-            t = r.get(name)
-            if attr == "tid2eid":
-                t = t.long()
-                if t.numel() and (t.min() < 0 or t.max() >= cfg.n_routed_experts):
-                    raise CheckpointError(f"tensor '{name}' holds expert ids outside [0, {cfg.n_routed_experts})")
-            elif name.endswith(FP32_SUFFIXES):
-                t = t.float()
-            else:
-                t = t.to(dtype)
+            t = r.get(name, torch.long if attr == "tid2eid" else torch.float32 if name.endswith(FP32_SUFFIXES)
+                      else dtype)
+            if attr == "tid2eid" and t.numel() and (t.min() < 0 or t.max() >= cfg.n_routed_experts):
+                raise CheckpointError(f"tensor '{name}' holds expert ids outside [0, {cfg.n_routed_experts})")
             owner._buffers[attr] = t
     model.to(device)  # the computed tables (RoPE frequencies); the loaded weights are there already
     model.eval()

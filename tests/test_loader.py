@@ -13,8 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from v4ray.model.config import ConfigError, V4Config, load_preset
+from v4ray.kernels.quant import QuantTensor
+from v4ray.model import loader
 from v4ray.model.loader import INDEX_FILE, Checkpoint, CheckpointError, load_model
 from v4ray.model.tiny import expert_files
+from v4ray.model.v4 import checkpoint_name
 
 from conftest import load_reference, parity_prompt, reference_logits, rel_err
 from test_parity import PARITY_RTOL
@@ -165,3 +168,39 @@ def test_hugging_face_cache_symlinks_load(tiny_ckpt, tmp_path):
         (snap / f.name).symlink_to(f"../../blobs/blob{i}")
     linked, direct = load_model(snap, torch.float32).state_dict(), load_model(src, torch.float32).state_dict()
     assert linked.keys() == direct.keys() and all(torch.equal(linked[k], direct[k]) for k in linked)
+
+
+@pytest.mark.parametrize("dtype,keep", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_chunked_conversion_equals_whole_tensor_conversion(ckpt_copy, monkeypatch, dtype, keep):
+    """Tensors converted on load (casts, FP8/FP4 dequantization) are filled a chunk of rows at a time. With chunks
+    of a few hundred elements every tensor crosses chunk edges; each must equal its stored tensor (read by
+    safetensors itself) converted whole. Scales are redrawn per block so that a chunk paired with another chunk's
+    scale rows shows."""
+    ckpt = ckpt_copy(preset="v4-tiny", dtype="fp4-experts")
+    g = torch.Generator().manual_seed(0)
+    stored = {}
+    for f in ckpt.glob("*.safetensors"):
+        tensors = load_file(f)
+        for k, v in tensors.items():
+            if k.endswith(".scale"):
+                tensors[k] = torch.randint(118, 136, v.shape, generator=g, dtype=torch.uint8).view(v.dtype)
+        save_file(tensors, f)
+        stored.update(tensors)
+    monkeypatch.setattr(loader, "CHUNK_ELEMENTS", 300)
+    model = load_model(ckpt, dtype, keep_quantized=keep, device=torch.device("cpu"))
+    converted = 0
+    for mod_name, t in model.state_dict().items():
+        name = checkpoint_name(mod_name)
+        if name.endswith(".scale"):
+            assert keep and torch.equal(t, stored[name].view(torch.uint8)), name
+            continue
+        s = stored[name]
+        scale = name[: -len("weight")] + "scale"
+        if scale in stored and not keep:
+            fmt = "fp8" if s.dtype == torch.float8_e4m3fn else "fp4"
+            ref = QuantTensor(s, stored[scale].view(torch.uint8), fmt).dequantize(t.dtype)
+        else:
+            ref = s.to(t.dtype)
+        converted += ref.dtype != s.dtype
+        assert t.dtype == ref.dtype and torch.equal(t, ref), name
+    assert converted > 0
