@@ -5,10 +5,16 @@ loaded by path as the package `v4ray_kernels` (its files import each other relat
 checkout:
 
     python bench/kernels.py [--models flash pro] [--only moe attention indexer compressor mhc]
+    python bench/kernels.py --aot [--models ...] [--only ...]     # no GPU needed
 
 Each row: median time of the Triton wrapper and of the torch reference (triton.testing.do_bench, L2 flushed),
 useful FLOPs and bytes of the op (not what a kernel happens to re-read), achieved TFLOP/s and GB/s and their share
 of the device's peaks. Writes bench/results/kernels.json. Without a GPU it says so and exits 0.
+
+--aot compiles every kernel configuration the wrappers launch at these shapes for sm_90a and sm_100a (kernels/aot.py:
+Triton's compiler and the ptxas in its wheel, no GPU or driver) and prints registers, spill bytes, shared memory and
+the tensor-core instructions per kernel, configuration and target; writes bench/results/kernels_aot.json and exits 1
+if any configuration spills, exceeds 227 KiB of shared memory or runs bf16 dots without tensor cores.
 """
 
 from __future__ import annotations
@@ -29,16 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core FLOP/s and HBM bytes/s by device name (substring match).
 PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
 
-MODELS = {
-    "flash": dict(hidden=4096, heads=64, head_dim=512, inter=2048, experts=256, topk_experts=6, index_heads=64,
-                  index_dim=128, index_topk=512, hc=4, sinkhorn=20, window=128),
-    "pro": dict(hidden=7168, heads=128, head_dim=512, inter=3072, experts=384, topk_experts=6, index_heads=64,
-                index_dim=128, index_topk=1024, hc=4, sinkhorn=20, window=128),
-}
-LOCAL_EXPERTS = 32        # one expert-parallel shard (EP=8 for Flash, EP=12 for Pro)
-DECODE_BATCH = 64         # sequences per decode step
-PREFILL_TOKENS = 4096     # tokens per prefill step
-CONTEXT = 32768           # tokens of context behind each decode query
+# The shapes come from kernels/aot.py (one table for the benchmark and the AOT compiles, checked against
+# model/presets by tests/test_kernels_aot.py); load_kernels() fills these in.
+MODEL_NAMES = ("flash", "pro")
+MODELS: dict[str, dict] = {}
+LOCAL_EXPERTS = DECODE_BATCH = PREFILL_TOKENS = CONTEXT = 0
 
 
 def load_kernels():
@@ -48,8 +49,13 @@ def load_kernels():
     pkg = importlib.util.module_from_spec(spec)
     sys.modules["v4ray_kernels"] = pkg
     spec.loader.exec_module(pkg)
-    return {name: importlib.import_module(f"v4ray_kernels.{name}")
-            for name in ("moe", "attention", "indexer", "compressor", "mhc", "quant")}
+    kernels = {name: importlib.import_module(f"v4ray_kernels.{name}")
+               for name in ("moe", "attention", "indexer", "compressor", "mhc", "quant", "kv_fp8", "aot")}
+    global MODELS, LOCAL_EXPERTS, DECODE_BATCH, PREFILL_TOKENS, CONTEXT
+    aot = kernels["aot"]
+    MODELS, LOCAL_EXPERTS, DECODE_BATCH = aot.MODEL_SHAPES, aot.LOCAL_EXPERTS, aot.DECODE_BATCH
+    PREFILL_TOKENS, CONTEXT = aot.PREFILL_TOKENS, aot.CONTEXT
+    return kernels
 
 
 def nbytes(*tensors) -> int:
@@ -104,6 +110,15 @@ def attention_cases(k, m, dev):
            lambda: k["attention"].sparse_sink_attention_triton(q, kv, bias, sinks, d ** -0.5),
            lambda: k["attention"].sparse_sink_attention_ref(q, kv, bias, sinks, d ** -0.5),
            4 * n * H * K * d, nbytes(q, kv, bias, q))
+    # the same over FP8 cache entries, dequantized in registers
+    rope = m["rope_dim"]
+    packed = torch.randint(0, 256, (n, K, k["kv_fp8"].main_entry_bytes(d, rope)), device=dev, dtype=torch.uint8)
+    packed[..., d - rope + 2 * rope:] = 120                              # sane ue8m0 scales (and padding)
+    packed[..., :d - rope] &= 0x77                                       # finite e4m3 (no NaN codes)
+    yield ("sparse_sink_attention_fp8", f"decode n={n} H={H} K={K} d={d}",
+           lambda: k["attention"].sparse_sink_attention_fp8_triton(q, packed, bias, sinks, d ** -0.5, d, rope),
+           lambda: k["attention"].sparse_sink_attention_fp8_ref(q, packed, bias, sinks, d ** -0.5, d, rope),
+           4 * n * H * K * d, nbytes(q, packed, bias, q))
     # prefill chunk: T queries over a sliding window of the chunk plus T/4 compressed entries, all visible
     T = 1024
     S = T + T // 4
@@ -140,6 +155,13 @@ def indexer_cases(k, m, dev):
            lambda: k["indexer"].indexer_topk_padded_triton(qd, keys_p, wd, valid, top),
            lambda: k["indexer"].indexer_topk_padded_ref(qd, keys_p, wd, valid, top),
            2 * n * h * C * dI, nbytes(qd, keys_p, wd, valid) + n * C * 4)
+    packed = torch.randint(0, 256, (n, C, k["kv_fp8"].index_entry_bytes(dI)), device=dev, dtype=torch.uint8)
+    packed[..., :dI] &= 0x77                                             # finite e4m3
+    packed[..., dI:] = torch.tensor([0, 0, 128, 60], dtype=torch.uint8, device=dev)   # fp32 scale 2^-6
+    yield ("indexer_topk_padded_fp8", f"decode n={n} E={C} h={h} dI={dI} k={top}",
+           lambda: k["indexer"].indexer_topk_padded_fp8_triton(qd, packed, wd, valid, top),
+           lambda: k["indexer"].indexer_topk_padded_fp8_ref(qd, packed, wd, valid, top),
+           2 * n * h * C * dI, nbytes(qd, packed, wd, valid) + n * C * 4)
 
 
 def compressor_cases(k, m, dev):
@@ -171,14 +193,57 @@ FAMILIES = {"moe": moe_cases, "attention": attention_cases, "indexer": indexer_c
             "compressor": compressor_cases, "mhc": mhc_cases}
 
 
+def aot_main(args) -> int:
+    """--aot: every configuration, both targets; a table and bench/results/kernels_aot.json; exit 1 if unclean."""
+    import os
+    import time
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("bench/kernels.py --aot: unset TRITON_INTERPRET (kernels decorated for the interpreter cannot be "
+              "compiled)")
+        return 2
+    aot = load_kernels()["aot"]
+    reason = aot.unavailable()
+    if reason:
+        print(f"bench/kernels.py --aot: {reason}")
+        return 2
+    cols = ["kernel", "model", "config", "target", "settings", "regs", "spill_stores", "spill_loads", "shared",
+            "tensor_cores", "problems"]
+    selection = [(c, tuple(aot.TARGETS)) for c in aot.cases(tuple(args.models), tuple(args.only))]
+    t0 = time.perf_counter()
+
+    def show(row):
+        row = {**row, "tensor_cores": ",".join(row.get("tensor_cores", [])), "problems": "; ".join(row["problems"])}
+        print(table([row], cols).splitlines()[-1], flush=True)
+
+    print(table([], cols))
+    rows = aot.compile_cases(selection, progress=show)
+    seconds = time.perf_counter() - t0
+    shown = [{**r, "tensor_cores": ",".join(r.get("tensor_cores", [])), "problems": "; ".join(r["problems"])}
+             for r in rows]
+    print()
+    print(table(shown, cols))
+    bad = [r for r in rows if r["problems"]]
+    print(f"\n{len(rows)} kernel configurations compiled in {seconds:.0f} s; {len(bad)} not clean "
+          f"(spills, shared memory > {aot.SHARED_LIMIT} B, or bf16 dots without tensor cores)")
+    path = write("kernels_aot", {"triton": __import__("triton").__version__, "targets": list(aot.TARGETS),
+                                 "shared_limit": aot.SHARED_LIMIT, "seconds": round(seconds, 1), "rows": rows})
+    print(f"wrote {path}")
+    return 1 if bad else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=list(MODEL_NAMES))
     ap.add_argument("--only", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     ap.add_argument("--peak-tflops", type=float, help="override the device's dense bf16 TFLOP/s")
     ap.add_argument("--peak-gbs", type=float, help="override the device's memory GB/s")
+    ap.add_argument("--aot", action="store_true", help="compile every configuration for sm_90a and sm_100a "
+                    "ahead of time (no GPU needed) and report registers, spills and shared memory")
     args = ap.parse_args()
 
+    if args.aot:
+        return aot_main(args)
     kernels = load_kernels()  # also checks the by-path import on machines without a GPU
     if not torch.cuda.is_available():
         print("bench/kernels.py: no CUDA GPU present; the Triton kernels are benchmarked on a GPU only "

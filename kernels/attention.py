@@ -7,6 +7,10 @@ Triton path: one program per (query row, block of heads) streams that row's keys
 start at the sink (m = sink_h, l = 1), so the sink needs no extra column and a row whose keys are all masked
 returns zeros like the reference. Key blocks whose bias is all -inf are skipped. Prefill (`sink_attention`)
 runs the same kernel with the shared keys broadcast to every query row (stride 0).
+
+FP8 cache (`sparse_sink_attention_fp8`): the same kernel reads the gathered cache entries as packed bytes
+(kernels/kv_fp8.py: e4m3 nope dims with a ue8m0 scale per 64, bf16 rope dims) and dequantizes each key tile in
+registers; its reference unpacks the entries to q's dtype and runs `sparse_sink_attention_ref`.
 """
 
 from __future__ import annotations

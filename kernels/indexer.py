@@ -9,6 +9,9 @@ Triton path: the scores I_{t,j} come from one kernel (a program per query row an
 heads in one [h, dI] x [dI, entries] dot, ReLU, head weights, sum over heads, -inf outside the row's selectable
 entries); the top-k is then torch's stable descending sort over those scores, the same selection code as the
 reference, so the lower-index tie rule holds exactly (exact ties are exact zeros in both paths).
+
+FP8 cache (`indexer_topk_padded_fp8`): the scoring kernel reads the gathered keys as packed bytes (kernels/kv_fp8.py:
+e4m3 dims and one fp32 scale) and dequantizes them in registers; its reference unpacks them to fp32 first.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import kernel_backend, launch, record_triton_call, triton_interpreted
+from .backend import kernel_backend, launch, record_triton_call
 from .kv_fp8 import index_entry_bytes, unpack_index_ref
 
 

@@ -36,7 +36,8 @@ from v4ray.kernels.attention import (sink_attention_ref, sparse_sink_attention_f
                                      sparse_sink_attention_ref)
 from v4ray.kernels.backend import ENV_KERNELS, triton_calls  # noqa: E402
 from v4ray.kernels.compressor import compress_pool_ref  # noqa: E402
-from v4ray.kernels.indexer import indexer_topk_padded_fp8_ref, indexer_topk_padded_ref, indexer_topk_ref  # noqa: E402
+from v4ray.kernels.indexer import (_launch_indexer_scores, indexer_topk_padded_fp8_ref,  # noqa: E402
+                                   indexer_topk_padded_ref, indexer_topk_ref)
 from v4ray.kernels.mhc import mhc_weights_ref  # noqa: E402
 from v4ray.kernels.kv_fp8 import unpack_index_ref  # noqa: E402
 from v4ray.kernels.moe import expert_mlp_ref  # noqa: E402
@@ -224,7 +225,6 @@ def check_indexer():
         j = torch.arange(C)[None, :]
         scores = scores.masked_fill((j < lo[:, None]) | (j >= hi[:, None]), float("-inf"))
         _compare_topk(case, top, ref_top, scores)
-        from v4ray.kernels.indexer import _launch_indexer_scores  # the scores themselves, before the sort
         raw = _launch_indexer_scores(q, keys, 0, w, C, lo, hi, None, "indexer_topk")
         _compare("indexer", f"{case}-scores", raw, scores, FP32_REL, FP32_COS_MIN, shape=[T, h, dI, C])
 
@@ -246,7 +246,6 @@ def check_indexer():
         keys_8 = unpack_index_ref(packed, torch.float32)
         scores = _index_scores(q, keys_8, w).masked_fill(~valid, float("-inf"))
         _compare_topk(f"padded-fp8-{case}", top, ref_top, scores)
-        from v4ray.kernels.indexer import _launch_indexer_scores
         raw = _launch_indexer_scores(q, packed, packed.stride(0), w, E, None, None, valid, "indexer_topk_padded_fp8",
                                      keys_fp8=True)
         _compare("indexer", f"padded-fp8-{case}-scores", raw, scores, FP32_REL, FP32_COS_MIN, shape=[T, h, dI, E])
