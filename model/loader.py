@@ -5,8 +5,9 @@ that hold its tensors (docs/v4_model.md §5.5). Quantized tensors (FP8 e4m3 + ue
 FP4 e2m1 experts + ue8m0 per-32 scales) are dequantized on load or kept as stored (`keep_quantized`).
 
 Loading streams tensor by tensor onto the target device: read one stored tensor (and its scale) from the file
-with pread into a fresh host buffer, upload it, convert it there, place it in its module buffer, drop the host
-buffer. Shapes are checked from the file headers before any data is read. The files are not memory-mapped:
+with pread into a fresh host buffer, upload it, place it in its module buffer, drop the host buffer. A tensor
+converted on load (a cast, or dequantization when not keep_quantized) is filled on the device a chunk of rows at
+a time through one reused host buffer. Shapes are checked from the file headers before any data is read. The files are not memory-mapped:
 pages of a mapping stay resident (and counted in the process's RSS) until the file is closed, which would hold
 a second copy of every weight in host memory during the load (`bench/load.py` measures this).
 """
