@@ -431,7 +431,7 @@ class SamplingBatch:
                 tokens[row] = drawn[i]
         for row, penalties in self._counted:
             penalties.count(tokens[row:row + 1])
-        results, valid = read_back(tokens, torch.log_softmax(self.logits, dim=-1), num_logprobs, valid)
+        results, valid = read_back(tokens, torch.log_softmax(self.logits.float(), dim=-1), num_logprobs, valid)
         for row, ok in zip(self._draw_rows, valid):
             if not ok:
                 results[row].error = INVALID_PROBABILITIES
