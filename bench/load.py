@@ -203,7 +203,7 @@ def _rank(role: str, ckpt: str, tokens: int, go, results, addresses) -> None:
     dist.destroy_process_group()
 
 
-def _run(ckpt: Path, roles: tuple[str, ...], tokens: int) -> tuple[dict, "torch.Tensor"]:
+def _run(ckpt: Path, roles: tuple[str, ...], tokens: int) -> tuple[dict, object]:
     """Start `roles` (one process each), let them load one at a time from a cold cache, run the forward."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
