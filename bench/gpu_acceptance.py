@@ -168,17 +168,21 @@ def tiny_state(lib, cfg, seed: int = 1) -> dict[str, torch.Tensor]:
 
 def build_model(lib, cfg, state: dict[str, torch.Tensor], dtype: torch.dtype):
     """A V4Model on the CPU holding `state`, placed as model/loader.py's `load_model` places a plain checkpoint:
-    linears in `dtype` (fmt None), FP32_SUFFIXES in fp32, tid2eid long, the rest in `dtype`."""
+    linears in `dtype` (fmt None) except fp32 linears (kept in fp32), FP32_SUFFIXES in fp32, tid2eid long, the
+    rest in `dtype`."""
     v4 = lib.model_v4
     model = v4.V4Model(cfg, dtype)
-    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, v4.Linear)}
+    linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, v4.Linear)}
     for mod_name, t in state.items():
         owner_name, _, attr = mod_name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         if mod_name in linears:
             owner.fmt = None
         if t.dtype != torch.long:
-            fp32 = mod_name not in linears and v4.checkpoint_name(mod_name).endswith(v4.FP32_SUFFIXES)
+            if mod_name in linears:
+                fp32 = linears[mod_name].fp32
+            else:
+                fp32 = v4.checkpoint_name(mod_name).endswith(v4.FP32_SUFFIXES)
             t = t.float() if fp32 else t.to(dtype)
         owner._buffers[attr] = t.clone()
     return model.eval()

@@ -350,11 +350,13 @@ class StepBatch:
                 self.emit_layout(m, state_rows(kind, m), kind == CSA)
         host = {"tokens": torch.as_tensor(token_ids, dtype=torch.long),
                 "rows": self.last_rows() if logit_rows is None else torch.as_tensor(logit_rows, dtype=torch.long)}
+        self.prepared = True
+        if self.cache.device.type == "cpu":
+            return host["tokens"], host["rows"]
         staged = {k: v for k, v in host.items() if v.device != self.cache.device}
         unique = {id(t): t for v in [*self._layouts.values(), *staged.values()] for t in _tensors_of(v)}
         moved = dict(zip(unique, self.cache.staging.upload(list(unique.values()))))
         self._layouts = {k: _swap_tensors(v, moved) for k, v in self._layouts.items()}
-        self.prepared = True
         return tuple(moved[id(v)] if k in staged else v for k, v in host.items())
 
     def positions(self) -> torch.Tensor:

@@ -83,13 +83,14 @@ def test_without_cuda_says_so_and_exits_zero_writing_nothing(tmp_path):
 @pytest.mark.timeout(600)
 def test_dry_run_on_cpu_standalone_with_ray_pydantic_safetensors_tokenizers_blocked(tmp_path):
     out = tmp_path / "report.json"
-    proc, attempts = _run_blocked(tmp_path, "--device", "cpu", "--quick", "--sections", "correctness", "decode",
-                                  "kernel_perf", "--batches", "1", "3", "--out", str(out))
+    proc, attempts = _run_blocked(tmp_path, "--device", "cpu", "--quick", "--sections", "correctness", "fp8_kv",
+                                  "decode", "kernel_perf", "--batches", "1", "3", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert attempts == [], f"the script tried to import {attempts}"
     report = json.loads(out.read_text())
     assert report["cuda"] is False and report["device"] == "cpu" and report["ok"] is True
-    assert list(report["sections"]) == ["correctness", "decode", "kernel_perf"]
+    assert list(report["sections"]) == ["correctness", "fp8_kv", "decode", "kernel_perf"]
+    assert report["sections"]["fp8_kv"]["status"] == "ok", report["sections"]["fp8_kv"]
 
     corr = report["sections"]["correctness"]
     assert corr["status"] == "ok", corr
