@@ -351,18 +351,19 @@ class SampledToken:
 
 
 def read_back(tokens: torch.Tensor, raw_logprobs: torch.Tensor, k: int | None = None,
-              extra: torch.Tensor | None = None) -> tuple[list[SampledToken], list[float]]:
+              extra: torch.Tensor | None = None, argmax: bool = False) -> tuple[list[SampledToken], list[float]]:
     """Everything the host needs about rows whose tokens [N] were chosen on the device, in ONE transfer.
 
     raw_logprobs [N, V]: log_softmax of the raw logits. k None: no logprobs asked (the token's logprob still
     travels, for `cumulative_logprob`); else each row's rank and top-k come too. `extra` (any shape) rides along
-    and comes back flat. All pieces are packed into one float64 tensor (token ids < 2^53 are exact).
+    and comes back flat. argmax: every token is its row's argmax, so its rank is 1 (not computed: it costs a
+    pass over [N, V]). All pieces are packed into one float64 tensor (token ids < 2^53 are exact).
     """
     chosen = raw_logprobs.gather(1, tokens[:, None])  # [N, 1]
     pieces = [tokens, chosen]
     if k is not None:
         k = min(k, raw_logprobs.shape[-1])
-        pieces.append((raw_logprobs > chosen).sum(dim=-1) + 1)  # rank
+        pieces.append(tokens[:0] if argmax else (raw_logprobs > chosen).sum(dim=-1) + 1)  # rank
         if k:
             pieces += list(raw_logprobs.topk(k, dim=-1))  # values, ids [N, k]
     pieces.append(extra if extra is not None else tokens[:0])
@@ -374,7 +375,7 @@ def read_back(tokens: torch.Tensor, raw_logprobs: torch.Tensor, k: int | None = 
     out = [SampledToken(int(t), lp) for t, lp in zip(host[0], host[1])]
     if k is not None:
         for i, row in enumerate(out):
-            row.rank = int(host[2][i])
+            row.rank = 1 if argmax else int(host[2][i])
             row.top = (host[3][i * k:(i + 1) * k], [int(t) for t in host[4][i * k:(i + 1) * k]]) if k else ([], [])
     return out, host[-1]
 
@@ -431,7 +432,8 @@ class SamplingBatch:
                 tokens[row] = drawn[i]
         for row, penalties in self._counted:
             penalties.count(tokens[row:row + 1])
-        results, valid = read_back(tokens, torch.log_softmax(self.logits.float(), dim=-1), num_logprobs, valid)
+        results, valid = read_back(tokens, torch.log_softmax(self.logits.float(), dim=-1), num_logprobs, valid,
+                                   argmax=not (self._greedy or self._draw_rows))
         for row, ok in zip(self._draw_rows, valid):
             if not ok:
                 results[row].error = INVALID_PROBABILITIES

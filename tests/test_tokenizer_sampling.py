@@ -18,6 +18,7 @@ from v4ray.engine.sampling import (
     check_stop,
     draw,
     make_generator,
+    read_back,
     sample_token,
     sampling_probs,
     top_logprobs,
@@ -273,6 +274,14 @@ def test_an_invalid_row_fails_alone_and_leaves_the_others_as_alone():
     assert together[1].error == INVALID_PROBABILITIES
     assert [r.error for i, r in enumerate(together) if i != 1] == [None] * 3
     assert [together[i].token for i in (0, 2, 3)] == [run([i])[0].token for i in (0, 2, 3)]
+
+
+def test_plain_argmax_rows_skip_the_rank_pass_and_agree_with_it():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(6))
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # a tie: the first index wins, rank still 1
+    fast = SamplingBatch(logits).run(0)
+    full, _ = read_back(logits.argmax(dim=-1), torch.log_softmax(logits, dim=-1), 0)
+    assert fast == full and [r.rank for r in fast] == [1] * 4 and fast[2].token == 7
 
 
 def test_penalty_counts_kept_on_the_device_equal_the_token_lists():
