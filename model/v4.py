@@ -18,13 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from v4ray.kernels import (compress_pool, expert_mlp, indexer_topk, indexer_topk_padded, mhc_weights, sink_attention,
-                           sparse_sink_attention)
+from v4ray.kernels import (compress_pool, expert_mlp, indexer_topk, indexer_topk_padded, indexer_topk_padded_fp8,
+                           mhc_weights, sink_attention, sparse_sink_attention, sparse_sink_attention_fp8)
+from v4ray.kernels.backend import kernel_backend
 from v4ray.kernels.moe import swiglu_clamped
 from v4ray.kernels.quant import QuantTensor
 
 from .config import CSA, SWA, V4Config, yarn_inv_freq
 from .kv_cache import LayerCache, StepBatch
+from .kv_format import pack_main, unpack_main
 
 # Tensors kept in fp32 whatever the compute dtype (transformers' `_keep_in_fp32_modules_strict`, REF alike).
 FP32_SUFFIXES = ("norm.weight", "attn_sink", "ape", "gate.bias", "hc_attn_fn", "hc_attn_base", "hc_attn_scale",
@@ -300,12 +302,25 @@ class Attention(nn.Module):
     def _attend_decode(self, u, c_q, q, kv, positions, lc: LayerCache, dec) -> torch.Tensor:
         """Single-token chunks, paged-attention style: each query reads its own window ring (the ring row of
         the position falling out of the window is the one this token replaces) and its own compressed entries
-        through its block table — the indexer's top-k of them for CSA — then attends sparsely."""
+        through its block table — the indexer's top-k of them for CSA — then attends sparsely.
+
+        FP8 cache: every key is read as stored, this token's own included (packed as it will be written, which is
+        what a write-then-read FP8 attention sees). Where the kernels are Triton's, they take the packed rows and
+        dequantize in registers; the torch path unpacks first and is their reference (docs/architecture.md §11)."""
         r, w, dev = dec.rows, self.window, q.device
         n = r.shape[0]
         ring_rows = torch.arange(w, device=dev)[None, :]
-        ring = lc.read_main(lc.swa, dec.slots[:, None], ring_rows, kv.dtype)                      # [n, w, d]
-        ring[torch.arange(n, device=dev), dec.cached % w] = kv[r]
+        now = (torch.arange(n, device=dev), dec.cached % w)
+        fp8 = lc.fmt == "fp8"
+        in_registers = fp8 and kernel_backend(dev) == "triton"
+        if fp8:
+            ring = lc.swa[dec.slots[:, None], ring_rows]                                          # [n, w, bytes]
+            ring[now] = pack_main(kv[r], lc.rope_dim)
+            if not in_registers:
+                ring = unpack_main(ring, lc.head_dim, lc.rope_dim, kv.dtype)
+        else:
+            ring = lc.read_main(lc.swa, dec.slots[:, None], ring_rows, kv.dtype)                  # [n, w, d]
+            ring[now] = kv[r]
         keys = [ring]
         valid = [ring_rows <= dec.cached[:, None]]                      # rows not yet written are empty
         if self.compressor is not None:
@@ -320,17 +335,24 @@ class Attention(nn.Module):
                 ix = self.indexer
                 cos, sin = rope_cos_sin(positions[r], self.inv_freq)
                 iq = apply_rope(ix.wq_b(c_q[r]).view(n, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
-                ikeys = lc.read_index(blocks, offsets, torch.float32)                              # [n, width, dI]
                 wts = ix.weights_proj(u[r]) * ix.n_heads ** -0.5
-                top = indexer_topk_padded(iq, ikeys, wts, ok, ix.topk)                            # [n, k]
+                if in_registers:
+                    top = indexer_topk_padded_fp8(iq, lc.index_keys[blocks, offsets], wts, ok, ix.topk)
+                else:
+                    ikeys = lc.read_index(blocks, offsets, torch.float32)                          # [n, width, dI]
+                    top = indexer_topk_padded(iq, ikeys, wts, ok, ix.topk)                        # [n, k]
                 ok = top >= 0
                 blocks, offsets = blocks.gather(1, top.clamp(min=0)), offsets.gather(1, top.clamp(min=0))
             if ok.shape[1]:
-                keys.append(lc.read_main(lc.entries, blocks, offsets, kv.dtype))
+                keys.append(lc.entries[blocks, offsets] if in_registers else
+                            lc.read_main(lc.entries, blocks, offsets, kv.dtype))
                 valid.append(ok)
         keys_t, valid_t = torch.cat(keys, dim=1), torch.cat(valid, dim=1)
         bias = torch.zeros(valid_t.shape, device=dev).masked_fill(~valid_t, float("-inf"))
-        return sparse_sink_attention(q[r], keys_t.to(q.dtype), bias, self.attn_sink, self.head_dim ** -0.5)
+        scale = self.head_dim ** -0.5
+        if in_registers:
+            return sparse_sink_attention_fp8(q[r], keys_t, bias, self.attn_sink, scale, self.head_dim, lc.rope_dim)
+        return sparse_sink_attention(q[r], keys_t.to(q.dtype), bias, self.attn_sink, scale)
 
     def _emit(self, comp: Compressor, u: torch.Tensor, positions: torch.Tensor, step: StepBatch,
               write, ring_kv: torch.Tensor, ring_gate: torch.Tensor) -> None:

@@ -292,13 +292,14 @@ def check_mhc():
 
 MODEL_KERNELS = ("expert_mlp", "sink_attention", "sparse_sink_attention", "indexer_topk", "indexer_topk_padded",
                  "compress_pool", "mhc_weights")
+MODEL_FP8_KERNELS = ("sparse_sink_attention_fp8", "indexer_topk_padded_fp8")  # decode over an FP8 cache
 
 
-def _run_model(model, prompt: list[int], decode_steps: int) -> list[torch.Tensor]:
+def _run_model(model, prompt: list[int], decode_steps: int, kv_format: str | None = None) -> list[torch.Tensor]:
     """Prefill `prompt` then greedy-decode through a ModelRunner; the logits of each step."""
     from v4ray.engine.runner import ModelRunner
 
-    runner = ModelRunner(model, 16 << 20, 2, block_size=128)
+    runner = ModelRunner(model, 16 << 20, 2, block_size=128, kv_format=kv_format)
     runner.admit("s", len(prompt) + decode_steps)
     logits = [runner.step([("s", prompt, list(range(len(prompt))))])]
     for _ in range(decode_steps):
@@ -313,21 +314,28 @@ def check_model():
 
     prompt = [0] + torch.randint(16, 272, (15,), generator=torch.Generator().manual_seed(5)).tolist()  # 16 tokens
     with tempfile.TemporaryDirectory() as tmp:
-        # fp32 weights; and FP4 experts kept packed, so the model drives the dequantize-in-kernel path
-        for preset, dtype, keep in (("v4-tiny", "fp32", False), ("v4-tiny", "fp4-experts", True)):
-            model = load_model(make_tiny(os.path.join(tmp, dtype), preset=preset, dtype=dtype), torch.float32,
-                               keep_quantized=keep)
+        # fp32 weights; FP4 experts kept packed, so the model drives the dequantize-in-kernel path; and an FP8
+        # cache, whose decode reads packed entries in the attention and indexer kernels
+        for preset, dtype, keep, kv_format in (("v4-tiny", "fp32", False, None),
+                                               ("v4-tiny", "fp4-experts", True, None),
+                                               ("v4-tiny", "fp32", False, "fp8")):
+            path = os.path.join(tmp, dtype)
+            model = load_model(path if os.path.exists(path) else make_tiny(path, preset=preset, dtype=dtype),
+                               torch.float32, keep_quantized=keep)
             os.environ[ENV_KERNELS] = "torch"
             before = dict(triton_calls)
-            ref = _run_model(model, prompt, 2)
+            ref = _run_model(model, prompt, 2, kv_format)
             assert dict(triton_calls) == before, "V4RAY_KERNELS=torch launched a Triton kernel"
             os.environ[ENV_KERNELS] = "triton"
-            out = _run_model(model, prompt, 2)
-            missing = [k for k in MODEL_KERNELS if triton_calls[k] == before.get(k, 0)]
+            out = _run_model(model, prompt, 2, kv_format)
+            wanted = MODEL_KERNELS if kv_format != "fp8" else tuple(
+                k for k in MODEL_KERNELS if k not in ("sparse_sink_attention", "indexer_topk_padded")) + MODEL_FP8_KERNELS
+            missing = [k for k in wanted if triton_calls[k] == before.get(k, 0)]
             assert not missing, f"model: Triton path did not run for {missing}"
             for step, (o, r) in enumerate(zip(out, ref)):
                 err = float(((o - r).abs().amax(-1) / r.abs().amax(-1)).max())
-                RESULTS.append({"family": "model", "case": f"{preset}-{dtype}-step{step}", "max_rel": err,
+                RESULTS.append({"family": "model", "case": f"{preset}-{dtype}-{kv_format or 'plain'}-step{step}",
+                                "max_rel": err,
                                 "max_abs": float((o - r).abs().max())})
                 assert err <= MODEL_FP32_REL, f"model {preset}/{dtype} step {step}: rel err {err:.3g}"
 
