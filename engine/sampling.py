@@ -325,7 +325,8 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tuple
     for row, generator in zip(q, generators):
         row.exponential_(1, generator=generator)
     tokens = (probs / q).argmax(dim=-1)
-    valid = (probs.amax(dim=-1) < math.inf) & (probs.amin(dim=-1) >= 0) & (probs.sum(dim=-1) > 0)
+    total = probs.sum(dim=-1)  # NaN or inf anywhere in the row shows in its sum
+    valid = (total > 0) & (total < math.inf) & (probs.amin(dim=-1) >= 0)
     return tokens, valid
 
 
