@@ -140,7 +140,7 @@ def _caller() -> str:
         f = frame.filename
         if "/torch/" in f or f.endswith("device_provenance.py") or "/site-packages/" in f and "v4ray" not in f:
             continue
-        return f"{f.rsplit('/', 2)[-2]}/{f.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
+        return f"{'/'.join(f.split('/')[-2:])}:{frame.lineno} {frame.name}"
     return "?"
 
 
@@ -186,6 +186,11 @@ class Provenance(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(t.device == DEVICE and not isinstance(t, DeviceTensor) for t in leaves):
+            # torch.tensor(data, device=...) copies outside the dispatcher: the values never reach this mode.
+            raise RuntimeError(f"{func}: a {DEVICE.type} tensor without data, from torch.tensor(data, device=...) or "
+                               f"similar; build it on the host and move it with .to(device), which is counted as "
+                               f"the upload it is ({_caller()})")
         dev = [t for t in leaves if isinstance(t, DeviceTensor)]
         host = [t for t in leaves if not isinstance(t, DeviceTensor) and t.dim() > 0]
         to_dev = _is_device_arg(kwargs.get("device"))
