@@ -13,7 +13,8 @@ import torch
 
 from .outputs import RequestOutput
 from .runner import ModelRunner
-from .sampling import Penalties, RequestOutputKind, SamplingBatch, SamplingParamError, SamplingParams, make_generator
+from .sampler import Penalties, SamplingBatch, make_generator
+from .sampling import RequestOutputKind, SamplingParamError, SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, SeqState
 from .sequence import Sequence, prompt_logprobs
 from v4ray.model.tokenizer import V4Tokenizer

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import Penalties, SampledToken, SamplingBatch, SamplingParams, check_stop, read_back, sampling_probs
+from .sampler import Penalties, SampledToken, SamplingBatch, read_back, sampling_probs
+from .sampling import SamplingParams, check_stop
 from v4ray.model.tokenizer import V4Tokenizer
 
 from .outputs import CompletionOutput

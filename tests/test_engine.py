@@ -172,7 +172,7 @@ def test_async_engine_streams_and_aborts(tiny_ckpt):
 # The model's weights are tagged device-resident (tests/device_provenance.py), so the runner's logits and
 # everything sampling derives from them are too. Only the engine's half is asserted here — events raised from
 # engine/core.py, sampling.py and sequence.py; tests/test_device_provenance.py asserts the whole step.
-ENGINE_FILES = ("engine/core.py", "engine/sampling.py", "engine/sequence.py")
+ENGINE_FILES = ("engine/core.py", "engine/sampler.py", "engine/sequence.py")
 NUM_SEQS, DECODE_STEPS = 8, 3
 SYNCS_PER_STEP = 1  # the chosen tokens, with their logprobs (and the draws' validity) in the same transfer
 PROVENANCE_CASES = {

@@ -7,15 +7,12 @@ import math
 import pytest
 import torch
 
-from v4ray.engine.sampling import (
+from v4ray.engine.sampler import (
     INVALID_PROBABILITIES,
-    Logprob,
     Penalties,
     SamplingBatch,
-    SamplingParams,
     apply_min_tokens,
     apply_penalties,
-    check_stop,
     draw,
     make_generator,
     read_back,
@@ -23,6 +20,7 @@ from v4ray.engine.sampling import (
     sampling_probs,
     top_logprobs,
 )
+from v4ray.engine.sampling import Logprob, SamplingParams, check_stop
 from v4ray.model.tokenizer import BYTE_OFFSET, SPECIAL_TOKENS, V4Tokenizer, build_byte_tokenizer
 
 TEXTS = ["hello world", "héllo wörld — ünïcödé", "emoji 😀👍🏽 and 中文", "", " lead\tand\ntrail  "]
