@@ -40,7 +40,6 @@ import os
 import sys
 import time
 import traceback
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,7 +96,7 @@ def load_repo() -> SimpleNamespace:
         sys.modules["v4ray"] = pkg
     names = ("kernels", "kernels.backend", "kernels.quant", "kernels.moe", "kernels.attention", "kernels.indexer",
              "kernels.compressor", "kernels.mhc", "model.config", "model.kv_format", "model.kv_cache", "model.v4",
-             "engine.runner")
+             "model.tiny", "engine.runner")
     mods = {n.replace(".", "_"): importlib.import_module(f"v4ray.{n}") for n in names}
     where = Path(mods["kernels"].__file__).resolve().parent
     if where != REPO / "kernels":
@@ -107,43 +106,6 @@ def load_repo() -> SimpleNamespace:
 
 
 # ---- the tiny model in memory ---------------------------------------------------------------------------------------
-
-def _gen(seed: int, name: str) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-
-
-def _random_tensor(name: str, shape: tuple[int, ...], cfg, seed: int) -> torch.Tensor:
-    """model/tiny.py's `_random_tensor` (same seeds, same scales; that module imports safetensors, so it cannot be
-    imported here): linear weights N(0, 1/in) so activations stay O(1); residual output projections further
-    scaled by 1/sqrt(2 L); norms ~1; embedding N(0, 1). Logits come out O(1)."""
-    g = _gen(seed, name)
-
-    def normal(std: float, mean: float = 0.0) -> torch.Tensor:
-        return torch.randn(shape, generator=g) * std + mean
-
-    if name.endswith("tid2eid"):
-        return torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[: cfg.num_experts_per_tok]
-                            for _ in range(shape[0])])
-    if name.endswith("norm.weight"):
-        return normal(0.1, 1.0)
-    if name.endswith("attn_sink"):
-        return normal(1.0)
-    if name.endswith(".ape"):
-        return normal(0.5)
-    if name.endswith("gate.bias"):
-        return normal(0.3)
-    if name.endswith("_base"):
-        return normal(0.5)
-    if name.endswith("_scale") and "hc_" in name:
-        return torch.rand(shape, generator=g) + 0.5
-    if name.endswith("_fn"):
-        return normal(0.5 / math.sqrt(shape[1]))
-    if name == "embed.weight":
-        return normal(1.0)
-    if name.endswith((".wo_b.weight", ".w2.weight")):
-        return normal(1.0 / math.sqrt(shape[-1] * 2 * cfg.num_hidden_layers))
-    return normal(1.0 / math.sqrt(shape[-1]))
-
 
 def tiny_state(lib, cfg, seed: int = 1) -> dict[str, torch.Tensor]:
     """Module buffer name -> fp32 tensor (long for tid2eid): what make_tiny(dtype="bf16", confident=True) stores,
@@ -155,11 +117,7 @@ def tiny_state(lib, cfg, seed: int = 1) -> dict[str, torch.Tensor]:
     out = {}
     for mod_name, buf in meta.state_dict().items():
         name = v4.checkpoint_name(mod_name)
-        t = _random_tensor(name, tuple(buf.shape), cfg, seed)
-        if name == "head.weight":
-            embed = _random_tensor("embed.weight", tuple(buf.shape), cfg, seed)
-            successor = torch.randperm(cfg.vocab_size, generator=_gen(seed, "bigram"))
-            t = 0.5 * t + 0.4 * embed[successor] / math.sqrt(cfg.hidden_size)
+        t = lib.model_tiny.tiny_tensor(name, tuple(buf.shape), cfg, seed, confident=True)
         if t.dtype != torch.long and not name.endswith(("_fn", "_base", "_scale", "attn_sink", ".ape", "gate.bias")):
             t = t.to(torch.bfloat16)
         out[mod_name] = t.float() if t.dtype != torch.long else t

@@ -15,13 +15,10 @@ import zlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from v4ray.kernels.quant import quant_fp4, quant_fp8
 
 from .config import V4Config, load_preset
-from .loader import INDEX_FILE
-from .tokenizer import build_byte_tokenizer
 from .v4 import Linear, V4Model, checkpoint_name
 
 DTYPES = ("fp32", "bf16", "fp8", "fp4-experts")
@@ -68,6 +65,17 @@ def _random_tensor(name: str, shape: tuple[int, ...], cfg: V4Config, seed: int) 
     return normal(1.0 / math.sqrt(shape[-1]))  # linear weights [out, in]
 
 
+def tiny_tensor(name: str, shape: tuple[int, ...], cfg: V4Config, seed: int, confident: bool = False) -> torch.Tensor:
+    """The value `make_tiny` stores under checkpoint name `name`, before its storage format (see `confident` there).
+    Needs only torch, so `bench/gpu_acceptance.py` builds the same model in memory on a machine without safetensors."""
+    t = _random_tensor(name, shape, cfg, seed)
+    if confident and name == "head.weight":
+        embed = _random_tensor("embed.weight", shape, cfg, seed)
+        successor = torch.randperm(cfg.vocab_size, generator=_gen(seed, "bigram"))
+        t = 0.5 * t + 0.4 * embed[successor] / math.sqrt(cfg.hidden_size)
+    return t
+
+
 def make_tiny(out_dir: str | Path, preset: str = "v4-tiny", dtype: str = "bf16", seed: int = 0,
               experts_per_file: int = 2, cfg: V4Config | None = None, confident: bool = False,
               distinct_experts: int | None = None) -> Path:
@@ -82,6 +90,11 @@ def make_tiny(out_dir: str | Path, preset: str = "v4-tiny", dtype: str = "bf16",
     quantized once), so a checkpoint at real dimensions is written in minutes (`bench/load.py`); every expert
     still has its own tensors in the files. None: every expert is drawn on its own.
     """
+    from safetensors.torch import save_file
+
+    from .loader import INDEX_FILE
+    from .tokenizer import build_byte_tokenizer
+
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     cfg = cfg or load_preset(preset)
@@ -114,11 +127,7 @@ def make_tiny(out_dir: str | Path, preset: str = "v4-tiny", dtype: str = "bf16",
             if source in drawn:  # an earlier expert's values, stored again under this expert's names
                 shard.update({base + sfx: v.clone() for sfx, v in drawn[source].items()})
                 continue
-        t = _random_tensor(source, tuple(buf.shape), cfg, seed)
-        if confident and name == "head.weight":
-            embed = _random_tensor("embed.weight", tuple(buf.shape), cfg, seed)
-            successor = torch.randperm(cfg.vocab_size, generator=_gen(seed, "bigram"))
-            t = 0.5 * t + 0.4 * embed[successor] / math.sqrt(cfg.hidden_size)
+        t = tiny_tensor(source, tuple(buf.shape), cfg, seed, confident)
         if mod_name in linear_names and expert and dtype == "fp4-experts":
             shard[name], scale = quant_fp4(t)
             shard[base + ".scale"] = scale.view(torch.float8_e8m0fnu)
@@ -152,6 +161,8 @@ def make_tiny(out_dir: str | Path, preset: str = "v4-tiny", dtype: str = "bf16",
 
 def expert_files(ckpt_dir: str | Path) -> dict[str, set[int]]:
     """Shard file -> the routed expert ids whose tensors it holds (empty for dense-only files)."""
+    from .loader import INDEX_FILE
+
     wm = json.loads((Path(ckpt_dir) / INDEX_FILE).read_text())["weight_map"]
     out: dict[str, set[int]] = {}
     for name, fname in wm.items():
