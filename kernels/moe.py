@@ -8,6 +8,11 @@ the clamped SwiGLU of both gate/up GEMMs per (tile, intermediate block), a secon
 weight, scattered back to the caller's row order. Expert weights stay where they are: the kernels read them
 through per-expert pointer tables and dequantize FP8 (128x128 block scales, applied to each partial product) and
 FP4 (e2m1 nibbles times per-32 scales, decoded in registers) inside the GEMM loop.
+
+Torch, static shapes (`expert_mlp_dense`): for few experts and decode-size batches, every token through every
+expert with a [N, E] routing matrix that is zero off each token's top-k; no sort, no host read, no data-dependent
+shape, so it compiles with `fullgraph=True` (the CPU's stand-in for a CUDA graph). The caller picks it (model/v4.py
+`MoE.route`); `expert_mlp_ref` (sort, per-expert loop, host reads) stays the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -40,6 +45,45 @@ def expert_mlp_ref(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Ten
         outs.append(F.linear(swiglu_clamped(F.linear(xe, w1), F.linear(xe, w3), limit), w2))
     out[order] = torch.cat(outs) * weights[order, None].to(x.dtype)
     return out
+
+
+# ---- torch, static shapes ------------------------------------------------------------------------------------
+
+def stack_experts(experts: dict[int, tuple[QuantTensor, QuantTensor, QuantTensor]]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain expert weights of experts 0..E-1 (in id order) -> (w13 [E, 2I, D]: W1 rows then W3 rows, w2 [E, D, I]).
+    Quantized (FP8/FP4) weights are not stacked: the dense form would dequantize all of them every step."""
+    triples = [experts[e] for e in sorted(experts)]
+    if any(w.fmt is not None for t in triples for w in t):
+        raise ValueError("stack_experts: quantized expert weights stay per expert (expert_mlp)")
+    w13 = torch.stack([torch.cat([w1.data, w3.data]) for w1, _, w3 in triples])
+    w2 = torch.stack([w2.data for _, w2, _ in triples])
+    return w13, w2
+
+
+def routing_matrix(idx: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """idx/weights [N, K] -> [N, E] fp32, weights[n, k] at column idx[n, k] (summed where a token repeats an
+    expert), zero elsewhere. A scatter: fixed shapes, no host read."""
+    r = torch.zeros(idx.shape[0], num_experts, dtype=torch.float32, device=idx.device)
+    return r.scatter_add_(1, idx.long(), weights.float())
+
+
+def expert_mlp_dense(x: torch.Tensor, routing: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     limit: float) -> torch.Tensor:
+    """Every token through every expert, weighted: x [N, D], routing [N, E] (`routing_matrix`), stacked weights
+    (`stack_experts`) -> sum_e routing[:, e] * Expert_e(x), [N, D] fp32.
+
+    Static shapes ([E, N, *] intermediates) and no host sync: what a compiled step or a CUDA graph needs. Costs
+    E/top_k times the routed FLOPs, so it is for few experts and small batches (the caller's rule). Numerics as
+    `expert_mlp_ref` + `combine_rows`: expert outputs in x's dtype, times the weight rounded to x's dtype, summed
+    in fp32 over experts in id order (off-route terms are exact zeros); a token that repeats an expert gets one
+    term with the summed weight instead of one per slot."""
+    I = w13.shape[1] // 2
+    gu = torch.matmul(x, w13.to(x.dtype).transpose(1, 2))                # [E, N, 2I]
+    h = swiglu_clamped(gu[..., :I], gu[..., I:], limit)
+    y = torch.matmul(h, w2.to(x.dtype).transpose(1, 2))                  # [E, N, D] in x's dtype
+    y = y * routing.t().to(x.dtype)[:, :, None]
+    return y.float().sum(0)
 
 
 # ---- Triton ----------------------------------------------------------------------------------------------------

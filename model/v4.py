@@ -21,7 +21,7 @@ from torch import nn
 from v4ray.kernels import (compress_pool, expert_mlp, indexer_topk, indexer_topk_padded, indexer_topk_padded_fp8,
                            mhc_weights, sink_attention, sparse_sink_attention, sparse_sink_attention_fp8)
 from v4ray.kernels.backend import kernel_backend
-from v4ray.kernels.moe import swiglu_clamped
+from v4ray.kernels.moe import expert_mlp_dense, routing_matrix, stack_experts, swiglu_clamped
 from v4ray.kernels.quant import QuantTensor
 
 from .config import CSA, SWA, V4Config, yarn_inv_freq
@@ -428,6 +428,16 @@ def combine_rows(num_tokens: int, tok: torch.Tensor, y: torch.Tensor) -> torch.T
     return torch.zeros(num_tokens, y.shape[1], dtype=torch.float32, device=y.device).index_add_(0, tok, y.float())
 
 
+# The dense routed form (kernels/moe.py `expert_mlp_dense`) computes E * N expert rows for the N * top_k that are
+# routed, with static shapes and no host read; the sorted reference pays a host round trip and a GEMM call per
+# expert. On the torch backend the dense form runs while E * N * D * I (multiply-adds of one of its three GEMMs) is
+# at most this: measured on the CPU (1 thread, CPU time of MoE.route), dense / sorted is 0.78-0.90 for v4-tiny
+# (E=8, D=256, I=128) at N = 8..32 and 1.15 at N = 64; 0.36-0.75 for v4-tiny-pro (E=16, D=128, I=64) at N = 1..64
+# and 0.98 at N = 128. So: decode batches of the tiny models; never prefill-size batches, nor models with
+# hundreds of experts (V4-Flash: E * D * I alone is 256x this).
+DENSE_MAX_EXPERT_MACS = 1 << 23
+
+
 class MoE(nn.Module):
     """gate -> expert compute -> combine; the cut points of expert parallelism."""
 
@@ -442,6 +452,31 @@ class MoE(nn.Module):
                                       for e in range(*expert_range)})
         self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size)
         self.expert_backend = expert_backend
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # see stacked_experts
+
+    def stacked_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 [E, 2I, D], w2 [E, D, I]) of this layer's routed experts, built once, on first use after loading:
+        each expert's w1/w3/w2 buffers then become views of them (one copy of the weights, and loading new
+        values in place reaches both). Plain weights only (see `uses_dense`)."""
+        if self._stacked is None:
+            I = self.cfg.moe_intermediate_size
+            w13, w2 = self._stacked = stack_experts(self.expert_weights())
+            for i, e in enumerate(sorted(int(k) for k in self.experts)):
+                m = self.experts[str(e)]
+                m.w1._buffers["weight"], m.w3._buffers["weight"] = w13[i, :I], w13[i, I:]
+                m.w2._buffers["weight"] = w2[i]
+        return self._stacked
+
+    def uses_dense(self, x: torch.Tensor) -> bool:
+        """Whether routed experts run in the dense static form (`expert_mlp_dense`) for these rows: on the torch
+        backend (Triton's grouped kernel is device-side already), with every routed expert here in plain
+        weights (FP8/FP4 kept quantized stay on the per-expert path), and E * N * D * I <= DENSE_MAX_EXPERT_MACS."""
+        c = self.cfg
+        E = c.n_routed_experts
+        return (self.expert_backend is None and kernel_backend(x.device) == "torch" and self.expert_range == (0, E)
+                and E * x.shape[0] * c.hidden_size * c.moe_intermediate_size <= DENSE_MAX_EXPERT_MACS
+                and (self._stacked is not None
+                     or all(m.w1.fmt is None and m.w2.fmt is None and m.w3.fmt is None for m in self.experts.values())))
 
     def expert_weights(self) -> dict[int, tuple[QuantTensor, QuantTensor, QuantTensor]]:
         return {int(e): (m.w1.qweight(), m.w2.qweight(), m.w3.qweight()) for e, m in self.experts.items()}
@@ -458,6 +493,9 @@ class MoE(nn.Module):
         """Sum over each token's experts of weight * Expert(x) -> [N, D] fp32: here, or on the backend."""
         if self.expert_backend is not None:
             return self.expert_backend.route(self.layer, x, weights, idx)
+        if self.uses_dense(x):                                              # static shapes, no host read
+            w13, w2 = self.stacked_experts()
+            return expert_mlp_dense(x, routing_matrix(idx, weights, w13.shape[0]), w13, w2, self.cfg.swiglu_limit)
         order, tok = group_rows(idx)                                        # dispatch: rows grouped by expert
         y = self.compute_experts(x[tok], idx.reshape(-1)[order], weights.reshape(-1)[order])
         return combine_rows(idx.shape[0], tok, y)

@@ -1,0 +1,163 @@
+"""The single-process MoE without the host (issue 17, item 2): routed experts in static shapes on the torch backend.
+
+`expert_mlp_dense` (every token through every expert, weighted by a [N, E] routing matrix) equals the sorted
+reference `expert_mlp_ref` + `combine_rows`; the MoE layer forward compiles with `fullgraph=True, dynamic=False`
+(a graph break, host read or data-dependent shape fails that compile: the CPU's proxy for CUDA-graph capture); and
+under the device-provenance mode one MoE forward makes no sync and no host/device mix, where the sorted path
+syncs in every layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from v4ray.kernels.moe import expert_mlp_dense, expert_mlp_ref, routing_matrix, stack_experts
+from v4ray.kernels.quant import QuantTensor
+from v4ray.model import v4
+from v4ray.model.loader import load_model
+from v4ray.model.v4 import combine_rows, group_rows
+
+from device_provenance import Provenance, mark_device, to_device
+
+LIMIT = 7.0
+# fp32: the dense form sums the same fp32 terms in the same (expert id) order as combine_rows; only the GEMMs'
+# blocking differs (all N rows per expert instead of the expert's own rows): a few ulp (measured <= 2.3e-7), and
+# a repeated expert's two terms become one.
+FP32_RTOL = 1e-6
+# bf16: as fp32, plus a token repeating an expert gets round(y * round(w1 + w2)) instead of
+# round(y * round(w1)) + round(y * round(w2)): bf16 roundings (2^-8 relative) of up to two terms (measured
+# <= 4.4e-3 on the repeating token, 0 on the others at N >= 32).
+BF16_RTOL = 1e-2
+# inductor fuses and reorders the fp32 elementwise work of gate, SwiGLU and combine: ulp-level differences.
+COMPILED_RTOL = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def _experts(E: int, D: int, I: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = lambda *s: (torch.randn(*s, generator=g) / s[-1] ** 0.5).to(dtype)
+    return {e: (QuantTensor(w(I, D)), QuantTensor(w(D, I)), QuantTensor(w(I, D))) for e in range(E)}
+
+
+def _routing(N: int, K: int, E: int, seed: int = 0):
+    """Random top-k ids that leave experts 0 and E-1 without tokens, with token 0 repeating an expert."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(E - 2, generator=g)[:K] + 1 for _ in range(N)])
+    idx[0, 1] = idx[0, 0]
+    weights = torch.rand(N, K, generator=g) + 0.1
+    return idx, weights
+
+
+def _reference(x, idx, weights, experts):
+    order, tok = group_rows(idx)
+    y = expert_mlp_ref(x[tok], idx.reshape(-1)[order], weights.reshape(-1)[order], experts, LIMIT)
+    return combine_rows(idx.shape[0], tok, y)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, FP32_RTOL), (torch.bfloat16, BF16_RTOL)])
+@pytest.mark.parametrize("N", [1, 5, 32])
+def test_dense_form_equals_the_sorted_reference(dtype, rtol, N):
+    E, K, D, I = 8, 3, 64, 32
+    experts = _experts(E, D, I, dtype)
+    idx, weights = _routing(N, K, E, seed=N)
+    assert not ((idx == 0).any() or (idx == E - 1).any()) and idx[0, 0] == idx[0, 1]
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(1)).to(dtype) * 3  # some SwiGLU inputs clamp
+    want = _reference(x, idx, weights, experts)
+    got = expert_mlp_dense(x, routing_matrix(idx, weights, E), *stack_experts(experts), LIMIT)
+    assert got.dtype == torch.float32 and got.shape == (N, D)
+    assert _rel(got, want) <= rtol, f"rel err {_rel(got, want):.2e}"
+    # the comparison can fail: a token routed to one expert too many is far outside the tolerance
+    wrong = routing_matrix(idx, weights, E)
+    wrong[-1, E - 1] = 1.0
+    assert _rel(expert_mlp_dense(x, wrong, *stack_experts(experts), LIMIT), want) > 10 * rtol
+
+
+def test_routing_matrix_holds_each_tokens_weights_summed():
+    idx = torch.tensor([[2, 2], [0, 3]])
+    w = torch.tensor([[0.25, 0.5], [1.0, 2.0]])
+    assert torch.equal(routing_matrix(idx, w, 4), torch.tensor([[0, 0, 0.75, 0], [1.0, 0, 0, 2.0]]))
+
+
+def test_quantized_experts_are_not_stacked():
+    experts = _experts(2, 128, 128, torch.float32)
+    experts[1] = (QuantTensor(experts[1][0].data.to(torch.float8_e4m3fn), torch.full((1, 1), 127, dtype=torch.uint8),
+                              "fp8"), *experts[1][1:])
+    with pytest.raises(ValueError, match="quantized"):
+        stack_experts(experts)
+
+
+@pytest.fixture(scope="module")
+def moe_layers(tiny_ckpt):
+    """A hash layer (0) and a top-k layer (last) of two presets: v4-tiny (E=8, K=2), v4-tiny-pro (E=16, K=4)."""
+    out = {}
+    for preset in ("v4-tiny", "v4-tiny-pro"):
+        model = load_model(tiny_ckpt(preset), torch.float32)
+        out[preset] = (model.layers[0].ffn, model.layers[-1].ffn)
+    return out
+
+
+def _inputs(moe, N: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, moe.cfg.hidden_size, generator=g), torch.randint(0, moe.cfg.vocab_size, (N,), generator=g)
+
+
+def test_model_layers_use_the_dense_form_and_match_the_sorted_path(moe_layers, monkeypatch):
+    for hash_layer, topk_layer in moe_layers.values():
+        for moe in (hash_layer, topk_layer):
+            x, tids = _inputs(moe, 8)
+            assert moe.uses_dense(x) and moe.gate.hash == (moe is hash_layer)
+            dense = moe(x, tids)
+            with monkeypatch.context() as m:
+                m.setattr(v4, "DENSE_MAX_EXPERT_MACS", 0)
+                assert not moe.uses_dense(x)
+                sorted_path = moe(x, tids)
+            assert _rel(dense, sorted_path) <= FP32_RTOL
+    # the stacked weights are the experts' own (views, one copy)
+    moe = moe_layers["v4-tiny"][1]
+    w13, w2 = moe.stacked_experts()
+    assert moe.experts["3"].w2.weight.data_ptr() == w2[3].data_ptr()
+    assert moe.experts["3"].w3.weight.data_ptr() == w13[3, moe.cfg.moe_intermediate_size:].data_ptr()
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("preset", ["v4-tiny", "v4-tiny-pro"])
+def test_moe_forward_compiles_fullgraph_for_two_batch_sizes(moe_layers, preset, monkeypatch):
+    torch._dynamo.reset()
+    for moe in moe_layers[preset]:
+        compiled = torch.compile(moe, fullgraph=True, dynamic=False)
+        for N in (8, 32):
+            x, tids = _inputs(moe, N, seed=N)
+            eager = moe(x, tids)
+            assert _rel(compiled(x, tids), eager) <= COMPILED_RTOL
+    # the compile check has teeth: the sorted path (host reads, data-dependent shapes) does not compile
+    monkeypatch.setattr(v4, "DENSE_MAX_EXPERT_MACS", 0)
+    torch._dynamo.reset()
+    moe = moe_layers[preset][1]
+    x, tids = _inputs(moe, 8)
+    with pytest.raises(Exception, match="(?i)graph break|data-dependent|unsupported|tolist|item"):
+        torch.compile(moe, fullgraph=True, dynamic=False)(x, tids)
+    torch._dynamo.reset()
+
+
+def _moe_events(tiny_ckpt, N: int):
+    """One MoE forward of a device-resident top-k layer under the provenance mode -> its window."""
+    with Provenance() as prov:
+        model = mark_device(load_model(tiny_ckpt("v4-tiny"), torch.float32))
+        moe = model.layers[-1].ffn
+        x, tids = (to_device(t) for t in _inputs(moe, N))
+        with prov.window("moe") as w:
+            moe(x, tids)
+    return w
+
+
+def test_one_moe_forward_makes_no_sync_and_no_mix(tiny_ckpt, monkeypatch):
+    w = _moe_events(tiny_ckpt, 8)
+    assert w.count("sync") == 0 and w.count("mix") == 0, w.summary()
+    # the sorted path this replaces reads routing back to the host (counted the same way)
+    monkeypatch.setattr(v4, "DENSE_MAX_EXPERT_MACS", 0)
+    before = _moe_events(tiny_ckpt, 8)
+    assert before.count("sync") > 0, before.summary()
