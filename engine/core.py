@@ -13,7 +13,7 @@ import torch
 
 from .outputs import RequestOutput
 from .runner import ModelRunner
-from .sampler import Penalties, SamplingBatch, make_generator
+from .sampler import Penalties, SamplingBatch, make_generator, sampling_row
 from .sampling import RequestOutputKind, SamplingParamError, SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, SeqState
 from .sequence import Sequence, prompt_logprobs
@@ -68,9 +68,11 @@ class EngineCore:
         if params.prompt_logprobs is not None and len(prompt_ids) > 1:
             req.prompt_targets = torch.tensor(prompt_ids[1:], dtype=torch.long).to(self.device)
         vocab_size = self.runner.model.cfg.vocab_size
+        param_row = sampling_row(params, vocab_size).to(self.device)  # [7], stacked with the step's other rows
         for i in range(params.n):
             penalties = Penalties.of(params, prompt_ids, vocab_size, self.tokenizer.eos_token_id, self.device)
-            seq = Sequence(i, prompt_ids, params, self.tokenizer, generator, self.max_model_len, penalties)
+            seq = Sequence(i, prompt_ids, params, self.tokenizer, generator, self.max_model_len, penalties,
+                           param_row)
             state = SeqState(f"{request_id}#{i}", request_id, seq, next(self._arrival),
                              want_prompt_logits=(i == 0 and params.prompt_logprobs is not None))
             req.states.append(state)

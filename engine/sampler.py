@@ -4,8 +4,12 @@ The order per row follows vLLM: logit_bias -> repetition/frequency/presence pena
 sequence, kept on the device), then greedy argmax or temperature -> top_k -> top_p -> min_p (`sampling_probs`)
 -> a draw with the request's generator (`draw`). Reported logprobs are vLLM's default "raw" logprobs:
 log_softmax of the model's logits before any of the above. A step's rows are sampled together on the logits'
-device (`SamplingBatch`) and read back in one transfer (`read_back`); `sample_token` and `top_logprobs` are the
-same path for one row with a host result.
+device (`SamplingBatch`) and read back in one transfer (`read_back`).
+
+Batched: the engine's rows go through the chain together, as tensor ops on [S, V], with each request's parameters
+in a small device tensor uploaded when it arrives (`sampling_row`) and stacked per step — no per-row chain of
+device ops and no per-step upload. `sampling_probs` and `Penalties.apply` are the same semantics for one row with
+host parameters (`sample_token`, and the reference the batched path is tested against, bit for bit).
 """
 
 from __future__ import annotations
@@ -20,6 +24,20 @@ from .sampling import Logprob, SamplingParams
 
 
 INVALID_PROBABILITIES = "probability tensor contains either `inf`, `nan` or element < 0"  # torch.multinomial's
+# Columns of a request's parameter row (`sampling_row`), fp32 like the logits they scale.
+TEMPERATURE, TOP_K, TOP_P, MIN_P, REPETITION, FREQUENCY, PRESENCE = range(7)
+
+
+def sampling_row(params: SamplingParams, vocab_size: int) -> torch.Tensor:
+    """A request's numeric sampling parameters as one host tensor [7] (the engine uploads it once, when the request
+    arrives; a step stacks its rows' into [S, 7]). Each transform's "off" value leaves a row's logits bit for bit
+    as they were: temperature 1 for greedy (not used), top_k 0 (also for k >= V), top_p inf (the mass before a token
+    is never >= inf, while it can round to >= 1.0), min_p 0, repetition 1, frequency and presence 0. Token ids and
+    top_k (< V <= 2^24) are exact in fp32."""
+    p = params
+    top_k = p.top_k if 0 < p.top_k < vocab_size else 0
+    return torch.tensor([1.0 if p.greedy else p.temperature, top_k, p.top_p if p.top_p < 1.0 else math.inf, p.min_p,
+                         p.repetition_penalty, p.frequency_penalty, p.presence_penalty], dtype=torch.float32)
 
 
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator | None:
@@ -43,28 +61,34 @@ class Penalties:
     when the request arrives. From then on the generated tokens are counted on the device: each step `count`
     adds the step's chosen token, still on the device, with one index op — no per-step upload of the generated
     ids (that would grow with the output) and no read-back. The price is a [V] int32 count per penalised
-    sequence (0.5 MB at V4's vocabulary).
+    sequence (0.5 MB at V4's vocabulary), as much for a logit_bias (kept dense, [V] fp32, so that a batch adds
+    every row's bias in one op) and a [V] bool each for the prompt set and the banned ids. A step stacks the
+    state of its rows (`apply_rows`): one op per kind of state, whatever the number of rows.
     """
 
     def __init__(self, params: SamplingParams, prompt_token_ids: list[int], vocab_size: int,
                  eos_token_id: int | None, device: torch.device):
         self.params = params
-        self.bias_ids = self.bias_values = self.prompt_mask = self.counts = self.banned = None
+        self.bias = self.prompt_mask = self.counts = self.banned = None  # each [V] on the device, or None
         if params.logit_bias:
             outside = [i for i in params.logit_bias if i >= vocab_size]
             if outside:
                 raise ValueError(f"logit_bias token ids {outside} are outside the vocabulary [0, {vocab_size})")
-            self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long).to(device)
-            self.bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32).to(device)
+            bias = torch.zeros(vocab_size, dtype=torch.float32)
+            bias[list(params.logit_bias)] = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
+            self.bias = bias.to(device)  # dense: a batch adds every row's at once
         if params.repetition_penalty != 1.0:
-            self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # [V]
-            self.prompt_mask[torch.tensor(prompt_token_ids, dtype=torch.long).to(device)] = True
+            prompt_mask = torch.zeros(vocab_size, dtype=torch.bool)
+            prompt_mask[prompt_token_ids] = True
+            self.prompt_mask = prompt_mask.to(device)
         if params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
             self.counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)  # [V] generated tokens
         banned = list(params.stop_token_ids) + ([] if eos_token_id is None or params.ignore_eos else [eos_token_id])
         banned = [i for i in banned if i < vocab_size]
         if params.min_tokens > 0 and banned:
-            self.banned = torch.tensor(banned, dtype=torch.long).to(device)
+            mask = torch.zeros(vocab_size, dtype=torch.bool)
+            mask[banned] = True
+            self.banned = mask.to(device)
 
     @classmethod
     def of(cls, params: SamplingParams, prompt_token_ids: list[int], vocab_size: int, eos_token_id: int | None,
@@ -85,8 +109,8 @@ class Penalties:
         """Penalised logits [V] (the input is not modified): logit_bias first (vLLM v1 order), then the penalties."""
         p = self.params
         logits = logits.clone()  # [V]
-        if self.bias_ids is not None:
-            logits[self.bias_ids] += self.bias_values
+        if self.bias is not None:
+            logits += self.bias
         if p.repetition_penalty != 1.0:
             seen = self.prompt_mask | (self.counts > 0)
             penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
@@ -100,12 +124,45 @@ class Penalties:
         """Forbid eos and `stop_token_ids` (logit -inf) while fewer than `min_tokens` tokens were generated."""
         if self.banned is None or num_output_tokens >= self.params.min_tokens:
             return logits
-        logits = logits.clone()
-        logits[self.banned] = float("-inf")
-        return logits
+        return logits.masked_fill(self.banned, float("-inf"))
 
     def apply(self, logits: torch.Tensor, num_output_tokens: int) -> torch.Tensor:
         return self.ban(self.penalise(logits), num_output_tokens)
+
+    def banning(self, num_output_tokens: int) -> bool:
+        return self.banned is not None and num_output_tokens < self.params.min_tokens
+
+    @staticmethod
+    def apply_rows(logits: torch.Tensor, rows: torch.Tensor, penalties: list["Penalties | None"],
+                   num_output_tokens: list[int]) -> torch.Tensor:
+        """`apply` for a batch: logits [R, V] fp32, rows [R, 7] (`sampling_row`), one state (or None) and output
+        length per row. Each kind of state is stacked once ([R, V]; a row without it stacks zeros, which leave
+        its logits as they are: + 0, / 1, * 1, - 0) and applied to all rows in one go; a kind no row has costs
+        nothing. Bit for bit `apply` row by row."""
+        def stacked(tensors: list[torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor | None:
+            if all(t is None for t in tensors):
+                return None
+            zeros = logits.new_zeros(logits.shape[-1], dtype=dtype)
+            return torch.stack([zeros if t is None else t for t in tensors])  # [R, V]
+
+        bias = stacked([p and p.bias for p in penalties], torch.float32)
+        if bias is not None:
+            logits = logits + bias
+        counts = stacked([p and p.counts for p in penalties], torch.int32)
+        if counts is not None:
+            prompt_mask = stacked([p and p.prompt_mask for p in penalties], torch.bool)
+            if prompt_mask is not None:
+                r = rows[:, REPETITION, None]
+                seen = prompt_mask | (counts > 0)
+                logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+            counts = counts.to(logits.dtype)
+            logits = logits - (rows[:, FREQUENCY, None] * counts
+                               + rows[:, PRESENCE, None] * (counts > 0).to(logits.dtype))
+        banned = stacked([p.banned if p is not None and p.banning(n) else None
+                          for p, n in zip(penalties, num_output_tokens)], torch.bool)
+        if banned is not None:
+            logits = logits.masked_fill(banned, float("-inf"))
+        return logits
 
 
 def apply_penalties(
@@ -125,7 +182,8 @@ def apply_min_tokens(
 
 
 def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution a sampled (non-greedy) row draws from, [V] on the logits' device.
+    """The distribution a sampled (non-greedy) row draws from, [V] on the logits' device, for one row with host
+    parameters (`sample_token`); the engine's rows go through `batch_probs` together, bit for bit the same per row.
 
     Divide by temperature, keep the top_k logits (ties at the boundary kept), keep the smallest prefix of tokens
     by probability whose mass reaches top_p (always at least one), drop tokens with prob < min_p * max prob.
@@ -145,6 +203,33 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     if params.min_p > 0.0:
         probs = torch.softmax(logits, dim=-1)
         logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def batch_probs(logits: torch.Tensor, rows: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """`sampling_probs` for a batch: logits [D, V], rows [D, 7] on the device (`sampling_row`), params the rows'
+    host parameters (they only decide which transforms any row needs). Each transform runs once on [D, V]:
+    divide by the per-row temperature; top-k by each row's k-th largest logit, gathered from ONE topk with the
+    largest k of the batch; top-p by one sort of the batch; min-p against each row's max. A row that skips a
+    transform keeps its values bit for bit (its threshold is -inf / inf / 0), and every op is row-wise, so a row's
+    probabilities do not depend on the others' (a NaN row stays its own)."""
+    vocab_size = logits.shape[-1]
+    logits = logits.float() / rows[:, TEMPERATURE, None]  # [D, V]
+    max_k = max((p.top_k for p in params if 0 < p.top_k < vocab_size), default=0)
+    if max_k:
+        k = rows[:, TOP_K, None].long()  # [D, 1], 0: off
+        kth_largest = torch.topk(logits, max_k, dim=-1).values.gather(1, (k - 1).clamp(min=0))
+        logits = logits.masked_fill(logits < torch.where(k > 0, kth_largest, float("-inf")), float("-inf"))
+    if any(p.top_p < 1.0 for p in params):
+        probs_sorted, order = torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True)
+        mass_before = torch.cumsum(probs_sorted, dim=-1) - probs_sorted
+        drop_sorted = mass_before >= rows[:, TOP_P, None]  # top_p inf: nothing dropped
+        drop_sorted[:, 0] = False
+        drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if any(p.min_p > 0.0 for p in params):
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < rows[:, MIN_P, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 
@@ -220,21 +305,33 @@ def read_back(tokens: torch.Tensor, raw_logprobs: torch.Tensor, k: int | None = 
 class SamplingBatch:
     """The rows one engine step samples — raw logits [S, V] on their device — and all the sampling done on them.
 
-    Sequences add their device work row by row (`greedy` on shaped logits, `draw` from a distribution, `count`
-    for penalty state); a row nobody adds takes the argmax of its raw logits. `run` chooses every row's token,
-    its raw logprob (and rank and top-k when asked), counts the tokens into penalty state and reads it all back
-    with one transfer (`read_back`): nothing before it reads the device, so a step syncs once however many rows
-    it samples (docs/architecture.md §11). The per-row ops are device ops queued in order; with a seeded
-    generator per row, the same seed draws the same token whatever else is in the batch.
+    Sequences add their rows with `sample` (their parameters as a device row, `sampling_row`, and penalty state);
+    `run` then shapes all those rows together (`Penalties.apply_rows` on [R, V]), takes the argmax of the greedy
+    ones and draws the others from `batch_probs` (one chain of tensor ops for the batch, not one per row). A row
+    nobody adds takes the argmax of its raw logits; `greedy` / `draw` add a row whose logits or distribution the
+    caller shaped itself (one row, host parameters: `sample_token`). `run` chooses every row's token, its raw
+    logprob (and rank and top-k when asked), counts the tokens into penalty state and reads it all back with one
+    transfer (`read_back`): nothing before it reads the device, so a step syncs once however many rows it samples
+    (docs/architecture.md §11). With a seeded generator per row, the same seed draws the same token whatever else
+    is in the batch.
     """
 
     def __init__(self, logits: torch.Tensor):
         self.logits = logits  # [S, V]
-        self._greedy: list[tuple[int, torch.Tensor]] = []  # (row, token [] of the shaped logits)
-        self._draw_rows: list[int] = []
-        self._probs: list[torch.Tensor] = []
-        self._generators: list[torch.Generator | None] = []
+        self._greedy: list[tuple[int, torch.Tensor]] = []  # (row, token [] of the caller's shaped logits)
+        self._shaped: list[tuple[int, SamplingParams, torch.Tensor, Penalties | None, int]] = []  # via `sample`
+        self._draws: list[tuple[int, torch.Tensor | None, torch.Generator | None]] = []  # probs None: `sample`'s
         self._counted: list[tuple[int, Penalties]] = []
+
+    def sample(self, row: int, params: SamplingParams, param_row: torch.Tensor, penalties: Penalties | None,
+               num_output_tokens: int, generator: torch.Generator | None) -> None:
+        """Row `row` is shaped by `penalties` (if any) and, greedy, takes the argmax, or else draws from its
+        `batch_probs` with `generator`. param_row [7]: `sampling_row(params)` on the logits' device."""
+        self._shaped.append((row, params, param_row, penalties, num_output_tokens))
+        if not params.greedy:
+            self._draws.append((row, None, generator))
+        if penalties is not None and penalties.counts is not None:
+            self._counted.append((row, penalties))
 
     def greedy(self, row: int, logits: torch.Tensor) -> None:
         """Row `row` takes the argmax (the first among equal maxima) of its shaped logits [V]."""
@@ -242,13 +339,34 @@ class SamplingBatch:
 
     def draw(self, row: int, probs: torch.Tensor, generator: torch.Generator | None) -> None:
         """Row `row` draws from probs [V] (`sampling_probs`) with the request's generator."""
-        self._draw_rows.append(row)
-        self._probs.append(probs)
-        self._generators.append(generator)
+        self._draws.append((row, probs, generator))
 
     def count(self, row: int, penalties: Penalties) -> None:
         """Add row `row`'s chosen token to these penalty counts once it is chosen."""
         self._counted.append((row, penalties))
+
+    def _rows(self, rows: list[int], logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Those rows of logits (default: the batch's), stacked [len(rows), V]; no copy when they are all rows."""
+        logits = self.logits if logits is None else logits
+        return logits if rows == list(range(logits.shape[0])) else torch.stack([logits[r] for r in rows])
+
+    def _shape(self) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None]:
+        """The `sample` rows: [(row, token [])] of the greedy ones and probs [D, V] of the drawing ones."""
+        if not self._shaped:
+            return [], None
+        rows, params, param_rows, penalties, num_out = map(list, zip(*self._shaped))
+        logits = self._rows(rows).float()  # [R, V]
+        param_rows = torch.stack(param_rows)  # [R, 7]
+        if any(p is not None for p in penalties):
+            logits = Penalties.apply_rows(logits, param_rows, penalties, num_out)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        tokens = self._rows(greedy, logits).argmax(dim=-1) if greedy else None
+        drawn = [i for i, p in enumerate(params) if not p.greedy]
+        probs = None
+        if drawn:
+            probs = batch_probs(self._rows(drawn, logits), self._rows(drawn, param_rows),
+                                [params[i] for i in drawn])
+        return [(rows[i], tokens[j]) for j, i in enumerate(greedy)], probs
 
     def run(self, num_logprobs: int | None = None) -> list[SampledToken]:
         """Choose, count and read back every row (one transfer). num_logprobs: the largest `logprobs` asked by
@@ -256,22 +374,28 @@ class SamplingBatch:
         num_rows = self.logits.shape[0]
         if num_rows == 0:
             return []
+        greedy, shaped_probs = self._shape()
+        greedy += self._greedy
+        draw_rows = [row for row, _, _ in self._draws]
         valid = None
-        if self._probs:
-            drawn, valid = draw(torch.stack(self._probs), self._generators)  # [D]
-        if self._draw_rows == list(range(num_rows)):
+        if self._draws:
+            if all(p is None for _, p, _ in self._draws):
+                probs = shaped_probs
+            else:  # rows of both kinds: in the order they were added (the default generator's order)
+                shaped = iter(shaped_probs if shaped_probs is not None else [])
+                probs = torch.stack([next(shaped) if p is None else p for _, p, _ in self._draws])
+            drawn, valid = draw(probs, [g for _, _, g in self._draws])  # [D]
+        if draw_rows == list(range(num_rows)):
             tokens = drawn
-        else:
-            tokens = self.logits.argmax(dim=-1)  # [S]
-            for row, token in self._greedy:
-                tokens[row] = token
-            for i, row in enumerate(self._draw_rows):
-                tokens[row] = drawn[i]
+        else:  # one stack of per-row views (no kernel per row)
+            chosen = dict(greedy) | {row: drawn[i] for i, row in enumerate(draw_rows)}
+            argmax = self.logits.argmax(dim=-1) if len(chosen) < num_rows else None  # [S], the plain rows
+            tokens = torch.stack([chosen[row] if row in chosen else argmax[row] for row in range(num_rows)])
         for row, penalties in self._counted:
             penalties.count(tokens[row:row + 1])
         results, valid = read_back(tokens, torch.log_softmax(self.logits.float(), dim=-1), num_logprobs, valid,
-                                   argmax=not (self._greedy or self._draw_rows))
-        for row, ok in zip(self._draw_rows, valid):
+                                   argmax=not (greedy or draw_rows))
+        for row, ok in zip(draw_rows, valid):
             if not ok:
                 results[row].error = INVALID_PROBABILITIES
         return results
