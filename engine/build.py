@@ -95,7 +95,6 @@ def build_engine_core(config: EngineConfig, model=None, prefix_cache=None, locks
         device = resolve_device(config.device)
         model = load_model(path, resolve_dtype(config.dtype, cfg, device), keep_quantized=config.keep_quantized,
                            cfg=cfg, device=device)
-    model.to(model.device)  # buffers computed at construction (RoPE tables) join the weights
     runner = ModelRunner(model, config.kv_cache_bytes, config.max_num_seqs,
                          config.block_size or default_block_size(cfg), kv_format=kv_format(config.kv_cache_dtype),
                          prefix_cache=prefix_cache)

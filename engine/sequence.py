@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampler import Penalties, SampledToken, SamplingBatch, read_back, sampling_row
+from .sampler import Penalties, SampledToken, SamplingBatch, read_back
 from .sampling import SamplingParams, check_stop
 from v4ray.model.tokenizer import V4Tokenizer
 
@@ -20,13 +20,13 @@ class Sequence:
     """Generated continuation number `index` of one request."""
 
     def __init__(self, index: int, prompt_token_ids: list[int], params: SamplingParams, tokenizer: V4Tokenizer,
-                 generator: torch.Generator | None, max_model_len: int, penalties: Penalties | None = None,
-                 param_row: torch.Tensor | None = None):
+                 generator: torch.Generator | None, max_model_len: int, penalties: Penalties | None,
+                 param_row: torch.Tensor):
         """generator: the request's (shared by its n sequences), on the logits' device. penalties: this
         sequence's device state when its logits are reshaped (`Penalties.of`). param_row: the request's
         `sampling_row` on the logits' device, uploaded when the request arrived (shared by its n sequences)."""
         self.index, self.params, self.tokenizer, self.generator = index, params, tokenizer, generator
-        self.param_row, self._row_of = param_row, _row_fields(params)
+        self.param_row = param_row
         self.prompt_token_ids, self.penalties = prompt_token_ids, penalties
         self.max_model_len = max_model_len
         self.output_token_ids: list[int] = []
@@ -57,10 +57,6 @@ class Sequence:
         """Add this sequence's device work for row `row` of the step's batch (raw logits); reads nothing back."""
         if self.plain_greedy:
             return  # the batch's argmax of the raw logits (nothing to count: no penalties)
-        if self.param_row is None or _row_fields(self.params) != self._row_of:
-            # not uploaded when the request arrived, or changed since (a bug): sample what the parameters say now
-            self.param_row = sampling_row(self.params, batch.logits.shape[-1]).to(batch.logits.device)
-            self._row_of = _row_fields(self.params)
         batch.sample(row, self.params, self.param_row, self.penalties, len(self.output_token_ids), self.generator)
 
     def append(self, sampled: SampledToken) -> int:
@@ -116,10 +112,6 @@ class Sequence:
                                 logprobs=self.logprobs[start:] if self.logprobs is not None else None,
                                 finish_reason=self.finish_reason, stop_reason=self.stop_reason)
 
-
-def _row_fields(p: SamplingParams) -> tuple:
-    """The parameters `sampling_row` holds, as the host sees them."""
-    return (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
 
 
 def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: list[int], targets: torch.Tensor | None, k: int,

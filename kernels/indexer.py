@@ -139,6 +139,13 @@ def indexer_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, lo:
     return indexer_topk_ref(q, keys, weights, lo, hi, topk)
 
 
+def _top_valid(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best-scoring candidates of each row [n, E] (a stable sort: ties to the earliest), -1 where a row has
+    fewer than k valid ones."""
+    idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.where(valid.gather(1, idx), idx, torch.full_like(idx, -1))
+
+
 def indexer_topk_padded_ref(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
                             topk: int) -> torch.Tensor:
     """Each query with its own candidate keys: q [n, h, dI], keys [n, E, dI], weights [n, h], valid [n, E]
@@ -149,8 +156,7 @@ def indexer_topk_padded_ref(q: torch.Tensor, keys: torch.Tensor, weights: torch.
         return torch.empty(n, 0, dtype=torch.long, device=q.device)
     scores = torch.einsum("nhd,ned->nhe", q.float(), keys.float()).relu() * (q.shape[-1] ** -0.5)
     scores = (scores * weights.float()[..., None]).sum(dim=1).masked_fill(~valid, float("-inf"))  # [n, E]
-    idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-    return torch.where(valid.gather(1, idx), idx, torch.full_like(idx, -1))
+    return _top_valid(scores, valid, k)
 
 
 def indexer_topk_padded_triton(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
@@ -161,8 +167,7 @@ def indexer_topk_padded_triton(q: torch.Tensor, keys: torch.Tensor, weights: tor
     if E == 0:
         return torch.empty(n, 0, dtype=torch.long, device=q.device)
     scores = _launch_indexer_scores(q, keys, keys.stride(0), weights, E, None, None, valid, "indexer_topk_padded")
-    idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-    return torch.where(valid.gather(1, idx), idx, torch.full_like(idx, -1))
+    return _top_valid(scores, valid, k)
 
 
 def indexer_topk_padded(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
@@ -201,8 +206,7 @@ def indexer_topk_padded_fp8_triton(q: torch.Tensor, packed: torch.Tensor, weight
     if E == 0:
         return torch.empty(n, 0, dtype=torch.long, device=q.device)
     scores = _launch_indexer_scores(q, packed, packed.stride(0), weights, E, None, None, valid, name, keys_fp8=True)
-    idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-    return torch.where(valid.gather(1, idx), idx, torch.full_like(idx, -1))
+    return _top_valid(scores, valid, k)
 
 
 def indexer_topk_padded_fp8(q: torch.Tensor, packed_keys: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,

@@ -339,14 +339,14 @@ class StepBatch:
         cfg, w = self.cache.cfg, self.cache.cfg.sliding_window
         self.positions()
         self.ring_writes(w)
+        if self.decode_group:
+            self.decode_tables(self.decode_group)
+        for group in self.prefill_groups:
+            self.window_layout(w, group)
         for kind, m in sorted(set(zip(cfg.layer_types, cfg.compress_ratios))):
-            if self.decode_group:
-                self.decode_tables(self.decode_group)
-            for group in self.prefill_groups:
-                self.window_layout(w, group)
-                if kind != SWA:
+            if kind != SWA:  # compressed entries: read by prefill groups, written by the windows closing now
+                for group in self.prefill_groups:
                     self.entry_layout(m, group)
-            if kind != SWA:
                 self.emit_layout(m, state_rows(kind, m), kind == CSA)
         host = {"tokens": torch.as_tensor(token_ids, dtype=torch.long),
                 "rows": self.last_rows() if logit_rows is None else torch.as_tensor(logit_rows, dtype=torch.long)}

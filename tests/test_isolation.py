@@ -86,8 +86,8 @@ def test_a_request_that_fails_in_sampling_fails_alone(tiny_ckpt):
 
     core = _core(ckpt)
     bad = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
-    core.add_request("bad", ids, bad)
     bad.temperature = float("nan")  # what validation refuses; multinomial raises on NaN probabilities
+    core.add_request("bad", ids, bad)
     seen = _run(core, [("a", ids, greedy), ("b", ids[:-3], greedy)])
     assert seen["bad"][-1].error and seen["bad"][-1].finished
     assert seen["a"][-1].error is None and seen["a"][-1].outputs[0].token_ids == alone
@@ -110,8 +110,8 @@ def test_a_request_that_fails_in_batched_sampling_leaves_seeded_neighbours_exact
              for i, (rid, p) in enumerate(neighbours.items())}
     core = _core(ckpt)
     bad = SamplingParams(max_tokens=8, temperature=1.0, n=2, ignore_eos=True)
-    core.add_request("bad", ids, bad)
     bad.temperature = float("nan")
+    core.add_request("bad", ids, bad)
     seen = _run(core, [(rid, ids[:20 + i], p) for i, (rid, p) in enumerate(neighbours.items())])
     assert seen["bad"][-1].error and "probability tensor" in seen["bad"][-1].error and len(seen["bad"]) == 1
     for rid in neighbours:
