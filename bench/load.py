@@ -186,7 +186,7 @@ def _rank(role: str, ckpt: str, tokens: int, go, results, addresses) -> None:
 
     ids = torch.randint(0, cfg.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
     if role == "single":
-        results.put(("logits", held(ids)))
+        results.put(("logits", held(ids).numpy()))  # by value: a shared tensor dies with its process
         return
     if role == "router":
         listener = rendezvous_listener("127.0.0.1")
@@ -194,7 +194,7 @@ def _rank(role: str, ckpt: str, tokens: int, go, results, addresses) -> None:
         for q in addresses:
             q.put(address)
         init_group(address, 0, 3, timeout_s=600, listener=listener, backend="gloo")
-        results.put(("logits", held(ids)))
+        results.put(("logits", held(ids).numpy()))  # by value: a shared tensor dies with its process
     else:
         init_group(addresses[int(role[-1])].get(), 1 + int(role[-1]), 3, timeout_s=600, backend="gloo")
         ShardServer(3, cfg.hidden_size, held, torch.bfloat16, cfg.swiglu_limit).serve_step()
@@ -246,6 +246,7 @@ def measure(ckpt: Path, tokens: int = 8) -> dict:
 
     rows, dist_logits = _run(ckpt, ROLES, tokens)
     single, single_logits = _run(ckpt, ("single",), tokens)
+    dist_logits, single_logits = torch.from_numpy(dist_logits), torch.from_numpy(single_logits)
     rows.update(single)
     for role, stored in own_bytes(ckpt).items():
         r = rows[role]
