@@ -21,7 +21,8 @@ def _generate(args) -> int:
     from v4ray.cluster.llm import LLM
     from v4ray.engine.sampling import SamplingParams
 
-    llm = LLM(model=args.model, **({"dtype": args.dtype} if args.dtype else {}))
+    llm = LLM(model=args.model, **({"dtype": args.dtype} if args.dtype else {}),
+              **({"enforce_eager": True} if args.enforce_eager else {}))
     given = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
              "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
     params = SamplingParams(**{k: v for k, v in given.items() if v is not None})  # the rest: SamplingParams
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="a stop string (repeatable)")
     g.add_argument("--dtype", default=None, choices=ENGINE_DTYPES, help="default: EngineConfig's (auto)")
+    g.add_argument("--enforce-eager", action="store_true", help="every step eager: no start-up compile of the "
+                                                                "decode step (a minute cold on a small CPU)")
     g.add_argument("--json", action="store_true", help="one JSON object per completion")
     g.set_defaults(func=_generate)
 
@@ -185,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                      "dtype's)")
     sc.add_argument("--gpus-per-router", type=float, default=None, help="GPUs each router (or the engine) reserves")
     sc.add_argument("--gpus-per-shard", type=float, default=None, help="GPUs each expert shard reserves")
+    sc.add_argument("--enforce-eager", action="store_true", help="every step eager (no compiled decode step)")
     sc.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS inside a Ray job)")
     sc.set_defaults(func=_score)
 

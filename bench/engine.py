@@ -2,6 +2,7 @@
 
     python bench/engine.py [--preset v4-tiny] [--concurrency 1,4,8,16,32] [--prompt-len 128]
                            [--min-new-tokens 8] [--max-new-tokens 64] [--workloads mixed,uniform]
+                           [--decode-steps eager,compiled]
 
 At each concurrency C, C greedy requests with prompts of the same length (transformers' V4 cannot left-pad:
 its compressors align windows by absolute position) run on the same tiny model and machine: the v4ray
@@ -9,6 +10,10 @@ engine in-process (EngineCore: scheduler, paged cache, sampler) against transfor
 of C. Workloads: "mixed" output lengths drawn uniformly from [min, max] (a serving workload: a static batch
 runs until its longest member finishes, the engine retires each request when done), and "uniform" (every
 request generates max tokens: no scheduling advantage). Throughput counts requested tokens only.
+
+Decode steps: "eager" (`enforce_eager`: every step through StepBatch) and "compiled" (decode-only steps as the
+fixed-shape step compiled by torch.compile, as `v4ray serve` runs on the CPU; its compile is paid before timing
+and reported). Each row compares one of them with transformers on the same prompts in the same run.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ def main() -> None:
     ap.add_argument("--min-new-tokens", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--workloads", default="mixed,uniform")
+    ap.add_argument("--decode-steps", default="eager,compiled")
     args = ap.parse_args()
     import random
 
@@ -82,8 +88,15 @@ def main() -> None:
     from v4ray.model.tokenizer import V4Tokenizer
 
     ckpt = make_tiny(Path(tempfile.mkdtemp()) / "ckpt", preset=args.preset, dtype="fp32")
-    runner = ModelRunner(load_model(ckpt, torch.float32), 256 << 20, 64)
-    core = EngineCore(runner, V4Tokenizer.from_dir(ckpt), 4096, max_num_batched_tokens=8192, max_num_seqs=64)
+    cores, compile_s = {}, None
+    for mode in args.decode_steps.split(","):
+        t0 = time.perf_counter()
+        runner = ModelRunner(load_model(ckpt, torch.float32), 256 << 20, 64, decode_step=mode, max_model_len=4096)
+        if mode == "compiled":
+            compile_s = round(time.perf_counter() - t0, 1)
+            print(f"compiled decode step ready in {compile_s} s", flush=True)
+        cores[mode] = EngineCore(runner, V4Tokenizer.from_dir(ckpt), 4096, max_num_batched_tokens=8192,
+                                 max_num_seqs=64)
     hf = DeepseekV4ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -93,17 +106,20 @@ def main() -> None:
             prompts = torch.randint(16, 272, (c, args.prompt_len), generator=g).tolist()
             lens = ([rng.randint(args.min_new_tokens, args.max_new_tokens) for _ in range(c)] if workload == "mixed"
                     else [args.max_new_tokens] * c)
-            run_engine(core, prompts, [4] * c)  # warm-up
-            run_hf(hf, prompts, [2] * c)
-            e_total, e_tpot = run_engine(core, prompts, lens)
+            run_hf(hf, prompts, [2] * c)  # warm-up
             h_total, h_tpot = run_hf(hf, prompts, lens)
             n = sum(lens)
-            rows.append({"workload": workload, "concurrency": c, "v4ray_tok_s": round(n / e_total, 1),
-                         "hf_tok_s": round(n / h_total, 1), "ratio": round(h_total / e_total, 2),
-                         "v4ray_tpot_ms": round(1e3 * e_tpot, 2), "hf_tpot_ms": round(1e3 * h_tpot, 2)})
-            print(rows[-1], flush=True)
-    print(table(rows, ["workload", "concurrency", "v4ray_tok_s", "hf_tok_s", "ratio", "v4ray_tpot_ms", "hf_tpot_ms"]))
-    path = write("engine", {"preset": args.preset, "prompt_len": args.prompt_len,
+            for mode, core in cores.items():
+                run_engine(core, prompts, [4] * c)  # warm-up
+                e_total, e_tpot = run_engine(core, prompts, lens)
+                rows.append({"workload": workload, "concurrency": c, "decode_step": mode,
+                             "v4ray_tok_s": round(n / e_total, 1), "hf_tok_s": round(n / h_total, 1),
+                             "ratio": round(h_total / e_total, 2), "v4ray_tpot_ms": round(1e3 * e_tpot, 2),
+                             "hf_tpot_ms": round(1e3 * h_tpot, 2)})
+                print(rows[-1], flush=True)
+    print(table(rows, ["workload", "concurrency", "decode_step", "v4ray_tok_s", "hf_tok_s", "ratio", "v4ray_tpot_ms",
+                       "hf_tpot_ms"]))
+    path = write("engine", {"preset": args.preset, "prompt_len": args.prompt_len, "compile_s": compile_s,
                             "new_tokens": [args.min_new_tokens, args.max_new_tokens], "rows": rows,
                             "baseline": "transformers generate, batch = concurrency, runs to the longest request"})
     print(f"wrote {path}")

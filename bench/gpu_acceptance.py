@@ -15,7 +15,8 @@ confident=True)` would write. Sections, each a function that records its checks 
 2. kernels       every Triton kernel, compiled (not interpreted), against its torch reference on the device at
                  the small regular / ragged / real-tile shapes and tolerances of tests/kernel_checks.py.
 3. decode        tokens/s of the bf16 tiny model at batch 1/32/128 (one token per sequence per step, wall time
-                 with torch.cuda.synchronize, greedy tokens read back each step as the engine does).
+                 with torch.cuda.synchronize, greedy tokens read back each step as the engine does), eager and
+                 as the fixed-shape step replayed from CUDA graphs (engine/graphs.py), with their top-1 agreement.
 4. kernel_perf   bench/kernels.py's cases at V4-Flash and V4-Pro shapes at a reduced repetition count: Triton vs
                  torch ms, TFLOP/s and GB/s against the device's peaks (bench/kernels.py's PEAKS).
 
@@ -67,6 +68,9 @@ BF16_MEAN_REL_ERR = 0.02
 # FP8 KV cache against a bf16 one (tests/test_kv_pools.py's bounds): e4m3 entries carry ~3 significant bits with a
 # scale per 64 dims, so a few near-tied argmaxes may flip; a wrong scale or layout moves far more.
 FP8_KV_TOP1_MIN = 0.95
+# The fixed-shape decode step (CUDA graph) against the eager step, bf16, same tokens in: the same math through
+# different gathers and kernels (dense vs. sorted expert order, padded rows), so only near-tied argmaxes may flip.
+GRAPH_TOP1_MIN = 0.97
 FP8_KV_MEAN_REL_ERR = 0.05
 # Kernel vs torch reference (tests/kernel_checks.py's values): max|out - ref| / max|ref| and cosine similarity.
 FP32_REL = 1e-5         # same math in fp32, different summation order
@@ -147,12 +151,13 @@ def build_model(lib, cfg, state: dict[str, torch.Tensor], dtype: torch.dtype):
 
 
 def kv_budget(lib, cfg, dtype: torch.dtype, num_seqs: int, tokens_per_seq: int, kv_format: str | None = None) -> int:
-    """Bytes of KV cache that hold `num_seqs` sequences of `tokens_per_seq` tokens (plus one spare block each)."""
+    """Bytes of KV cache that hold `num_seqs` sequences of `tokens_per_seq` tokens (plus one spare block each, and
+    the cache's scratch slot and block)."""
     fmt = kv_format or ("fp32" if dtype == torch.float32 else "bf16")
     block = lib.model_kv_format.default_block_size(cfg)
     kb = lib.model_kv_format.kv_bytes(cfg, fmt, block)
     blocks = num_seqs * (-(-tokens_per_seq // block) + 1)
-    return int(num_seqs * kb.fixed_per_seq + blocks * kb.per_block) + 1
+    return int((num_seqs + 1) * kb.fixed_per_seq + (blocks + 1) * kb.per_block) + 1
 
 
 def run_model(lib, model, prompts: list[list[int]], decode: list[list[int]], kv_format: str | None = None
@@ -464,34 +469,52 @@ def _sync(dev: torch.device) -> None:
 
 
 def section_decode(lib, dev: torch.device, opts, sec: Section) -> None:
+    """Per batch: the eager step and the fixed-shape step (CUDA graphs on a GPU; uncompiled in the CPU dry run,
+    where the same function would go through torch.compile) on the same teacher-forced tokens; their greedy
+    tokens must agree (GRAPH_TOP1_MIN) and both are timed."""
     cfg = lib.model_config.load_preset("v4-tiny")
     model = build_model(lib, cfg, tiny_state(lib, cfg), torch.bfloat16).to(dev)
     prompt_len, warmup, steps = 16, 3, (4 if opts.quick else 32)
+    graph_mode = "compiled" if dev.type == "cuda" else "static"
     g = torch.Generator().manual_seed(6)
-    sec.notes.update(model="v4-tiny bf16", prompt_tokens=prompt_len, warmup_steps=warmup, timed_steps=steps)
+    sec.notes.update(model="v4-tiny bf16", prompt_tokens=prompt_len, warmup_steps=warmup, timed_steps=steps,
+                     graph_step=graph_mode)
     for B in opts.batches:
-        runner = lib.engine_runner.ModelRunner(model, kv_budget(lib, cfg, model.dtype, B,
-                                                                prompt_len + warmup + steps), B)
-        keys = [f"s{i}" for i in range(B)]
-        for k in keys:
-            runner.admit(k, prompt_len + warmup + steps)
         prompts = torch.randint(16, cfg.vocab_size, (B, prompt_len), generator=g).tolist()
-        logits = runner.step([(k, p, [prompt_len - 1]) for k, p in zip(keys, prompts)])
-        tokens = logits.argmax(-1).tolist()     # the one device->host read per step, as the engine does
-        elapsed = 0.0
+        runners = {mode: lib.engine_runner.ModelRunner(model, kv_budget(lib, cfg, model.dtype, B,
+                                                                        prompt_len + warmup + steps), B,
+                                                       decode_step=mode, max_model_len=prompt_len + warmup + steps)
+                   for mode in ("eager", graph_mode)}
+        keys = [f"s{i}" for i in range(B)]
+        tokens, elapsed, agree, total = {}, dict.fromkeys(runners, 0.0), 0, 0
+        for mode, runner in runners.items():
+            for k in keys:
+                runner.admit(k, prompt_len + warmup + steps)
+            logits = runner.step([(k, p, [prompt_len - 1]) for k, p in zip(keys, prompts)])
+            tokens[mode] = logits.argmax(-1).tolist()
+        forced = tokens["eager"]
         for s in range(warmup + steps):
-            _sync(dev)
-            t0 = time.perf_counter()
-            logits = runner.step([(k, [t], [0]) for k, t in zip(keys, tokens)])
-            tokens = logits.argmax(-1).tolist()
-            _sync(dev)
-            if s >= warmup:
-                elapsed += time.perf_counter() - t0
-        ok = sec.check(f"decode batch {B} finite", bool(torch.isfinite(logits).all()), True,
-                       bool(torch.isfinite(logits).all()))
-        sec.rows.append({"batch": B, "steps": steps, "ms_per_step": round(1e3 * elapsed / steps, 3),
-                         "tokens_per_s": round(B * steps / elapsed, 1), "finite": ok})
-        del runner
+            outs = {}
+            for mode, runner in runners.items():
+                _sync(dev)
+                t0 = time.perf_counter()
+                logits = runner.step([(k, [t], [0]) for k, t in zip(keys, forced)])
+                outs[mode] = logits.argmax(-1).tolist()   # the one device->host read per step, as the engine does
+                _sync(dev)
+                if s >= warmup:
+                    elapsed[mode] += time.perf_counter() - t0
+            agree += sum(a == b for a, b in zip(outs["eager"], outs[graph_mode]))
+            total += B
+            forced = outs["eager"]
+        finite = bool(torch.isfinite(logits).all())
+        sec.check(f"decode batch {B} finite", finite, True, finite)
+        sec.check(f"decode batch {B} {graph_mode} step top-1 agreement with eager", round(agree / total, 4),
+                  GRAPH_TOP1_MIN, agree / total >= GRAPH_TOP1_MIN)
+        sec.rows.append({"batch": B, "steps": steps, "ms_per_step": round(1e3 * elapsed["eager"] / steps, 3),
+                         "tokens_per_s": round(B * steps / elapsed["eager"], 1),
+                         f"{graph_mode}_ms_per_step": round(1e3 * elapsed[graph_mode] / steps, 3),
+                         "speedup": round(elapsed["eager"] / elapsed[graph_mode], 2), "finite": finite})
+        del runners
 
 
 # ---- 4. kernel TFLOP/s and GB/s -------------------------------------------------------------------------------------

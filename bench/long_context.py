@@ -1,11 +1,14 @@
 """Decode step time against context length: V4's compressed attention vs dense attention of the same size.
 
     python bench/long_context.py [--contexts 1024,2048,4096,8192,16384,32768] [--batch 1]
+                                 [--decode-steps eager,compiled]
 
 The dense baseline is the same tiny model (width, depth, heads, MoE) with every layer attending to all past
 tokens (a sliding window as long as the context, no compression). Cache contents do not change the cost of a
-step, so each context is set up by sizing the cache rather than prefilling it. Reported as growth ratios
-against the shortest context, measured in one run.
+step, so each context is set up by giving the sequences that many cached tokens rather than prefilling them.
+Each decode step runs eagerly (`StepBatch`) and as the compiled fixed-shape step (engine/graphs.py; one cache
+sized for the longest context serves every context, so one compile covers them all). Reported as growth
+ratios against the shortest context, measured in one run.
 """
 
 from __future__ import annotations
@@ -21,19 +24,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, timed, write  # noqa: E402
 
 
-def step_time(model, context: int, batch: int, steps: int = 5) -> float:
+def step_timer(model, max_context: int, batch: int, steps: int = 5):
+    """-> time(context, mode): seconds of one decode step of `batch` sequences with `context` cached tokens."""
+    from v4ray.engine.graphs import DecodeGraphs
     from v4ray.model.kv_cache import PagedKVCache, StepBatch
 
-    cache = PagedKVCache(model.cfg, num_blocks=batch * (-(-(context + steps + 1) // 256)), num_slots=batch)
-    seqs = [cache.allocate(context + steps + 1) for _ in range(batch)]
-    for s in seqs:
-        s.num_tokens = context  # as if `context` tokens were prefilled
-    tok = torch.full((batch,), 20)
+    per_seq = -(-(max_context + 2 * steps + 2) // 256)
+    cache = PagedKVCache(model.cfg, num_blocks=batch * per_seq, num_slots=batch)
+    graphs = DecodeGraphs(model, cache, batch, per_seq)
+    graphs.warm_up()
+    tok = [20] * batch
 
-    def one():
-        model.step(tok, StepBatch.build(cache, seqs, [1] * batch))
+    def time_at(context: int, mode: str) -> float:
+        seqs = [cache.allocate(context + 2 * steps + 2) for _ in range(batch)]
+        for s in seqs:
+            s.num_tokens = context  # as if `context` tokens were prefilled
 
-    return timed(one, repeat=steps, warmup=1)
+        def one():
+            if mode == "eager":
+                model.step(torch.tensor(tok), StepBatch.build(cache, seqs, [1] * batch))
+            else:
+                graphs.run(seqs, tok)
+                for s in seqs:
+                    s.num_tokens += 1
+
+        try:
+            return timed(one, repeat=steps, warmup=1)
+        finally:
+            for s in seqs:
+                cache.free(s)
+
+    return time_at
 
 
 def main() -> None:
@@ -41,7 +62,9 @@ def main() -> None:
     ap.add_argument("--preset", default="v4-tiny")
     ap.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--decode-steps", default="eager,compiled")
     args = ap.parse_args()
+    modes = args.decode_steps.split(",")
     contexts = [int(c) for c in args.contexts.split(",")]
 
     from v4ray.model.config import SWA, load_preset
@@ -55,17 +78,22 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     v4 = load_model(make_tiny(tmp / "v4", cfg=v4_cfg, dtype="fp32"), torch.float32)
     dense = load_model(make_tiny(tmp / "dense", cfg=dense_cfg, dtype="fp32"), torch.float32)
+    timers = {"v4": step_timer(v4, max(contexts), args.batch), "dense": step_timer(dense, max(contexts), args.batch)}
     rows = []
-    for ctx in contexts:
-        rows.append({"context": ctx, "v4_ms": round(1e3 * step_time(v4, ctx, args.batch), 2),
-                     "dense_ms": round(1e3 * step_time(dense, ctx, args.batch), 2)})
-        print(rows[-1], flush=True)
+    for mode in modes:
+        for ctx in contexts:
+            rows.append({"decode_step": mode, "context": ctx,
+                         **{f"{name}_ms": round(1e3 * t(ctx, mode), 2) for name, t in timers.items()}})
+            print(rows[-1], flush=True)
     for r in rows:
-        r["v4_growth"] = round(r["v4_ms"] / rows[0]["v4_ms"], 2)
-        r["dense_growth"] = round(r["dense_ms"] / rows[0]["dense_ms"], 2)
-    print(table(rows, ["context", "v4_ms", "dense_ms", "v4_growth", "dense_growth"]))
-    last = rows[-1]
-    print(f"from {contexts[0]} to {contexts[-1]} tokens: V4 step x{last['v4_growth']}, dense x{last['dense_growth']}")
+        first = next(x for x in rows if x["decode_step"] == r["decode_step"])
+        r["v4_growth"] = round(r["v4_ms"] / first["v4_ms"], 2)
+        r["dense_growth"] = round(r["dense_ms"] / first["dense_ms"], 2)
+    print(table(rows, ["decode_step", "context", "v4_ms", "dense_ms", "v4_growth", "dense_growth"]))
+    for mode in modes:
+        last = [r for r in rows if r["decode_step"] == mode][-1]
+        print(f"{mode}: from {contexts[0]} to {contexts[-1]} tokens: V4 step x{last['v4_growth']}, "
+              f"dense x{last['dense_growth']}")
     path = write("long_context", {"preset": args.preset, "batch": args.batch, "rows": rows,
                                   "dense_baseline": "same model, every layer attending to all past tokens"})
     print(f"wrote {path}")

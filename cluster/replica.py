@@ -154,10 +154,11 @@ class ReplicaConfig:
         dtype = resolve_dtype(self.dtype, cfg, torch.device(rank_device_type(self.device, self.gpus_per_router)))
         stored = None if self.kv_cache_dtype == "auto" else self.kv_cache_dtype   # auto: the compute dtype's
         probe = PagedKVCache(cfg, 0, 1, dtype, self.block_size, kv_format=stored)   # raises on a bad block_size
-        fixed = kv_bytes(cfg, probe.kv_format, probe.block_size).fixed_per_seq
-        if self.max_num_seqs * fixed > self.kv_cache_bytes:
+        kb = kv_bytes(cfg, probe.kv_format, probe.block_size)
+        if (self.max_num_seqs + 1) * kb.fixed_per_seq + kb.per_block > self.kv_cache_bytes:  # + the scratch slot/block
             raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes} cannot hold the fixed state of max_num_seqs="
-                             f"{self.max_num_seqs} sequences ({fixed} B each); raise the budget or lower max_num_seqs")
+                             f"{self.max_num_seqs} sequences ({kb.fixed_per_seq} B each) and the decode step's "
+                             f"scratch slot and block; raise the budget or lower max_num_seqs")
         if self.prefix_cache is not None:
             PrefixIO(probe)   # raises when the compression rates do not divide the prefix unit
 

@@ -446,6 +446,8 @@ def engine_args(args) -> dict:
     runs as many sequences as rows may be in flight."""
     given = ("dtype", "max_model_len", "device", "kv_cache_dtype", "gpus_per_router", "gpus_per_shard")
     kwargs = {k: getattr(args, k) for k in given if getattr(args, k, None) is not None}
+    if getattr(args, "enforce_eager", False):
+        kwargs["enforce_eager"] = True
     kwargs["max_num_seqs"] = max(1, args.max_in_flight)
     if args.expert_shards:
         kwargs.update(num_routers=args.routers, num_expert_shards=args.expert_shards)

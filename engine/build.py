@@ -95,9 +95,11 @@ def build_engine_core(config: EngineConfig, model=None, prefix_cache=None, locks
         device = resolve_device(config.device)
         model = load_model(path, resolve_dtype(config.dtype, cfg, device), keep_quantized=config.keep_quantized,
                            cfg=cfg, device=device)
+    max_model_len = config.max_model_len or cfg.max_position_embeddings
     runner = ModelRunner(model, config.kv_cache_bytes, config.max_num_seqs,
                          config.block_size or default_block_size(cfg), kv_format=kv_format(config.kv_cache_dtype),
-                         prefix_cache=prefix_cache)
-    return EngineCore(runner, V4Tokenizer.from_dir(path), config.max_model_len or cfg.max_position_embeddings,
+                         prefix_cache=prefix_cache, decode_step="eager" if config.enforce_eager else "compiled",
+                         max_model_len=max_model_len)
+    return EngineCore(runner, V4Tokenizer.from_dir(path), max_model_len,
                       config.max_num_batched_tokens, config.max_num_seqs, prefix_caching=prefix_cache is not None,
                       lockstep=lockstep, config=config)

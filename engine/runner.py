@@ -8,23 +8,47 @@ prefixes in and out of an optional prefix cache (duck-typed: `lookup(tokens, max
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from v4ray.model.kv_cache import PREFIX_UNIT, CacheFullError, PagedKVCache, PrefixIO, SeqCache, StepBatch
 from v4ray.model.v4 import V4Model
 
+from .graphs import DecodeGraphs, static_decode_problem
+
+log = logging.getLogger(__name__)
+
+DECODE_STEPS = ("eager", "static", "compiled")
 Chunk = tuple[str, list[int], list[int]]  # (sequence key, new token ids, rows of the chunk that need logits)
 
 
 class ModelRunner:
     def __init__(self, model: V4Model, kv_cache_bytes: int, max_num_seqs: int, block_size: int | None = None,
-                 kv_format: str | None = None, prefix_cache=None):
+                 kv_format: str | None = None, prefix_cache=None, decode_step: str = "eager",
+                 max_model_len: int | None = None):
+        """decode_step: "eager" runs every step through `StepBatch` (the reference); "compiled" runs decode-only
+        steps as the fixed-shape step of `DecodeGraphs` (compiled on the CPU, CUDA graphs on a GPU) where the model
+        allows it; "static" runs that fixed-shape step uncompiled. max_model_len: the longest sequence (bounds
+        the decode step's block-table width)."""
+        if decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step must be one of {DECODE_STEPS}, got {decode_step!r}")
         self.model = model
         self.cache = PagedKVCache.from_budget(model.cfg, kv_cache_bytes, max_num_seqs, model.dtype, block_size,
                                               kv_format, model.device)
         self.prefix_cache = prefix_cache
         self.io = PrefixIO(self.cache) if prefix_cache is not None else None
         self.seqs: dict[str, SeqCache] = {}
+        self.graphs: DecodeGraphs | None = None
+        if decode_step != "eager":
+            problem = static_decode_problem(model)
+            if problem:
+                log.warning("decode steps run eagerly: %s", problem)
+            else:
+                max_blocks = min(self.cache.blocks.num, self.cache.blocks_for(max_model_len or (1 << 62)))
+                self.graphs = DecodeGraphs(model, self.cache, max_num_seqs, max(1, max_blocks),
+                                           compiled=decode_step == "compiled")
+                self.graphs.warm_up()
 
     # ---- admission ---------------------------------------------------------------------------------------
     def can_admit(self, num_tokens: int) -> bool:
@@ -79,15 +103,46 @@ class ModelRunner:
     # ---- steps -------------------------------------------------------------------------------------------
     def step(self, chunks: list[Chunk]) -> torch.Tensor:
         """Run one step: each chunk appends its tokens to its sequence. Returns the logits of every requested
-        row, chunk by chunk, as [rows, V] fp32 on the model's device."""
-        seqs, lengths, tokens, rows = [], [], [], []
-        for key, new, want in chunks:
+        row, chunk by chunk, as [rows, V] fp32 on the model's device.
+
+        With `DecodeGraphs`, the chunks that decode (one token, its logits wanted) run as the fixed-shape step and
+        the rest (prompt chunks) as one eager `StepBatch` step beside it: different sequences never interact in a
+        step, so the split changes no value."""
+        for key, new, _ in chunks:
             seq = self.seqs[key]
             if not self.cache.can_append(seq, len(new)):
                 raise CacheFullError(f"sequence {key!r} needs blocks for {seq.num_tokens + len(new)} tokens")
             self.cache.append(seq, len(new))
-            rows.extend(len(tokens) + r for r in want)
-            seqs.append(seq), lengths.append(len(new)), tokens.extend(new)
         if not chunks:
             return torch.empty(0, self.model.cfg.vocab_size, device=self.model.device)
+        decode = [i for i, (_, new, want) in enumerate(chunks) if len(new) == 1 and list(want) == [0]]
+        seqs = [self.seqs[chunks[i][0]] for i in decode]
+        if (self.graphs is None or not decode
+                or not self.graphs.fits(len(seqs), max(len(s.block_table) for s in seqs))):
+            return self._eager(chunks)
+        decoded = self.graphs.run(seqs, [chunks[i][1][0] for i in decode])
+        for seq in seqs:
+            seq.num_tokens += 1
+        if len(decode) == len(chunks):
+            return decoded
+        is_decode = set(decode)
+        rest = self._eager([c for i, c in enumerate(chunks) if i not in is_decode])
+        # back into chunk order, a slice per run of chunks from the same side (no index tensor to upload)
+        parts, at = [], {True: 0, False: 0}
+        for i, (_, _, want) in enumerate(chunks):
+            side = i in is_decode
+            src = decoded if side else rest
+            n = len(want)
+            if parts and parts[-1][0] is src and parts[-1][2] == at[side]:
+                parts[-1][2] += n
+            else:
+                parts.append([src, at[side], at[side] + n])
+            at[side] += n
+        return torch.cat([src[a:b] for src, a, b in parts])
+
+    def _eager(self, chunks: list[Chunk]) -> torch.Tensor:
+        seqs, lengths, tokens, rows = [], [], [], []
+        for key, new, want in chunks:
+            rows.extend(len(tokens) + r for r in want)
+            seqs.append(self.seqs[key]), lengths.append(len(new)), tokens.extend(new)
         return self.model.step(tokens, StepBatch.build(self.cache, seqs, lengths), rows)

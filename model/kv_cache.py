@@ -80,20 +80,32 @@ class LayerCache:
     index_state_kv: torch.Tensor | None = None
     index_state_gate: torch.Tensor | None = None
 
-    def read_main(self, pool: torch.Tensor, i: torch.Tensor, j: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Main-width vectors (window ring or entries) at [i, j] -> [n, d] in `dtype`."""
-        v = pool[i, j]
+    # Storage form (what a pool holds) <-> compute form. The fixed-shape decode step substitutes a fresh entry in
+    # storage form into what it gathered, so it reads exactly what a write-then-read would.
+    def store_main(self, x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        return pack_main(x, self.rope_dim) if self.fmt == "fp8" else x.to(pool.dtype)
+
+    def load_main(self, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return unpack_main(v, self.head_dim, self.rope_dim, dtype) if self.fmt == "fp8" else v.to(dtype)
 
-    def write_main(self, pool: torch.Tensor, i: torch.Tensor, j: torch.Tensor, x: torch.Tensor) -> None:
-        pool[i, j] = pack_main(x, self.rope_dim) if self.fmt == "fp8" else x.to(pool.dtype)
+    def store_index(self, x: torch.Tensor) -> torch.Tensor:
+        return pack_index(x) if self.fmt == "fp8" else x.to(self.index_keys.dtype)
 
-    def read_index(self, i: torch.Tensor, j: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        v = self.index_keys[i, j]
+    def load_index(self, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return unpack_index(v, dtype) if self.fmt == "fp8" else v.to(dtype)
 
+    def read_main(self, pool: torch.Tensor, i: torch.Tensor, j: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Main-width vectors (window ring or entries) at [i, j] -> [n, d] in `dtype`."""
+        return self.load_main(pool[i, j], dtype)
+
+    def write_main(self, pool: torch.Tensor, i: torch.Tensor, j: torch.Tensor, x: torch.Tensor) -> None:
+        pool[i, j] = self.store_main(x, pool)
+
+    def read_index(self, i: torch.Tensor, j: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.load_index(self.index_keys[i, j], dtype)
+
     def write_index(self, i: torch.Tensor, j: torch.Tensor, x: torch.Tensor) -> None:
-        self.index_keys[i, j] = pack_index(x) if self.fmt == "fp8" else x.to(self.index_keys.dtype)
+        self.index_keys[i, j] = self.store_index(x)
 
 
 def state_rows(kind: str, ratio: int) -> int:
@@ -169,6 +181,11 @@ class PagedKVCache:
         self.device = device = torch.device(device or "cpu")
         self.staging = StagingBuffer(device)
         self.blocks, self.slots = BlockAllocator(num_blocks), BlockAllocator(num_slots)
+        # One more block and slot than the allocators hand out: where the fixed-shape decode step
+        # (`DecodeBatch`) sends the writes of padded rows and of windows that do not close, so every write
+        # has a destination and none lands in a sequence's state.
+        self.scratch_block, self.scratch_slot = num_blocks, num_slots
+        num_blocks, num_slots = num_blocks + 1, num_slots + 1
         d, dI, w, r = cfg.head_dim, cfg.index_head_dim, cfg.sliding_window, cfg.qk_rope_head_dim
 
         def store(*shape_then_width: int, width: int) -> torch.Tensor:
@@ -200,10 +217,11 @@ class PagedKVCache:
         block_size = block_size or default_block_size(cfg)
         fmt = kv_format or ("fp32" if dtype == torch.float32 else "bf16")
         kb = kv_bytes(cfg, fmt, block_size)
-        left = budget_bytes - max_seqs * kb.fixed_per_seq
+        left = budget_bytes - (max_seqs + 1) * kb.fixed_per_seq - kb.per_block  # + the scratch slot and block
         if left < 0 or max_seqs < 1:
             raise ValueError(f"a KV budget of {budget_bytes} B cannot hold the fixed state of {max_seqs} sequences "
-                             f"({kb.fixed_per_seq} B each); raise the budget or lower max_seqs")
+                             f"({kb.fixed_per_seq} B each) and the decode step's scratch slot and block; raise the "
+                             f"budget or lower max_seqs")
         if kb.per_block:
             num_blocks = left // kb.per_block
         else:  # sliding-window-only model: blocks hold no bytes, only the fixed state limits sequences
@@ -478,7 +496,7 @@ class StepBatch:
         return self._cached(("emit", ratio, ring_rows, overlap), lambda: self._emit_layout(ratio, ring_rows, overlap))
 
     def _emit_layout(self, m: int, R: int, overlap: bool) -> EmitLayout:
-        ring_total = self.cache.slots.num * R
+        ring_total = (self.cache.slots.num + 1) * R  # every slot's ring, the scratch slot's included
         per_block = self.cache.block_size // m
 
         def src(seq: SeqCache, a: int, p: int) -> int:  # where position p's raw row lives
@@ -499,6 +517,90 @@ class StepBatch:
         t = lambda x: torch.tensor(x, dtype=torch.long)
         return EmitLayout(t(rows).view(-1, m), t(prev).view(-1, m), torch.tensor(has_prev, dtype=torch.bool), t(pos),
                           t(blocks), t(offsets), self.ring_writes(R))
+
+
+@dataclass
+class DecodeBatch:
+    """One decode step in fixed shapes (docs/architecture.md §12): B rows, one new token each: sequences first, then
+    padding; each row's block table padded to W blocks. Every intermediate
+    shape of the step is a function of (B, W, config), never of the sequences' lengths, so the step compiles with
+    `fullgraph=True` and can be captured as a CUDA graph. Padded rows read and write only the cache's scratch slot
+    and block, and their logits are dropped before sampling."""
+
+    cache: PagedKVCache
+    token_ids: torch.Tensor     # [B] long
+    positions: torch.Tensor     # [B] long: the new token's position (= tokens cached before it); 0 for padding
+    slots: torch.Tensor         # [B] long: state slot; the scratch slot for padding
+    block_tables: torch.Tensor  # [B, W] long: blocks past a table's end (and padding rows') are the scratch block
+    real: torch.Tensor          # [B] long: 1 for a sequence's row, 0 for padding
+    deferred: list | None = None  # None: cache writes happen in the step; a list: they are collected there
+
+    def put(self, layer: int, pool: str, index: tuple[torch.Tensor, ...], value: torch.Tensor) -> None:
+        """cache.layers[layer].<pool>[index] = value — now, or collected for `apply_writes` after the step. A compiled
+        step returns its writes instead of making them: inductor turns an in-graph write into an input mutation and
+        may then copy the whole pool, twice, every step; the writes of one layer are read only by the next step."""
+        if self.deferred is None:
+            getattr(self.cache.layers[layer], pool)[index] = value
+        else:
+            self.deferred.append((layer, pool, index, value))
+
+    def apply_writes(self, writes: list) -> None:
+        for layer, pool, index, value in writes:
+            getattr(self.cache.layers[layer], pool)[index] = value
+
+
+class DecodeInputs:
+    """The inputs of one (B, W) bucket in one persistent int64 tensor on the cache's device, filled each step from a
+    host mirror (pinned on CUDA) by one non-blocking copy. A captured CUDA graph reads its inputs at fixed addresses,
+    so the views below are what it was captured with; the compiled CPU step takes them as arguments."""
+
+    def __init__(self, cache: PagedKVCache, batch_size: int, width: int):
+        self.cache, self.batch_size, self.width = cache, batch_size, width
+        B, W = batch_size, width
+        self.host = torch.zeros(4 * B + B * W, dtype=torch.long, pin_memory=cache.device.type == "cuda")
+        self.device = self.host if cache.device.type == "cpu" else torch.empty_like(self.host, device=cache.device)
+        d = self.device
+        self.token_ids, self.positions, self.slots, self.real = (d[i * B:(i + 1) * B] for i in range(4))
+        self.block_tables = d[4 * B:].view(B, W)
+
+    def fill(self, seqs: list[SeqCache], token_ids: list[int]) -> DecodeBatch:
+        """Rows for `seqs` (each one token past its cached length; blocks already appended), padding after."""
+        B, W = self.batch_size, self.width
+        n = len(seqs)
+        if not 0 < n <= B or len(token_ids) != n:
+            raise ValueError(f"a decode bucket of {B} rows got {n} sequences and {len(token_ids)} tokens")
+        longest = max(len(s.block_table) for s in seqs)
+        if longest > W:
+            raise ValueError(f"a block table of {longest} blocks does not fit a bucket {W} blocks wide")
+        h = self._pad()
+        h[:n] = torch.tensor(token_ids, dtype=torch.long)
+        h[B:B + n] = torch.tensor([s.num_tokens for s in seqs], dtype=torch.long)
+        h[2 * B:2 * B + n] = torch.tensor([s.slot for s in seqs], dtype=torch.long)
+        h[3 * B:3 * B + n] = 1
+        tables = h[4 * B:].view(B, W)
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.long)
+        return self._upload()
+
+    def padding(self) -> DecodeBatch:
+        """Every row padding (a warm-up or capture run: it touches only the scratch slot and block)."""
+        self._pad()
+        return self._upload()
+
+    def _pad(self) -> torch.Tensor:
+        B, h = self.batch_size, self.host
+        h[:4 * B] = 0
+        h[2 * B:3 * B] = self.cache.scratch_slot
+        h[4 * B:] = self.cache.scratch_block
+        return h
+
+    def _upload(self) -> DecodeBatch:
+        if self.device is not self.host:
+            self.device.copy_(self.host, non_blocking=True)
+        return self.batch()
+
+    def batch(self) -> DecodeBatch:
+        return DecodeBatch(self.cache, self.token_ids, self.positions, self.slots, self.block_tables, self.real)
 
 
 # ---- prefix export / import (the KV-cache service's unit of exchange) --------------------------------------

@@ -12,6 +12,7 @@ in bf16, and quantizes attention probabilities to bf16 before the value sum (doc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -25,7 +26,7 @@ from v4ray.kernels.moe import expert_mlp_dense, routing_matrix, stack_experts, s
 from v4ray.kernels.quant import QuantTensor
 
 from .config import CSA, SWA, V4Config, yarn_inv_freq
-from .kv_cache import LayerCache, StepBatch
+from .kv_cache import DecodeBatch, LayerCache, StepBatch
 from .kv_format import pack_main, unpack_main
 
 # Tensors kept in fp32 whatever the compute dtype (transformers' `_keep_in_fp32_modules_strict`, REF alike).
@@ -163,10 +164,28 @@ class Indexer(nn.Module):
         self.compressor = Compressor(cfg, cfg.index_head_dim, ratio, overlap=True)
 
 
+@dataclass
+class FreshEntries:
+    """Compressed entries pooled in a fixed-shape decode step, one per row, before they are written: row t's entry
+    number `index[t]` (-1 where its window does not close with this token) and pool place (block, offset: the
+    scratch block for -1); `main` / `index_key` the attention entry and indexer key (compute form, then storage)."""
+
+    index: torch.Tensor
+    block: torch.Tensor
+    offset: torch.Tensor
+    main: torch.Tensor
+    index_key: torch.Tensor | None = None
+
+    def substitute(self, stored: torch.Tensor, entry: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """stored [n, E, *] gathered from a pool, entry [n, E] the entry number of each column -> the same with
+        row t's fresh value where entry == index[t]."""
+        return torch.where((entry == self.index[:, None])[..., None], value[:, None], stored)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: V4Config, layer: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer = cfg, layer
         self.kind, self.ratio = cfg.layer_types[layer], cfg.compress_ratios[layer]
         H, d = cfg.num_attention_heads, cfg.head_dim
         self.n_heads, self.head_dim, self.window = H, d, cfg.sliding_window
@@ -194,6 +213,8 @@ class Attention(nn.Module):
         c_q, q, kv, cos, sin = self._project(u, positions)
         if step is None:
             o = self._attend(q, kv, positions, self._full_entries(u, c_q, positions), positions)
+        elif isinstance(step, DecodeBatch):
+            o = self._attend_static(u, c_q, q, kv, positions, step, cache)
         else:
             o = self._attend_cached(u, c_q, q, kv, positions, step, cache)
         o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)
@@ -280,7 +301,8 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         if step.decode_group:
             dec = step.decode_tables(step.decode_group)
-            out[dec.rows] = self._attend_decode(u, c_q, q, kv, positions, lc, dec)
+            r = dec.rows
+            out[r] = self._attend_decode(u[r], c_q[r], q[r], kv[r], positions[r], lc, dec.slots, dec.block_tables)
         for group in step.prefill_groups:
             win = step.window_layout(self.window, group)
             r = win.rows
@@ -299,60 +321,124 @@ class Attention(nn.Module):
         lc.write_main(lc.swa, writes.slots, writes.rows, kv[writes.src])
         return out
 
-    def _attend_decode(self, u, c_q, q, kv, positions, lc: LayerCache, dec) -> torch.Tensor:
-        """Single-token chunks, paged-attention style: each query reads its own window ring (the ring row of
-        the position falling out of the window is the one this token replaces) and its own compressed entries
-        through its block table — the indexer's top-k of them for CSA — then attends sparsely.
+    def _attend_decode(self, u, c_q, q, kv, positions, lc: LayerCache, slots: torch.Tensor,
+                       block_tables: torch.Tensor, fresh: "FreshEntries | None" = None) -> torch.Tensor:
+        """Single-token chunks, paged-attention style: each query (row t at positions[t], the count of its sequence's
+        cached tokens) reads its own window ring in state slot slots[t] (the ring row of the position falling out
+        of the window is the one this token replaces) and its own compressed entries through its block table — the
+        indexer's top-k of them for CSA — then attends sparsely. Every shape here is a function of the row count,
+        the block tables' width and the config (the fixed-shape step, `DecodeBatch`, relies on it).
+
+        fresh: entries that close with this token and are not yet in the pools (the fixed-shape step writes them
+        after every read); they are substituted, in storage form, where a row reads entry `fresh.index`.
 
         FP8 cache: every key is read as stored, this token's own included (packed as it will be written, which is
         what a write-then-read FP8 attention sees). Where the kernels are Triton's, they take the packed rows and
         dequantize in registers; the torch path unpacks first and is their reference (docs/architecture.md §11)."""
-        r, w, dev = dec.rows, self.window, q.device
-        n = r.shape[0]
+        w, dev = self.window, q.device
+        n = q.shape[0]
         ring_rows = torch.arange(w, device=dev)[None, :]
-        now = (torch.arange(n, device=dev), dec.cached % w)
+        now = (torch.arange(n, device=dev), positions % w)
         fp8 = lc.fmt == "fp8"
         in_registers = fp8 and kernel_backend(dev) == "triton"
         if fp8:
-            ring = lc.swa[dec.slots[:, None], ring_rows]                                          # [n, w, bytes]
-            ring[now] = pack_main(kv[r], lc.rope_dim)
+            ring = lc.swa[slots[:, None], ring_rows]                                              # [n, w, bytes]
+            ring[now] = pack_main(kv, lc.rope_dim)
             if not in_registers:
                 ring = unpack_main(ring, lc.head_dim, lc.rope_dim, kv.dtype)
         else:
-            ring = lc.read_main(lc.swa, dec.slots[:, None], ring_rows, kv.dtype)                  # [n, w, d]
-            ring[now] = kv[r]
+            ring = lc.read_main(lc.swa, slots[:, None], ring_rows, kv.dtype)                      # [n, w, d]
+            ring[now] = kv
         keys = [ring]
-        valid = [ring_rows <= dec.cached[:, None]]                      # rows not yet written are empty
+        valid = [ring_rows <= positions[:, None]]                       # rows not yet written are empty
         if self.compressor is not None:
             per_block = lc.entries.shape[1]                                 # entries per token block
-            count = (dec.cached + 1) // self.ratio                                                 # [n]
-            width = dec.block_tables.shape[1] * per_block
+            count = (positions + 1) // self.ratio                                                  # [n]
+            width = block_tables.shape[1] * per_block
             slot = torch.arange(width, device=dev)[None, :]
             ok = slot < count[:, None]
-            blocks = dec.block_tables.repeat_interleave(per_block, dim=1)                         # [n, width]
+            blocks = block_tables.repeat_interleave(per_block, dim=1)                             # [n, width]
             offsets = (slot % per_block).expand(n, -1)
+            entry = slot.expand(n, -1)                                      # entry number of each column
             if self.indexer is not None and width:
                 ix = self.indexer
-                cos, sin = rope_cos_sin(positions[r], self.inv_freq)
-                iq = apply_rope(ix.wq_b(c_q[r]).view(n, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
-                wts = ix.weights_proj(u[r]) * ix.n_heads ** -0.5
+                cos, sin = rope_cos_sin(positions, self.inv_freq)
+                iq = apply_rope(ix.wq_b(c_q).view(n, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
+                wts = ix.weights_proj(u) * ix.n_heads ** -0.5
+                stored = lc.index_keys[blocks, offsets]                                            # [n, width, *]
+                if fresh is not None:
+                    stored = fresh.substitute(stored, entry, fresh.index_key)
                 if in_registers:
-                    top = indexer_topk_padded_fp8(iq, lc.index_keys[blocks, offsets], wts, ok, ix.topk)
+                    top = indexer_topk_padded_fp8(iq, stored, wts, ok, ix.topk)
                 else:
-                    ikeys = lc.read_index(blocks, offsets, torch.float32)                          # [n, width, dI]
-                    top = indexer_topk_padded(iq, ikeys, wts, ok, ix.topk)                        # [n, k]
+                    top = indexer_topk_padded(iq, lc.load_index(stored, torch.float32), wts, ok, ix.topk)  # [n, k]
                 ok = top >= 0
                 blocks, offsets = blocks.gather(1, top.clamp(min=0)), offsets.gather(1, top.clamp(min=0))
+                entry = top
             if ok.shape[1]:
-                keys.append(lc.entries[blocks, offsets] if in_registers else
-                            lc.read_main(lc.entries, blocks, offsets, kv.dtype))
+                stored = lc.entries[blocks, offsets]
+                if fresh is not None:
+                    stored = fresh.substitute(stored, entry, fresh.main)
+                keys.append(stored if in_registers else lc.load_main(stored, kv.dtype))
                 valid.append(ok)
         keys_t, valid_t = torch.cat(keys, dim=1), torch.cat(valid, dim=1)
         bias = torch.zeros(valid_t.shape, device=dev).masked_fill(~valid_t, float("-inf"))
         scale = self.head_dim ** -0.5
         if in_registers:
-            return sparse_sink_attention_fp8(q[r], keys_t, bias, self.attn_sink, scale, self.head_dim, lc.rope_dim)
-        return sparse_sink_attention(q[r], keys_t.to(q.dtype), bias, self.attn_sink, scale)
+            return sparse_sink_attention_fp8(q, keys_t, bias, self.attn_sink, scale, self.head_dim, lc.rope_dim)
+        return sparse_sink_attention(q, keys_t.to(q.dtype), bias, self.attn_sink, scale)
+
+    # -- fixed-shape decode (DecodeBatch) ---------------------------------------------------------------------
+    def _attend_static(self, u, c_q, q, kv, positions, d: DecodeBatch, lc: LayerCache) -> torch.Tensor:
+        """The decode step as a function of fixed shapes: every row (padding included) pools its open window and
+        attends; writes that have no place (padding rows, windows not closing yet) go to the scratch slot or block
+        instead of being skipped, so no shape depends on the data. Every pool is read before it is written (a
+        compiled graph then updates the cache in place rather than copying it)."""
+        fresh = None
+        if self.compressor is not None:
+            fresh = self._pool_static(self.compressor, u, positions, d, "state_kv", "state_gate", lc)
+            fresh.main = lc.store_main(fresh.main, lc.entries)
+        if self.indexer is not None:
+            fresh.index_key = lc.store_index(
+                self._pool_static(self.indexer.compressor, u, positions, d, "index_state_kv", "index_state_gate",
+                                  lc).main)
+        out = self._attend_decode(u, c_q, q, kv, positions, lc, d.slots, d.block_tables, fresh)
+        if fresh is not None:
+            d.put(self.layer, "entries", (fresh.block, fresh.offset), fresh.main)
+            if self.indexer is not None:
+                d.put(self.layer, "index_keys", (fresh.block, fresh.offset), fresh.index_key)
+        d.put(self.layer, "swa", (d.slots, positions % self.window), lc.store_main(kv, lc.swa))
+        return out
+
+    def _pool_static(self, comp: Compressor, u: torch.Tensor, positions: torch.Tensor, d: DecodeBatch,
+                     kv_ring: str, gate_ring: str, lc: LayerCache) -> "FreshEntries":
+        """`_emit` for one token per row, in fixed shapes: every row pools the window its token falls in (the
+        token's raw row taking its place among the ring rows read) and the token's raw row enters the compressor
+        ring. -> the pooled, RoPE'd entries and where each goes: its pool place where the window closes with
+        this token, the scratch block for every other row."""
+        ring_kv, ring_gate = getattr(lc, kv_ring), getattr(lc, gate_ring)
+        m, R, dim = comp.ratio, ring_kv.shape[1], comp.dim
+        kv_new, gate_new = comp.project(u)
+        gate_new = gate_new + comp.ape[positions % m]
+        j = positions // m                                                  # the window of each row's token
+        rows = (j[:, None] * m + torch.arange(m, device=u.device)) % R      # [B, m] its ring rows
+        slots = d.slots[:, None]
+        mine = (rows == (positions % R)[:, None])[..., None]                # the token's own row
+        win_kv = torch.where(mine, kv_new[:, None], ring_kv[slots, rows])
+        win_gate = torch.where(mine, gate_new[:, None], ring_gate[slots, rows])
+        prev_kv = prev_gate = has_prev = None
+        if comp.overlap:                                                    # window j - 1: all in the ring
+            prev = (rows - m) % R
+            prev_kv, prev_gate, has_prev = ring_kv[slots, prev][..., :dim], ring_gate[slots, prev][..., :dim], j >= 1
+        pooled = comp.pool(win_kv, win_gate, prev_kv, prev_gate, has_prev)
+        ring = (d.slots, positions % R)                                     # after the reads above
+        d.put(self.layer, kv_ring, ring, kv_new)
+        d.put(self.layer, gate_ring, ring, gate_new)
+        cos, sin = rope_cos_sin(j * m, self.inv_freq)
+        per_block = d.cache.block_size // m
+        closing = ((positions + 1) % m == 0) & (d.real != 0)
+        block = torch.where(closing, d.block_tables.gather(1, (j // per_block)[:, None])[:, 0], d.cache.scratch_block)
+        return FreshEntries(torch.where(closing, j, -1), block, j % per_block, apply_rope(pooled, cos, sin))
 
     def _emit(self, comp: Compressor, u: torch.Tensor, positions: torch.Tensor, step: StepBatch,
               write, ring_kv: torch.Tensor, ring_gate: torch.Tensor) -> None:
@@ -467,14 +553,15 @@ class MoE(nn.Module):
                 m.w2._buffers["weight"] = w2[i]
         return self._stacked
 
-    def uses_dense(self, x: torch.Tensor) -> bool:
+    def uses_dense(self, x: torch.Tensor, static: bool = False) -> bool:
         """Whether routed experts run in the dense static form (`expert_mlp_dense`) for these rows: on the torch
         backend (Triton's grouped kernel is device-side already), with every routed expert here in plain
-        weights (FP8/FP4 kept quantized stay on the per-expert path), and E * N * D * I <= DENSE_MAX_EXPERT_MACS."""
+        weights (FP8/FP4 kept quantized stay on the per-expert path), and E * N * D * I <= DENSE_MAX_EXPERT_MACS —
+        or whatever the size in a fixed-shape step (`static`), where the sorted path's host read cannot be."""
         c = self.cfg
         E = c.n_routed_experts
         return (self.expert_backend is None and kernel_backend(x.device) == "torch" and self.expert_range == (0, E)
-                and E * x.shape[0] * c.hidden_size * c.moe_intermediate_size <= DENSE_MAX_EXPERT_MACS
+                and (static or E * x.shape[0] * c.hidden_size * c.moe_intermediate_size <= DENSE_MAX_EXPERT_MACS)
                 and (self._stacked is not None
                      or all(m.w1.fmt is None and m.w2.fmt is None and m.w3.fmt is None for m in self.experts.values())))
 
@@ -489,20 +576,21 @@ class MoE(nn.Module):
         s = self.shared_experts
         return s.w2(swiglu_clamped(s.w1(x), s.w3(x), self.cfg.swiglu_limit))
 
-    def route(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Sum over each token's experts of weight * Expert(x) -> [N, D] fp32: here, or on the backend."""
+    def route(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, static: bool = False) -> torch.Tensor:
+        """Sum over each token's experts of weight * Expert(x) -> [N, D] fp32: here, or on the backend.
+        static: a fixed-shape step (no host read, no data-dependent shape)."""
         if self.expert_backend is not None:
             return self.expert_backend.route(self.layer, x, weights, idx)
-        if self.uses_dense(x):                                              # static shapes, no host read
+        if self.uses_dense(x, static):                                              # static shapes, no host read
             w13, w2 = self.stacked_experts()
             return expert_mlp_dense(x, routing_matrix(idx, weights, w13.shape[0]), w13, w2, self.cfg.swiglu_limit)
         order, tok = group_rows(idx)                                        # dispatch: rows grouped by expert
         y = self.compute_experts(x[tok], idx.reshape(-1)[order], weights.reshape(-1)[order])
         return combine_rows(idx.shape[0], tok, y)
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor, static: bool = False) -> torch.Tensor:
         weights, idx = self.gate(x, token_ids)                              # gate
-        routed = self.route(x, weights, idx)                                # expert compute (local or all-to-all)
+        routed = self.route(x, weights, idx, static)                        # expert compute (local or all-to-all)
         return (routed + self.shared(x).float()).to(x.dtype)                # combine
 
 
@@ -535,7 +623,7 @@ class Block(nn.Module):
         y = self.attn(self.attn_norm(hc_collapse(x, pre)), positions, step, cache)
         x = hc_expand(x, y, post, comb)
         pre, post, comb = self._hc("ffn", x)
-        y = self.ffn(self.ffn_norm(hc_collapse(x, pre)), token_ids)
+        y = self.ffn(self.ffn_norm(hc_collapse(x, pre)), token_ids, isinstance(step, DecodeBatch))
         return hc_expand(x, y, post, comb)
 
 
@@ -590,6 +678,17 @@ class V4Model(nn.Module):
         for seq, _, n in batch.chunks:
             seq.num_tokens += n
         return self.logits(x[rows])
+
+    @torch.no_grad()
+    def decode(self, batch: DecodeBatch) -> torch.Tensor:
+        """One decode step in fixed shapes (`DecodeBatch`): a function of device tensors only — no host read, no
+        shape that depends on the data — so it compiles with `fullgraph=True` and captures as a CUDA graph.
+        -> logits [B, V] fp32, padding rows included. The caller advances each sequence's cached token count."""
+        x = F.embedding(batch.token_ids, self.embed_weight).to(self.dtype)
+        x = x[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()    # [B, n, D]
+        for block, layer_cache in zip(self.layers, batch.cache.layers):
+            x = block(x, batch.positions, batch.token_ids, batch, layer_cache)
+        return self.logits(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """hc_head -> final norm -> LM head (fp32). x [T, n, D] -> [T, V]."""

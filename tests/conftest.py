@@ -8,6 +8,11 @@ from pathlib import Path
 # Before anything imports Ray: a local cluster on loopback only, no usage reporting.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# torch.compile is off for the suite (it reaches Ray workers too): engines built with the default
+# `enforce_eager=False` then run their fixed-shape decode step uncompiled, the same function the compiled step
+# traces. A cold inductor compile costs about a minute on 2 cores; tests/test_decode_static.py turns compilation
+# back on where it is the subject.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

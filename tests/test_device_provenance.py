@@ -32,11 +32,13 @@ SAMPLING = {
 }
 
 
-def _run(ckpt, params: SamplingParams, kv_format: str | None = None, prompt_len: int = 150):
+def _run(ckpt, params: SamplingParams, kv_format: str | None = None, prompt_len: int = 150,
+         decode_step: str = "eager"):
     """Prefill 8 prompts (of different lengths, crossing CSA and HCA windows) and decode; -> per-step windows."""
     with Provenance() as prov, kernels_as_device_ops(prov):
         model = mark_device(load_model(ckpt, torch.float32))
-        runner = ModelRunner(model, 64 << 20, NUM_SEQS, kv_format=kv_format)
+        runner = ModelRunner(model, 64 << 20, NUM_SEQS, kv_format=kv_format, decode_step=decode_step)
+        assert (runner.graphs is not None) == (decode_step != "eager")
         assert isinstance(runner.cache.layers[0].swa, DeviceTensor)  # the cache follows the model's device
         core = EngineCore(runner, V4Tokenizer.from_dir(ckpt), 4096, 4096, NUM_SEQS)
         for i in range(NUM_SEQS):
@@ -52,10 +54,13 @@ def _run(ckpt, params: SamplingParams, kv_format: str | None = None, prompt_len:
     return steps
 
 
+@pytest.mark.parametrize("decode_step", ["eager", "static"])
 @pytest.mark.parametrize("kind", list(SAMPLING))
-def test_decode_and_prefill_steps_cross_the_device_boundary_once(tiny_ckpt, kind):
+def test_decode_and_prefill_steps_cross_the_device_boundary_once(tiny_ckpt, kind, decode_step):
+    """static: the fixed-shape decode step (what is compiled or captured as a CUDA graph): its inputs are one
+    copy into the bucket's persistent buffer, and nothing inside its layers reads the device."""
     params = SamplingParams(max_tokens=DECODE_STEPS + 2, ignore_eos=True, **SAMPLING[kind])
-    prefill, *decode = _run(tiny_ckpt(), params)
+    prefill, *decode = _run(tiny_ckpt(), params, decode_step=decode_step)
     assert len(decode) == DECODE_STEPS
     for w in [prefill, *decode]:
         assert w.count("mix") == 0, f"{w.name}: host tensors reach device ops\n{w.summary()}"
@@ -64,9 +69,10 @@ def test_decode_and_prefill_steps_cross_the_device_boundary_once(tiny_ckpt, kind
         assert w.count("sync") == MAX_SYNCS_PER_DECODE_STEP, f"{w.name}: device->host reads\n{w.summary()}"
 
 
-def test_fp8_cache_steps_stay_on_the_device(tiny_ckpt):
+@pytest.mark.parametrize("decode_step", ["eager", "static"])
+def test_fp8_cache_steps_stay_on_the_device(tiny_ckpt, decode_step):
     params = SamplingParams(max_tokens=DECODE_STEPS + 2, ignore_eos=True)
-    for w in _run(tiny_ckpt(), params, kv_format="fp8"):
+    for w in _run(tiny_ckpt(), params, kv_format="fp8", decode_step=decode_step):
         assert w.count("mix") == 0 and w.count("upload") <= MAX_UPLOADS_PER_STEP, f"{w.name}\n{w.summary()}"
 
 

@@ -95,7 +95,7 @@ def test_preemption_under_memory_pressure_loses_nothing(tiny_ckpt):
     free = _drain(_core(ckpt), work)
     cfg = load_model(ckpt, torch.float32).cfg
     kb = kv_bytes(cfg, "fp32")
-    tight = _core(ckpt, kv_cache_bytes=4 * kb.fixed_per_seq + 3 * kb.per_block, max_num_seqs=4)
+    tight = _core(ckpt, kv_cache_bytes=5 * kb.fixed_per_seq + 4 * kb.per_block, max_num_seqs=4)
     squeezed = _drain(tight, work)
     assert tight.scheduler.num_preemptions > 0
     for rid, _, _ in work:

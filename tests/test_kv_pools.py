@@ -55,10 +55,10 @@ def test_pool_bytes_equal_hand_arithmetic():
                                                                 + 128 * 2 * 128 * 4),
     }
     for fmt, want in hand.items():
-        cache = PagedKVCache(cfg, blocks, slots, kv_format=fmt)
-        assert cache.nbytes == want, fmt
         kb = kv_bytes(cfg, fmt)
         assert blocks * kb.per_block + slots * kb.fixed_per_seq == want
+        cache = PagedKVCache(cfg, blocks, slots, kv_format=fmt)  # plus one scratch block and slot (decode padding)
+        assert cache.nbytes == want + kb.per_block + kb.fixed_per_seq, fmt
         # bytes per cached token: per block / 256 tokens = 2 * (main + idx) / 4 + main / 128
         main, idx = {"fp8": (168, 68), "bf16": (256, 128), "fp32": (512, 256)}[fmt]
         assert kb.per_token == 2 * (main + idx) / 4 + main / 128
@@ -97,8 +97,9 @@ def test_capacity_matches_admission():
     budget = 3 * kb.fixed_per_seq + 7 * kb.per_block
     cap = capacity(cfg, budget, "bf16", seq_len=600)  # 600 tokens = 3 blocks
     assert cap.max_seqs == budget // (3 * kb.per_block + kb.fixed_per_seq) == 2
-    cache = PagedKVCache.from_budget(cfg, budget, max_seqs=3, dtype=torch.bfloat16)
-    assert cache.blocks.num == 7 and cache.nbytes <= budget
+    scratch = kb.fixed_per_seq + kb.per_block  # the cache's scratch slot and block (decode padding writes there)
+    cache = PagedKVCache.from_budget(cfg, budget + scratch, max_seqs=3, dtype=torch.bfloat16)
+    assert cache.blocks.num == 7 and cache.nbytes <= budget + scratch
     seqs = [cache.allocate(600), cache.allocate(600)]
     assert not cache.can_allocate(600) and cache.can_allocate(256)
     with pytest.raises(CacheFullError):
