@@ -4,11 +4,20 @@ Ranks: routers 0..R-1, expert shards R..R+S-1, one process group per model repli
 every MoE layer's exchange, in layer order, so routers step in lockstep; a rank with nothing to send sends
 zero rows. Per layer:
 
-1. counts: all_to_all_single of int64 [world] — how many (token, expert) rows each rank sends to each rank;
-   each rank then reads its [2, world] sent/received counts to the host in one transfer: the split sizes of
-   the two variable-size collectives below (the one device->host sync per MoE layer on each rank);
+1. counts: all_to_all_single of int64 [world, 2] — how many (token, expert) rows each rank sends to each rank,
+   and how many of them are used (the same, except in a fixed-capacity block); each rank then reads its sent and
+   received counts to the host in one transfer: the split sizes of the two collectives below (the one
+   device->host sync per MoE layer on each rank, except a router in a fixed-capacity exchange);
 2. dispatch: all_to_all_single of the rows [M, D + 2] = hidden vector, expert id, routing weight (fp32);
 3. combine: all_to_all_single of the weighted expert outputs [M, D] back, with the split sizes reversed.
+
+Fixed capacity (a router's fixed-shape decode step, `static=True`): the router sends every shard a block of
+C = N * top_k rows — all of its rows could go to one shard — its used rows first, so its split sizes are known
+on the host before any data exists and it reads nothing back (DeepEP's low-latency mode sends into fixed-size
+buffers the same way). Routers receive no dispatch rows in either mode, so their receive sizes are always zero.
+The used counts travel in the counts exchange, computed on the device; the shards read them with the sizes
+(their own step is not captured), compute only the used rows and return zeros for the rest. The collectives per
+layer stay the same three, so a router in a decode step and one in a prefill step still meet in lockstep.
 
 Every buffer, count and index lives on the rank's `device` (NCCL takes CUDA tensors only); routing tables are
 computed there, and a shard counts the rows each expert serves in a device tensor read only by `stats()`.
@@ -91,13 +100,14 @@ class PhaseTimer:
         return now
 
 
-def _exchange_counts(send: torch.Tensor) -> tuple[list[int], list[int]]:
-    """send [world] rows this rank sends to each rank (on the device) -> (send sizes, receive sizes) on the host:
+def _exchange_counts(send: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+    """send [world, 2] per destination rank: (rows in the block sent to it, how many of them are used: the same,
+    except in a fixed-capacity block) on the device -> (send sizes, receive sizes, used rows received) on the host:
     the all_to_all of the counts, then ONE device->host transfer of both."""
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send)
-    send_sizes, recv_sizes = torch.stack([send, recv]).tolist()   # the one sync of this layer
-    return send_sizes, recv_sizes
+    sent, got = torch.stack([send, recv]).tolist()   # the one sync of this layer
+    return [s for s, _ in sent], [r for r, _ in got], [u for _, u in got]
 
 
 class RouterExchange:
@@ -112,9 +122,14 @@ class RouterExchange:
         holders, copies = placement.table()   # built once, on the host; routing reads them on the device
         self.holders, self.copies = holders.to(self.device), copies.to(self.device)
         self.timer = PhaseTimer()
+        self.host_reads = 0   # device->host reads of split sizes (one per MoE layer of a variable-size exchange)
 
-    def route(self, layer: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x [N, D], weights/idx [N, K] -> sum_k w_k Expert_{idx_k}(x) [N, D] fp32, experts on the shards."""
+    def route(self, layer: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+              static: bool = False) -> torch.Tensor:
+        """x [N, D], weights/idx [N, K] -> sum_k w_k Expert_{idx_k}(x) [N, D] fp32, experts on the shards.
+        static: fixed-capacity dispatch (a fixed-shape decode step: no host read, no data-dependent shape)."""
+        if static:
+            return self._route_fixed(x, weights, idx)
         t0 = time.perf_counter()
         dev, D = self.device, self.hidden
         flat_e = idx.reshape(-1)
@@ -126,7 +141,8 @@ class RouterExchange:
         payload = torch.cat([x[tok].float(), flat_e[order].float()[:, None],
                              weights.reshape(-1)[order].float()[:, None]], dim=1)      # [M, D + 2]
         t0 = self.timer.add("router_prepare", t0)
-        send_sizes, recv_sizes = _exchange_counts(send_counts)
+        send_sizes, recv_sizes, _ = _exchange_counts(torch.stack([send_counts, send_counts], dim=1))
+        self.host_reads += 1
         recv = torch.empty(sum(recv_sizes), D + 2, device=dev)   # routers receive none
         dist.all_to_all_single(recv, payload, recv_sizes, send_sizes)
         t0 = self.timer.add("dispatch", t0)
@@ -134,6 +150,37 @@ class RouterExchange:
         dist.all_to_all_single(back, torch.empty(0, D, device=dev), send_sizes, recv_sizes)
         t0 = self.timer.add("combine", t0)
         return combine_rows(idx.shape[0], tok, back)
+
+    def _route_fixed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """`route` with a block of C = N * K rows per shard: the place of each row in its shard's block comes from
+        a sort and a count on the device; the split sizes are constants of (N, K)."""
+        t0 = time.perf_counter()
+        dev, D, R = self.device, self.hidden, self.num_routers
+        N, K = idx.shape
+        C, S = N * K, self.world - R
+        flat_e = idx.reshape(-1)
+        rows = torch.arange(C, device=dev)
+        shard = self.holders[flat_e, rows % self.copies[flat_e]]                         # 0..S-1
+        order, tok = group_rows(idx, key=shard * self.placement.num_experts + flat_e)    # by shard, then expert
+        by_shard = shard[order]
+        counts = torch.zeros(S, dtype=torch.long, device=dev).scatter_add_(0, shard, torch.ones_like(shard))
+        place = by_shard * C + rows - (torch.cumsum(counts, 0) - counts)[by_shard]       # [C] in the send buffer
+        payload = torch.zeros(S * C, D + 2, device=dev)
+        payload[:, D] = -1.0                                                             # unused rows: expert -1
+        payload[place] = torch.cat([x[tok].float(), flat_e[order].float()[:, None],
+                                    weights.reshape(-1)[order].float()[:, None]], dim=1)
+        sizes, none = [0] * R + [C] * S, [0] * self.world
+        block = torch.zeros(self.world, 2, dtype=torch.long, device=dev)   # (block rows, used rows) per rank
+        block[R:, 0] = C
+        block[R:, 1] = counts
+        t0 = self.timer.add("router_prepare", t0)
+        dist.all_to_all_single(torch.empty_like(block), block)
+        dist.all_to_all_single(torch.empty(0, D + 2, device=dev), payload, none, sizes)
+        t0 = self.timer.add("dispatch", t0)
+        back = torch.empty(S * C, D, device=dev)
+        dist.all_to_all_single(back, torch.empty(0, D, device=dev), sizes, none)
+        self.timer.add("combine", t0)
+        return combine_rows(N, tok, back[place])
 
     def idle(self, num_layers: int) -> None:
         """Take part in a step with no tokens of our own."""
@@ -153,7 +200,7 @@ class ShardServer:
         self.limit, self.device = swiglu_limit, torch.device(device)
         self.timer = PhaseTimer()
         dev = self.device
-        self.no_rows = torch.zeros(world_size, dtype=torch.long, device=dev)   # a shard sends no dispatch rows
+        self.no_rows = torch.zeros(world_size, 2, dtype=torch.long, device=dev)   # a shard sends no dispatch rows
         self.none_in = torch.empty(0, hidden + 2, device=dev)
         self.none_out = torch.empty(0, hidden, device=dev)
         ids = [e for layer in experts for e in layer]
@@ -164,12 +211,22 @@ class ShardServer:
         rows_served, D = 0, self.hidden
         for layer, experts in enumerate(self.experts):
             t0 = time.perf_counter()
-            send_sizes, recv_sizes = _exchange_counts(self.no_rows)
+            send_sizes, recv_sizes, used = _exchange_counts(self.no_rows)
             recv = torch.empty(sum(recv_sizes), D + 2, device=self.device)
             dist.all_to_all_single(recv, self.none_in, recv_sizes, send_sizes)
             t0 = self.timer.add("dispatch_wait", t0)
-            x, e, w = recv[:, :D].to(self.dtype), recv[:, D].long(), recv[:, D + 1]
+            # A fixed-capacity block's used rows come first: slices by host-known counts, no index tensor.
+            starts = [sum(recv_sizes[:r]) for r in range(self.world)]
+            spans = [(a, a + u) for a, u, n in zip(starts, used, recv_sizes) if u]
+            rows = recv if used == recv_sizes else torch.cat([recv[a:b] for a, b in spans] or [recv[:0]])
+            x, e, w = rows[:, :D].to(self.dtype), rows[:, D].long(), rows[:, D + 1]
             y = expert_mlp(x, e, w, experts, self.limit).float()
+            if used != recv_sizes:   # back into the blocks; the unused rows return zeros
+                full, at = torch.zeros(recv.shape[0], D, device=self.device), 0
+                for a, b in spans:
+                    full[a:b] = y[at:at + b - a]
+                    at += b - a
+                y = full
             self.expert_rows[layer].scatter_add_(0, e, torch.ones_like(e))
             rows_served += x.shape[0]
             t0 = self.timer.add("expert", t0)

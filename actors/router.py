@@ -95,6 +95,7 @@ class Router:
         t = dict(self.exchange.timer.seconds)
         t["attention_and_dense"] = self.step_seconds - sum(t.values())
         return {"rank": self.rank, "steps": self.steps, "step_seconds": self.step_seconds, "phases": t,
+                "split_size_reads": self.exchange.host_reads,
                 "kv_free_blocks": self.runner.cache.blocks.num_free, "kv_blocks": self.runner.cache.blocks.num,
                 "running": len(self.runner.seqs), "engine": self.core.stats(), "config": self.config.model_dump(),
                 "device": str(self.device), "kv_format": self.runner.cache.kv_format}

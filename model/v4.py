@@ -177,9 +177,14 @@ class FreshEntries:
     index_key: torch.Tensor | None = None
 
     def substitute(self, stored: torch.Tensor, entry: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """stored [n, E, *] gathered from a pool, entry [n, E] the entry number of each column -> the same with
-        row t's fresh value where entry == index[t]."""
-        return torch.where((entry == self.index[:, None])[..., None], value[:, None], stored)
+        """stored [n, E, *] gathered from a pool (a copy: it is updated in place), entry [n, E] the entry number of
+        each column -> the same with row t's fresh value where entry == index[t]. One [n, *] write, not a pass
+        over [n, E, *]: E is every entry place of the block table (thousands at long context)."""
+        hit = (entry == self.index[:, None]) & (self.index[:, None] >= 0)   # [n, E], at most one per row
+        col = hit.to(torch.int32).argmax(1)                                  # that column (0 where none)
+        rows = torch.arange(stored.shape[0], device=stored.device)
+        stored[rows, col] = torch.where(hit.any(1).view(-1, *[1] * (stored.dim() - 2)), value, stored[rows, col])
+        return stored
 
 
 class Attention(nn.Module):
@@ -365,7 +370,7 @@ class Attention(nn.Module):
                 cos, sin = rope_cos_sin(positions, self.inv_freq)
                 iq = apply_rope(ix.wq_b(c_q).view(n, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
                 wts = ix.weights_proj(u) * ix.n_heads ** -0.5
-                stored = lc.index_keys[blocks, offsets]                                            # [n, width, *]
+                stored = lc.index_keys[block_tables].flatten(1, 2)             # [n, width, *]: whole blocks
                 if fresh is not None:
                     stored = fresh.substitute(stored, entry, fresh.index_key)
                 if in_registers:
@@ -498,8 +503,10 @@ class ExpertBackend(Protocol):
     """Where a MoE layer's routed experts run when they are not in this process (an expert-parallel router's
     all-to-all with the expert shards): rows of one layer in, weighted expert outputs out."""
 
-    def route(self, layer: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x [N, D], weights/idx [N, K] -> sum_k weights[:, k] * Expert_{idx[:, k]}(x), [N, D] fp32."""
+    def route(self, layer: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+              static: bool = False) -> torch.Tensor:
+        """x [N, D], weights/idx [N, K] -> sum_k weights[:, k] * Expert_{idx[:, k]}(x), [N, D] fp32. static: a
+        fixed-shape step's call (fixed-capacity exchange: no host read, no data-dependent shape)."""
 
 
 def group_rows(idx: torch.Tensor, key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -580,7 +587,7 @@ class MoE(nn.Module):
         """Sum over each token's experts of weight * Expert(x) -> [N, D] fp32: here, or on the backend.
         static: a fixed-shape step (no host read, no data-dependent shape)."""
         if self.expert_backend is not None:
-            return self.expert_backend.route(self.layer, x, weights, idx)
+            return self.expert_backend.route(self.layer, x, weights, idx, static)
         if self.uses_dense(x, static):                                              # static shapes, no host read
             w13, w2 = self.stacked_experts()
             return expert_mlp_dense(x, routing_matrix(idx, weights, w13.shape[0]), w13, w2, self.cfg.swiglu_limit)
