@@ -85,6 +85,27 @@ def test_static_decode_matches_the_eager_step(models, preset):
         tokens = ref.argmax(-1).tolist()  # both paths continue from the reference's tokens
 
 
+@pytest.mark.parametrize("dtype,kv_format", [(torch.float32, "fp8"), (torch.bfloat16, "bf16"),
+                                              (torch.bfloat16, "fp8")])
+def test_static_decode_matches_the_eager_step_in_bf16_and_with_an_fp8_cache(tiny_ckpt, dtype, kv_format):
+    """The fixed-shape step reads every key as stored (a fresh entry substituted in storage form), so it sees what
+    the eager step's write-then-read sees: bf16 logits are equal bit for bit (measured), fp8 within LOGIT_TOL."""
+    ckpt = tiny_ckpt("v4-tiny", dtype="bf16" if dtype == torch.bfloat16 else "fp32", confident=True)
+    model = load_model(ckpt, dtype)
+    caches = [PagedKVCache(model.cfg, 16, 6, dtype=dtype, kv_format=kv_format) for _ in range(2)]
+    seqs = [[c.allocate(n + DECODE_STEPS) for n in PROMPT_LENS] for c in caches]
+    for cache, ss in zip(caches, seqs):
+        for i, (s, n) in enumerate(zip(ss, PROMPT_LENS)):
+            model.step(parity_prompt(n, seed=i), StepBatch.build(cache, [s], [n]))
+    tokens = [20, 30, 40, 50]
+    for step in range(DECODE_STEPS):
+        ref = model.step(torch.tensor(tokens), StepBatch.build(caches[0], seqs[0], [1] * len(tokens)))
+        got = _static_step(model, caches[1], seqs[1], tokens, 8, 4)
+        assert (ref - got).abs().max() <= LOGIT_TOL, f"{dtype} {kv_format} step {step}"
+        _greedy_agree(ref, got, f"{dtype} {kv_format} step {step}")
+        tokens = ref.argmax(-1).tolist()
+
+
 def test_a_sequence_decodes_the_same_alone_padded_and_in_a_full_bucket(models):
     """One sequence: alone (a bucket of 1), padded into a bucket of 32, and beside 31 others."""
     model = models["v4-tiny"]
