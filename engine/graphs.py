@@ -1,6 +1,6 @@
 """Decode steps in fixed shapes, compiled on the CPU or captured as CUDA graphs (docs/architecture.md §12).
 
-A decode-only step (every sequence of the step adds one token) runs `V4Model.decode` on a `DecodeBatch`: B rows
+The decode rows of a step (sequences adding one token) run `V4Model.decode` on a `DecodeBatch`: B rows
 (the sequences, then padding) and block tables W blocks wide. Nothing in it reads the device from the host or
 takes a shape from the data, so:
 
@@ -13,7 +13,7 @@ takes a shape from the data, so:
   (`DecodeBatch.put`): written inside, inductor copies the whole pools every step.
 
 `EngineConfig.enforce_eager` turns all of this off: every step then runs the plain `StepBatch` path, the
-reference the tests compare against. Steps with a prompt chunk always do.
+reference the tests compare against. Prompt chunks always take that path (beside the step's decode rows).
 """
 
 from __future__ import annotations
