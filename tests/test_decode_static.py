@@ -132,11 +132,12 @@ def _compile_step(model, cache, backend):
     return torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
 
 
-@pytest.mark.parametrize("preset", [*PARITY_PRESETS, "rates-4-24"])
+@pytest.mark.parametrize("preset", ["v4-tiny", "v4-tiny-pro", "rates-4-24"])
 def test_the_decode_step_compiles_as_one_graph_per_bucket(models, preset):
     """fullgraph=True, dynamic=False: a graph break, a host read or a data-dependent shape fails the compile.
     aot_eager traces and functionalises like inductor (without generating code), and runs the result: the
-    compiled step's logits equal the uncompiled step's bit for bit, on every preset, in two buckets each."""
+    compiled step's logits equal the uncompiled step's bit for bit, in two buckets of three configs (every layer
+    kind; HCA rates 128, 16 and 24). 15 s each on 2 cores."""
     model = models[preset]
     with torch._dynamo.config.patch(disable=False, recompile_limit=8):
         torch._dynamo.reset()
