@@ -25,6 +25,7 @@ computed there, and a shard counts the rows each expert serves in a device tenso
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 from collections import defaultdict
@@ -165,8 +166,7 @@ class RouterExchange:
         by_shard = shard[order]
         counts = torch.zeros(S, dtype=torch.long, device=dev).scatter_add_(0, shard, torch.ones_like(shard))
         place = by_shard * C + rows - (torch.cumsum(counts, 0) - counts)[by_shard]       # [C] in the send buffer
-        payload = torch.zeros(S * C, D + 2, device=dev)
-        payload[:, D] = -1.0                                                             # unused rows: expert -1
+        payload = torch.zeros(S * C, D + 2, device=dev)                                 # unused rows stay 0
         payload[place] = torch.cat([x[tok].float(), flat_e[order].float()[:, None],
                                     weights.reshape(-1)[order].float()[:, None]], dim=1)
         sizes, none = [0] * R + [C] * S, [0] * self.world
@@ -216,7 +216,7 @@ class ShardServer:
             dist.all_to_all_single(recv, self.none_in, recv_sizes, send_sizes)
             t0 = self.timer.add("dispatch_wait", t0)
             # A fixed-capacity block's used rows come first: slices by host-known counts, no index tensor.
-            starts = [sum(recv_sizes[:r]) for r in range(self.world)]
+            starts = [0, *itertools.accumulate(recv_sizes)]
             spans = [(a, a + u) for a, u, n in zip(starts, used, recv_sizes) if u]
             rows = recv if used == recv_sizes else torch.cat([recv[a:b] for a, b in spans] or [recv[:0]])
             x, e, w = rows[:, :D].to(self.dtype), rows[:, D].long(), rows[:, D + 1]

@@ -29,8 +29,8 @@ class EngineConfig(BaseModel):
     gpus_per_router: float = Field(0, ge=0, description="GPUs each Router actor (or the single-process engine) "
                                                         "reserves; > 0 runs it on CUDA.")
     gpus_per_shard: float = Field(0, ge=0, description="GPUs each ExpertShard actor reserves; > 0 runs it on CUDA.")
-    enforce_eager: bool = Field(False, description="Run every step eagerly. Default: decode-only steps run one "
-                                                  "fixed-shape step, compiled at start-up on the CPU (torch.compile) "
+    enforce_eager: bool = Field(False, description="Run every step eagerly. Default: a step's decode rows run "
+                                                  "one fixed-shape step, compiled at start-up on the CPU (torch.compile) "
                                                   "or captured per batch bucket as a CUDA graph on a GPU.")
     keep_quantized: bool = Field(False, description="Keep FP8/FP4 weights as stored (dequantized per use).")
     num_routers: int = Field(1, ge=1, description="Router actors of a distributed replica (attention side).")

@@ -24,14 +24,11 @@ import time
 
 import torch
 
+from v4ray.kernels.backend import kernel_backend
 from v4ray.model.kv_cache import DecodeBatch, DecodeInputs, PagedKVCache, SeqCache
 from v4ray.model.v4 import V4Model
 
 log = logging.getLogger(__name__)
-
-
-def pow2_at_least(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def bucket_sizes(limit: int, smallest: int = 1) -> list[int]:
@@ -45,10 +42,9 @@ def bucket_sizes(limit: int, smallest: int = 1) -> list[int]:
 
 def static_decode_problem(model: V4Model) -> str | None:
     """Why this model's decode step cannot run in fixed shapes here, or None."""
-    for block in model.layers:
-        moe = block.ffn
-        if moe.expert_backend is None and not moe.uses_dense(model.embed_weight[:1], static=True) and model.device.type == "cpu":
-            return "routed experts kept quantized (keep_quantized) have no fixed-shape form on the CPU"
+    if kernel_backend(model.device) == "torch" and not model.experts_remote and not all(
+            block.ffn.uses_dense(model.embed_weight[:1], static=True) for block in model.layers):
+        return "routed experts kept quantized (keep_quantized) have no fixed-shape form on the torch backend"
     return None
 
 
@@ -60,7 +56,7 @@ class DecodeGraphs:
         """compiled: False runs the fixed-shape step as it is (the eager reference of the compiled step, and what
         the device-provenance tests follow op by op)."""
         self.model, self.cache = model, cache
-        if compiled and any(b.ffn.expert_backend is not None for b in model.layers):
+        if compiled and model.experts_remote:
             log.warning("an expert-parallel router runs the fixed-shape decode step uncompiled (with fixed-capacity "
                         "dispatch): its all-to-all is not compiled or captured in a CUDA graph yet")
             compiled = False
@@ -75,13 +71,9 @@ class DecodeGraphs:
         self.inputs: dict[tuple[int, int], DecodeInputs] = {}
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None  # CUDA graphs' shared memory pool
-        self._compiled = (torch.compile(self._deferred_step, fullgraph=True, dynamic=None)
-                          if compiled and not self.cuda else self._deferred_step)
-        self.compiled = compiled
-
-    @property
-    def max_batch(self) -> int:
-        return self.batch_sizes[-1]
+        self.compiled = compiled  # torch.compile on the CPU, CUDA graphs on CUDA; False: the step as it is
+        self._step = (torch.compile(self._deferred_step, fullgraph=True, dynamic=None)
+                      if compiled and not self.cuda else self._deferred_step)
 
     def fits(self, num_seqs: int, longest_table: int) -> bool:
         return num_seqs <= self.batch_sizes[-1] and longest_table <= self.widths[-1]
@@ -93,7 +85,7 @@ class DecodeGraphs:
     def _inputs(self, key: tuple[int, int]) -> DecodeInputs:
         if key not in self.inputs:
             inputs = self.inputs[key] = DecodeInputs(self.cache, *key)
-            if self._compiled is not self._deferred_step:  # one compiled graph for every bucket
+            if self.compiled and not self.cuda:  # one compiled graph for every bucket
                 for t in (inputs.token_ids, inputs.positions, inputs.slots, inputs.real, inputs.block_tables):
                     torch._dynamo.mark_dynamic(t, 0)
                 torch._dynamo.mark_dynamic(inputs.block_tables, 1)
@@ -117,7 +109,7 @@ class DecodeGraphs:
             graph.replay()
             return logits[:len(seqs)]
         batch = inputs.fill(seqs, token_ids)
-        logits, writes = self._compiled(batch.token_ids, batch.positions, batch.slots, batch.block_tables, batch.real)
+        logits, writes = self._step(batch.token_ids, batch.positions, batch.slots, batch.block_tables, batch.real)
         batch.apply_writes(writes)
         return logits[:len(seqs)]
 
@@ -151,7 +143,7 @@ class DecodeGraphs:
               "cores, seconds from the disk cache)...", file=sys.stderr, flush=True)
         batch = self._inputs((self.batch_sizes[0], self.widths[0])).padding()
         self.model.decode(batch)  # eager first: lazily built state (stacked experts) exists before tracing
-        _, writes = self._compiled(batch.token_ids, batch.positions, batch.slots, batch.block_tables, batch.real)
+        _, writes = self._step(batch.token_ids, batch.positions, batch.slots, batch.block_tables, batch.real)
         batch.apply_writes(writes)
         spent = time.perf_counter() - t0
         print(f"v4ray: decode step compiled in {spent:.1f} s", file=sys.stderr, flush=True)

@@ -40,8 +40,6 @@ class ModelRunner:
         self.io = PrefixIO(self.cache) if prefix_cache is not None else None
         self.seqs: dict[str, SeqCache] = {}
         self.graphs: DecodeGraphs | None = None
-        # an expert-parallel router's forward is one exchange per MoE layer, in lockstep with every rank
-        self.lockstep_layers = any(b.ffn.expert_backend is not None for b in model.layers)
         if decode_step != "eager":
             problem = static_decode_problem(model)
             if problem:
@@ -120,7 +118,7 @@ class ModelRunner:
             return torch.empty(0, self.model.cfg.vocab_size, device=self.model.device)
         decode = [i for i, (_, new, want) in enumerate(chunks) if len(new) == 1 and list(want) == [0]]
         seqs = [self.seqs[chunks[i][0]] for i in decode]
-        if (self.graphs is None or not decode or (self.lockstep_layers and len(decode) < len(chunks))
+        if (self.graphs is None or not decode or (self.model.experts_remote and len(decode) < len(chunks))
                 or not self.graphs.fits(len(seqs), max(len(s.block_table) for s in seqs))):
             return self._eager(chunks)
         decoded = self.graphs.run(seqs, [chunks[i][1][0] for i in decode])

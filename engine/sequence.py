@@ -113,7 +113,6 @@ class Sequence:
                                 finish_reason=self.finish_reason, stop_reason=self.stop_reason)
 
 
-
 def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: list[int], targets: torch.Tensor | None, k: int,
                     tokenizer: V4Tokenizer):
     """vLLM's prompt_logprobs: None for the first token, then per position the top-k plus the actual token.

@@ -540,7 +540,7 @@ class DecodeBatch:
         step returns its writes instead of making them: inductor turns an in-graph write into an input mutation and
         may then copy the whole pool, twice, every step; the writes of one layer are read only by the next step."""
         if self.deferred is None:
-            getattr(self.cache.layers[layer], pool)[index] = value
+            self.apply_writes([(layer, pool, index, value)])
         else:
             self.deferred.append((layer, pool, index, value))
 
@@ -573,13 +573,11 @@ class DecodeInputs:
         if longest > W:
             raise ValueError(f"a block table of {longest} blocks does not fit a bucket {W} blocks wide")
         h = self._pad()
-        h[:n] = torch.tensor(token_ids, dtype=torch.long)
-        h[B:B + n] = torch.tensor([s.num_tokens for s in seqs], dtype=torch.long)
-        h[2 * B:2 * B + n] = torch.tensor([s.slot for s in seqs], dtype=torch.long)
-        h[3 * B:3 * B + n] = 1
-        tables = h[4 * B:].view(B, W)
-        for i, s in enumerate(seqs):
-            tables[i, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.long)
+        h[:4 * B].view(4, B)[:, :n] = torch.tensor([token_ids, [s.num_tokens for s in seqs], [s.slot for s in seqs],
+                                                    [1] * n], dtype=torch.long)
+        pad = self.cache.scratch_block
+        tables = [b for s in seqs for b in s.block_table + [pad] * (W - len(s.block_table))]
+        h[4 * B:4 * B + n * W] = torch.tensor(tables, dtype=torch.long)
         return self._upload()
 
     def padding(self) -> DecodeBatch:

@@ -168,7 +168,7 @@ class Indexer(nn.Module):
 class FreshEntries:
     """Compressed entries pooled in a fixed-shape decode step, one per row, before they are written: row t's entry
     number `index[t]` (-1 where its window does not close with this token) and pool place (block, offset: the
-    scratch block for -1); `main` / `index_key` the attention entry and indexer key (compute form, then storage)."""
+    scratch block for -1); `main` / `index_key` the attention entry and indexer key, in the pools' storage form."""
 
     index: torch.Tensor
     block: torch.Tensor
@@ -397,16 +397,17 @@ class Attention(nn.Module):
     def _attend_static(self, u, c_q, q, kv, positions, d: DecodeBatch, lc: LayerCache) -> torch.Tensor:
         """The decode step as a function of fixed shapes: every row (padding included) pools its open window and
         attends; writes that have no place (padding rows, windows not closing yet) go to the scratch slot or block
-        instead of being skipped, so no shape depends on the data. Every pool is read before it is written (a
-        compiled graph then updates the cache in place rather than copying it)."""
+        instead of being skipped, so no shape depends on the data. Every pool is read before it is written: an
+        entry closing now is substituted into what this layer reads, and the writes go through `DecodeBatch.put`."""
         fresh = None
         if self.compressor is not None:
-            fresh = self._pool_static(self.compressor, u, positions, d, "state_kv", "state_gate", lc)
-            fresh.main = lc.store_main(fresh.main, lc.entries)
-        if self.indexer is not None:
-            fresh.index_key = lc.store_index(
-                self._pool_static(self.indexer.compressor, u, positions, d, "index_state_kv", "index_state_gate",
-                                  lc).main)
+            index, block, offset, main = self._pool_static(self.compressor, u, positions, d, "state_kv", "state_gate",
+                                                           lc)
+            fresh = FreshEntries(index, block, offset, lc.store_main(main, lc.entries))
+        if self.indexer is not None:  # the same windows close, at the same places
+            *_, key = self._pool_static(self.indexer.compressor, u, positions, d, "index_state_kv",
+                                        "index_state_gate", lc)
+            fresh.index_key = lc.store_index(key)
         out = self._attend_decode(u, c_q, q, kv, positions, lc, d.slots, d.block_tables, fresh)
         if fresh is not None:
             d.put(self.layer, "entries", (fresh.block, fresh.offset), fresh.main)
@@ -416,11 +417,11 @@ class Attention(nn.Module):
         return out
 
     def _pool_static(self, comp: Compressor, u: torch.Tensor, positions: torch.Tensor, d: DecodeBatch,
-                     kv_ring: str, gate_ring: str, lc: LayerCache) -> "FreshEntries":
+                     kv_ring: str, gate_ring: str, lc: LayerCache):
         """`_emit` for one token per row, in fixed shapes: every row pools the window its token falls in (the
         token's raw row taking its place among the ring rows read) and the token's raw row enters the compressor
-        ring. -> the pooled, RoPE'd entries and where each goes: its pool place where the window closes with
-        this token, the scratch block for every other row."""
+        ring. -> (entry number or -1, block, offset, pooled RoPE'd entry) per row: its pool place where the window
+        closes with this token, the scratch block for every other row."""
         ring_kv, ring_gate = getattr(lc, kv_ring), getattr(lc, gate_ring)
         m, R, dim = comp.ratio, ring_kv.shape[1], comp.dim
         kv_new, gate_new = comp.project(u)
@@ -443,7 +444,7 @@ class Attention(nn.Module):
         per_block = d.cache.block_size // m
         closing = ((positions + 1) % m == 0) & (d.real != 0)
         block = torch.where(closing, d.block_tables.gather(1, (j // per_block)[:, None])[:, 0], d.cache.scratch_block)
-        return FreshEntries(torch.where(closing, j, -1), block, j % per_block, apply_rope(pooled, cos, sin))
+        return torch.where(closing, j, -1), block, j % per_block, apply_rope(pooled, cos, sin)
 
     def _emit(self, comp: Compressor, u: torch.Tensor, positions: torch.Tensor, step: StepBatch,
               write, ring_kv: torch.Tensor, ring_gate: torch.Tensor) -> None:
@@ -655,10 +656,8 @@ class V4Model(nn.Module):
     @torch.no_grad()
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward of one sequence without cache. token_ids [T] -> logits [T, V] (fp32)."""
-        T = token_ids.shape[0]
-        positions = torch.arange(T, device=token_ids.device)
-        x = F.embedding(token_ids, self.embed_weight).to(self.dtype)
-        x = x[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()    # [T, n, D]
+        positions = torch.arange(token_ids.shape[0], device=token_ids.device)
+        x = self._embed(token_ids)
         for block in self.layers:
             x = block(x, positions, token_ids)
         return self.logits(x)
@@ -666,6 +665,17 @@ class V4Model(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_weight.device
+
+    @property
+    def experts_remote(self) -> bool:
+        """Routed experts run elsewhere (an expert-parallel router: every MoE layer is an exchange with every rank,
+        once per step, in lockstep)."""
+        return any(block.ffn.expert_backend is not None for block in self.layers)
+
+    def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token_ids [N] -> the n residual streams [N, n, D], each the token's embedding."""
+        x = F.embedding(token_ids, self.embed_weight).to(self.dtype)
+        return x[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()
 
     @torch.no_grad()
     def step(self, token_ids, batch: StepBatch, logit_rows=None) -> torch.Tensor:
@@ -678,8 +688,7 @@ class V4Model(nn.Module):
             raise ValueError(f"token_ids has {len(token_ids)} tokens, the batch's chunks {batch.num_tokens}")
         token_ids, rows = batch.prepare(token_ids, logit_rows)
         positions = batch.positions()
-        x = F.embedding(token_ids, self.embed_weight).to(self.dtype)
-        x = x[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()    # [N, n, D]
+        x = self._embed(token_ids)
         for block, layer_cache in zip(self.layers, batch.cache.layers):
             x = block(x, positions, token_ids, batch, layer_cache)
         for seq, _, n in batch.chunks:
@@ -691,8 +700,7 @@ class V4Model(nn.Module):
         """One decode step in fixed shapes (`DecodeBatch`): a function of device tensors only — no host read, no
         shape that depends on the data — so it compiles with `fullgraph=True` and captures as a CUDA graph.
         -> logits [B, V] fp32, padding rows included. The caller advances each sequence's cached token count."""
-        x = F.embedding(batch.token_ids, self.embed_weight).to(self.dtype)
-        x = x[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()    # [B, n, D]
+        x = self._embed(batch.token_ids)
         for block, layer_cache in zip(self.layers, batch.cache.layers):
             x = block(x, batch.positions, batch.token_ids, batch, layer_cache)
         return self.logits(x)
