@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, timed, write  # noqa: E402
 
 
-def step_timer(model, max_context: int, batch: int, steps: int = 5, compiled: bool = True):
+def step_timer(model, max_context: int, batch: int, steps: int = 20, compiled: bool = True):
     """-> time(context, mode): seconds of one decode step of `batch` sequences with `context` cached tokens."""
     from v4ray.engine.graphs import DecodeGraphs
     from v4ray.model.kv_cache import PagedKVCache, StepBatch
@@ -51,7 +51,7 @@ def step_timer(model, max_context: int, batch: int, steps: int = 5, compiled: bo
                     s.num_tokens += 1
 
         try:
-            return timed(one, repeat=steps, warmup=1)
+            return timed(one, repeat=steps, warmup=3)
         finally:
             for s in seqs:
                 cache.free(s)

@@ -7,10 +7,13 @@ takes a shape from the data, so:
 * on CUDA each (B, W) bucket — B and W powers of two, B up to `max_num_seqs`, W up to the blocks of
   `max_model_len` — is captured once as a `torch.cuda.CUDAGraph` on first use and replayed after (its inputs are
   the bucket's persistent `DecodeInputs`, its cache writes inside the graph);
-* on the CPU the step is compiled once by `torch.compile(fullgraph=True)` (inductor) with B and W symbolic, at
-  start-up (`warm_up`); a cold compile of a tiny preset takes about a minute on 2 cores, a warm one (inductor's
-  on-disk cache) seconds. The cache writes are returned by the compiled graph and made right after it
-  (`DecodeBatch.put`): written inside, inductor copies the whole pools every step.
+* on the CPU the step is compiled by `torch.compile(fullgraph=True)` (inductor) at start-up (`warm_up`) into two
+  graphs: one with B and W symbolic for every B >= 2, one for B = 1 (a symbolic size is never 1; padding a lone
+  sequence to 2 rows doubled the step's context-proportional work, its indexer over every compressed entry). So
+  nothing is padded: B is the number of sequences and W the longest block table (at least 2). A cold compile of
+  a tiny preset takes about two minutes on 2 cores (one per graph), a warm one (inductor's on-disk cache)
+  seconds. The cache writes are returned by the compiled graph and made right after it (`DecodeBatch.put`):
+  written inside, inductor copies the whole pools every step.
 
 `EngineConfig.enforce_eager` turns all of this off: every step then runs the plain `StepBatch` path, the
 reference the tests compare against. Prompt chunks always take that path (beside the step's decode rows).
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import OrderedDict
 
 import torch
 
@@ -29,6 +33,8 @@ from v4ray.model.kv_cache import DecodeBatch, DecodeInputs, PagedKVCache, SeqCac
 from v4ray.model.v4 import V4Model
 
 log = logging.getLogger(__name__)
+
+CPU_INPUTS_KEPT = 64  # (B, W) input buffers kept on the CPU, where every size is a bucket (a few KiB each)
 
 
 def bucket_sizes(limit: int, smallest: int = 1) -> list[int]:
@@ -43,7 +49,7 @@ def bucket_sizes(limit: int, smallest: int = 1) -> list[int]:
 def static_decode_problem(model: V4Model) -> str | None:
     """Why this model's decode step cannot run in fixed shapes here, or None."""
     if kernel_backend(model.device) == "torch" and not model.experts_remote and not all(
-            block.ffn.uses_dense(model.embed_weight[:1], static=True) for block in model.layers):
+            block.ffn.uses_grouped(model.embed_weight[:1]) for block in model.layers):
         return "routed experts kept quantized (keep_quantized) have no fixed-shape form on the torch backend"
     return None
 
@@ -64,11 +70,14 @@ class DecodeGraphs:
             log.warning("torch.compile is disabled (TORCH_COMPILE_DISABLE): the decode step runs uncompiled")
             compiled = False
         self.cuda = compiled and cache.device.type == "cuda"
-        # On the CPU B and W are symbolic in one compiled graph; sizes 1 would be specialised, so they pad to 2.
+        # On the CPU every size is its own bucket (W at least 2: symbolic sizes are never 1), served by two compiled
+        # graphs, B = 1 and B >= 2. CUDA graphs are captured per bucket: powers of two.
         smallest = 1 if self.cuda else 2
-        self.batch_sizes = bucket_sizes(max(max_num_seqs, smallest), smallest)
-        self.widths = bucket_sizes(max(max_blocks, smallest), smallest)
-        self.inputs: dict[tuple[int, int], DecodeInputs] = {}
+        self.max_batch, self.max_width = max(max_num_seqs, smallest), max(max_blocks, smallest)
+        self.batch_sizes = bucket_sizes(self.max_batch, smallest)
+        self.widths = bucket_sizes(self.max_width, smallest)
+        # the buckets' persistent inputs; on the CPU the most recently used CPU_INPUTS_KEPT of them
+        self.inputs: OrderedDict[tuple[int, int], DecodeInputs] = OrderedDict()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None  # CUDA graphs' shared memory pool
         self.compiled = compiled  # torch.compile on the CPU, CUDA graphs on CUDA; False: the step as it is
@@ -76,20 +85,28 @@ class DecodeGraphs:
                       if compiled and not self.cuda else self._deferred_step)
 
     def fits(self, num_seqs: int, longest_table: int) -> bool:
-        return num_seqs <= self.batch_sizes[-1] and longest_table <= self.widths[-1]
+        return num_seqs <= self.max_batch and longest_table <= self.max_width
 
     def bucket(self, num_seqs: int, longest_table: int) -> tuple[int, int]:
+        if not self.cuda:
+            return num_seqs, max(longest_table, 2)
         return (next(b for b in self.batch_sizes if b >= num_seqs),
                 next(w for w in self.widths if w >= max(1, longest_table)))
 
     def _inputs(self, key: tuple[int, int]) -> DecodeInputs:
-        if key not in self.inputs:
-            inputs = self.inputs[key] = DecodeInputs(self.cache, *key)
-            if self.compiled and not self.cuda:  # one compiled graph for every bucket
-                for t in (inputs.token_ids, inputs.positions, inputs.slots, inputs.real, inputs.block_tables):
-                    torch._dynamo.mark_dynamic(t, 0)
+        if key in self.inputs:
+            self.inputs.move_to_end(key)
+            return self.inputs[key]
+        inputs = self.inputs[key] = DecodeInputs(self.cache, *key)
+        if not self.cuda:
+            if self.compiled:  # one compiled graph for B = 1, one for every B >= 2; W symbolic in both
+                if key[0] > 1:
+                    for t in (inputs.token_ids, inputs.positions, inputs.slots, inputs.real, inputs.block_tables):
+                        torch._dynamo.mark_dynamic(t, 0)
                 torch._dynamo.mark_dynamic(inputs.block_tables, 1)
-        return self.inputs[key]
+            if len(self.inputs) > CPU_INPUTS_KEPT:
+                self.inputs.popitem(last=False)
+        return inputs
 
     # ---- the step -----------------------------------------------------------------------------------------
     def _deferred_step(self, token_ids, positions, slots, block_tables, real):
@@ -133,18 +150,21 @@ class DecodeGraphs:
         log.info("captured the decode step for %d rows x %d blocks in %.2f s", *key, time.perf_counter() - t0)
 
     def warm_up(self) -> float:
-        """Compile (CPU) the step before the first request, on padding rows only (they read and write the scratch
-        slot and block alone). CUDA graphs are captured per bucket on first use instead. -> seconds spent."""
+        """Compile (CPU) the step's two graphs before the first request, on padding rows only (they read and write
+        the scratch slot and block alone). CUDA graphs are captured per bucket on first use instead. -> seconds
+        spent."""
         if self.cuda or not self.compiled:
             return 0.0
         t0 = time.perf_counter()
         # stderr, not only the log: a Serve replica or Ray actor shows it in its .err log whatever its log level
-        print("v4ray: compiling the fixed-shape decode step (torch.compile, inductor; about a minute cold on 2 "
-              "cores, seconds from the disk cache)...", file=sys.stderr, flush=True)
-        batch = self._inputs((self.batch_sizes[0], self.widths[0])).padding()
-        self.model.decode(batch)  # eager first: lazily built state (stacked experts) exists before tracing
-        _, writes = self._step(batch.token_ids, batch.positions, batch.slots, batch.block_tables, batch.real)
-        batch.apply_writes(writes)
+        print("v4ray: compiling the fixed-shape decode step (torch.compile, inductor, two graphs; about two minutes "
+              "cold on 2 cores, seconds from the disk cache)...", file=sys.stderr, flush=True)
+        for rows in (2, 1):  # the graph of every B >= 2, then B = 1's
+            batch = self._inputs((rows, self.widths[0])).padding()
+            if rows == 2:
+                self.model.decode(batch)  # eager first: lazily built state (stacked experts) exists before tracing
+            _, writes = self._step(batch.token_ids, batch.positions, batch.slots, batch.block_tables, batch.real)
+            batch.apply_writes(writes)
         spent = time.perf_counter() - t0
         print(f"v4ray: decode step compiled in {spent:.1f} s", file=sys.stderr, flush=True)
         return spent

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .outputs import FlatLogprobs
 from .sampling import Logprob, SamplingParams
 
 
@@ -262,14 +263,21 @@ class SampledToken:
     top: tuple[list[float], list[int]] | None = None
     error: str | None = None  # the row's probabilities were invalid (see `draw`)
 
-    def logprobs(self, k: int, decode: Callable[[int], str] | None = None) -> dict[int, Logprob]:
-        """vLLM-style logprobs of the position: the top `k` tokens (ranks 1..k) plus the chosen one with its rank."""
+    def add_logprobs(self, into: FlatLogprobs, k: int, decode: Callable[[int], str] | None = None) -> None:
+        """Append this position's vLLM-style logprobs to `into`: the top `k` tokens (ranks 1..k), then the chosen
+        one with its rank when it is not among them."""
         values, ids = self.top or ([], [])
-        entries = {i: (v, rank) for rank, (v, i) in enumerate(zip(values[:k], ids[:k]), start=1)}
-        if self.token not in entries:
-            entries[self.token] = (self.logprob, self.rank)
-        return {token_id: Logprob(logprob=value, rank=rank, decoded_token=decode(token_id) if decode else None)
-                for token_id, (value, rank) in entries.items()}
+        ids, values = ids[:k], values[:k]
+        ranks: list[int | None] = list(range(1, len(ids) + 1))
+        if self.token not in ids:
+            ids, values, ranks = ids + [self.token], values + [self.logprob], ranks + [self.rank]
+        into.add(ids, values, ranks, [decode(t) for t in ids] if decode else [None] * len(ids))
+
+    def logprobs(self, k: int, decode: Callable[[int], str] | None = None) -> dict[int, Logprob]:
+        """This position's logprobs as vLLM's dict (see `add_logprobs`)."""
+        one = FlatLogprobs()
+        self.add_logprobs(one, k, decode)
+        return one[0]
 
 
 def read_back(tokens: torch.Tensor, raw_logprobs: torch.Tensor, k: int | None = None,

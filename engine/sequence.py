@@ -13,7 +13,7 @@ from .sampler import Penalties, SampledToken, SamplingBatch, read_back
 from .sampling import SamplingParams, check_stop
 from v4ray.model.tokenizer import V4Tokenizer
 
-from .outputs import CompletionOutput
+from .outputs import CompletionOutput, FlatLogprobs
 
 
 class Sequence:
@@ -32,7 +32,7 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.text = ""
         self.cumulative_logprob = 0.0
-        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        self.logprobs: FlatLogprobs | None = FlatLogprobs() if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self._decoder = tokenizer.incremental_decoder(params.skip_special_tokens)
@@ -67,7 +67,7 @@ class Sequence:
         self.output_token_ids.append(token)
         self.cumulative_logprob += sampled.logprob
         if self.logprobs is not None:
-            self.logprobs.append(sampled.logprobs(self.params.logprobs, self.tokenizer.decode_token))
+            sampled.add_logprobs(self.logprobs, self.params.logprobs, self.tokenizer.decode_token)
         self._check_finished(token)
         return token
 

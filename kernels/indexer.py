@@ -24,6 +24,19 @@ from .backend import kernel_backend, launch, record_triton_call
 from .kv_fp8 import index_entry_bytes, unpack_index_ref
 
 
+def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Columns of the k largest fp32 scores of each row [n, E], best first, ties to the earliest column: what a
+    stable descending sort gives. A top-k over one int64 key per column — the score's order-preserving integer
+    image above, the reversed column below — which is unique, so the partial selection (O(E)) picks exactly the
+    sort's columns (O(E log E); 6x slower at 8K candidates on the CPU). -0.0 counts as +0.0, as in the sort."""
+    scores = torch.where(scores == 0, torch.zeros_like(scores), scores.float())
+    bits = scores.view(torch.int32)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()               # float order as signed integer order
+    E = scores.shape[-1]
+    key = (ordered << 32) | (E - 1 - torch.arange(E, device=scores.device))
+    return key.topk(k, dim=-1).indices
+
+
 def indexer_topk_ref(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, lo: torch.Tensor,
                      hi: torch.Tensor, topk: int) -> torch.Tensor:
     """q [T, h, dI], keys [C, dI], weights [T, h] (already scaled by h^-1/2), lo/hi [T] -> indices
@@ -37,7 +50,7 @@ def indexer_topk_ref(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
     j = torch.arange(C, device=q.device)[None, :]
     outside = (j < lo[:, None]) | (j >= hi[:, None])
     scores = scores.masked_fill(outside, float("-inf"))
-    idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    idx = stable_topk(scores, k)
     invalid = (idx < lo[:, None]) | (idx >= hi[:, None])
     return torch.where(invalid, torch.full_like(idx, -1), idx)
 
@@ -123,7 +136,7 @@ def indexer_topk_triton(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tens
     if C == 0:
         return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
     scores = _launch_indexer_scores(q, keys, 0, weights, C, lo, hi, None, "indexer_topk")
-    idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    idx = stable_topk(scores, k)
     invalid = (idx < lo[:, None]) | (idx >= hi[:, None])
     return torch.where(invalid, torch.full_like(idx, -1), idx)
 
@@ -140,9 +153,9 @@ def indexer_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, lo:
 
 
 def _top_valid(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
-    """The k best-scoring candidates of each row [n, E] (a stable sort: ties to the earliest), -1 where a row has
-    fewer than k valid ones."""
-    idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    """The k best-scoring candidates of each row [n, E] (`stable_topk`), -1 where a row has fewer than k valid
+    ones."""
+    idx = stable_topk(scores, k)
     return torch.where(valid.gather(1, idx), idx, torch.full_like(idx, -1))
 
 

@@ -9,10 +9,12 @@ weight, scattered back to the caller's row order. Expert weights stay where they
 through per-expert pointer tables and dequantize FP8 (128x128 block scales, applied to each partial product) and
 FP4 (e2m1 nibbles times per-32 scales, decoded in registers) inside the GEMM loop.
 
-Torch, static shapes (`expert_mlp_dense`): for few experts and decode-size batches, every token through every
-expert with a [N, E] routing matrix that is zero off each token's top-k; no sort, no host read, no data-dependent
-shape, so it compiles with `fullgraph=True` (the CPU's stand-in for a CUDA graph). The caller picks it (model/v4.py
-`MoE.route`); `expert_mlp_ref` (sort, per-expert loop, host reads) stays the reference and the fallback.
+Torch, device-side grouping (`expert_mlp_grouped`): the token slots sorted by expert on the device, group offsets
+from a search over the sorted ids, and one grouped GEMM per projection (`grouped_mm`, torch's `_grouped_mm`) over
+the experts' stacked weights. No host read and no data-dependent shape, so it compiles with `fullgraph=True` (the
+CPU's stand-in for a CUDA graph), and it computes only the routed rows. The caller picks it for plain weights
+(model/v4.py `MoE.route`); `expert_mlp_ref` (sort, per-expert loop, host reads) stays the reference and the path
+of experts kept quantized.
 """
 
 from __future__ import annotations
@@ -61,29 +63,39 @@ def stack_experts(experts: dict[int, tuple[QuantTensor, QuantTensor, QuantTensor
     return w13, w2
 
 
-def routing_matrix(idx: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """idx/weights [N, K] -> [N, E] fp32, weights[n, k] at column idx[n, k] (summed where a token repeats an
-    expert), zero elsewhere. A scatter: fixed shapes, no host read."""
-    r = torch.zeros(idx.shape[0], num_experts, dtype=torch.float32, device=idx.device)
-    return r.scatter_add_(1, idx.long(), weights.float())
+@torch.library.custom_op("v4ray::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """a [M, K] with rows grouped (group g: rows offs[g-1]..offs[g], offs int32 [G] ending at M), b [G, K, N] ->
+    [M, N], each group's rows times its own b[g]. torch's `_grouped_mm` on the CPU and for bf16 on CUDA; a loop
+    over the groups elsewhere (it reads `offs` on the host, so it has no place in a CUDA graph). A custom op so
+    that inductor treats it as one opaque call: `_grouped_mm`'s own shape function accepts bf16 only."""
+    if a.device.type == "cpu" or a.dtype == torch.bfloat16:
+        return torch._grouped_mm(a, b, offs=offs)
+    ends = offs.tolist()
+    return torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(zip([0] + ends[:-1], ends))])
 
 
-def expert_mlp_dense(x: torch.Tensor, routing: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                     limit: float) -> torch.Tensor:
-    """Every token through every expert, weighted: x [N, D], routing [N, E] (`routing_matrix`), stacked weights
-    (`stack_experts`) -> sum_e routing[:, e] * Expert_e(x), [N, D] fp32.
+@grouped_mm.register_fake
+def _grouped_mm_shape(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[2])
 
-    Static shapes ([E, N, *] intermediates) and no host sync: what a compiled step or a CUDA graph needs. Costs
-    E/top_k times the routed FLOPs, so it is for few experts and small batches (the caller's rule). Numerics as
-    `expert_mlp_ref` + `combine_rows`: expert outputs in x's dtype, times the weight rounded to x's dtype, summed
-    in fp32 over experts in id order (off-route terms are exact zeros); a token that repeats an expert gets one
-    term with the summed weight instead of one per slot."""
+
+def expert_offsets(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Expert ids sorted ascending [M] -> int32 [E]: the end of each expert's rows (an expert without rows ends
+    where the one before it does). A search on the device: fixed shape, no host read."""
+    experts = torch.arange(num_experts, device=sorted_ids.device, dtype=sorted_ids.dtype)
+    return torch.searchsorted(sorted_ids, experts, right=True, out_int32=True)
+
+
+def expert_mlp_grouped(x: torch.Tensor, offs: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                       w2: torch.Tensor, limit: float) -> torch.Tensor:
+    """Rows grouped by expert: x [M, D], their group ends offs [E] (`expert_offsets`), routing weights [M] and the
+    stacked weights (`stack_experts`) -> [M, D] weighted expert outputs in x's dtype, as `expert_mlp_ref` (one
+    gate/up GEMM for W1 and W3 together: the same dot products)."""
     I = w13.shape[1] // 2
-    gu = torch.matmul(x, w13.to(x.dtype).transpose(1, 2))                # [E, N, 2I]
-    h = swiglu_clamped(gu[..., :I], gu[..., I:], limit)
-    y = torch.matmul(h, w2.to(x.dtype).transpose(1, 2))                  # [E, N, D] in x's dtype
-    y = y * routing.t().to(x.dtype)[:, :, None]
-    return y.float().sum(0)
+    gu = grouped_mm(x, w13.to(x.dtype).transpose(1, 2), offs)              # [M, 2I]
+    h = swiglu_clamped(gu[:, :I], gu[:, I:], limit)
+    return grouped_mm(h, w2.to(x.dtype).transpose(1, 2), offs) * weights[:, None].to(x.dtype)
 
 
 # ---- Triton ----------------------------------------------------------------------------------------------------

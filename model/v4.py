@@ -22,7 +22,7 @@ from torch import nn
 from v4ray.kernels import (compress_pool, expert_mlp, indexer_topk, indexer_topk_padded, indexer_topk_padded_fp8,
                            mhc_weights, sink_attention, sparse_sink_attention, sparse_sink_attention_fp8)
 from v4ray.kernels.backend import kernel_backend
-from v4ray.kernels.moe import expert_mlp_dense, routing_matrix, stack_experts, swiglu_clamped
+from v4ray.kernels.moe import expert_mlp_grouped, expert_offsets, stack_experts, swiglu_clamped
 from v4ray.kernels.quant import QuantTensor
 
 from .config import CSA, SWA, V4Config, yarn_inv_freq
@@ -176,14 +176,19 @@ class FreshEntries:
     main: torch.Tensor
     index_key: torch.Tensor | None = None
 
-    def substitute(self, stored: torch.Tensor, entry: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def substitute(self, stored: torch.Tensor, entry: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
         """stored [n, E, *] gathered from a pool (a copy: it is updated in place), entry [n, E] the entry number of
-        each column -> the same with row t's fresh value where entry == index[t]. One [n, *] write, not a pass
-        over [n, E, *]: E is every entry place of the block table (thousands at long context)."""
-        hit = (entry == self.index[:, None]) & (self.index[:, None] >= 0)   # [n, E], at most one per row
-        col = hit.to(torch.int32).argmax(1)                                  # that column (0 where none)
+        each column (None: column e holds entry e) -> the same with row t's fresh value where entry == index[t].
+        One [n, *] write, not a pass over [n, E, *]: E is every entry place of the block table (thousands at long
+        context); with entry None not even a search over [n, E]."""
         rows = torch.arange(stored.shape[0], device=stored.device)
-        stored[rows, col] = torch.where(hit.any(1).view(-1, *[1] * (stored.dim() - 2)), value, stored[rows, col])
+        if entry is None:
+            hit = (self.index >= 0) & (self.index < stored.shape[1])
+            col = self.index.clamp(0, stored.shape[1] - 1)
+        else:
+            hits = (entry == self.index[:, None]) & (self.index[:, None] >= 0)   # [n, E], at most one per row
+            hit, col = hits.any(1), hits.to(torch.int32).argmax(1)                # that column (0 where none)
+        stored[rows, col] = torch.where(hit.view(-1, *[1] * (stored.dim() - 2)), value, stored[rows, col])
         return stored
 
 
@@ -364,7 +369,7 @@ class Attention(nn.Module):
             ok = slot < count[:, None]
             blocks = block_tables.repeat_interleave(per_block, dim=1)                             # [n, width]
             offsets = (slot % per_block).expand(n, -1)
-            entry = slot.expand(n, -1)                                      # entry number of each column
+            entry = None                                                    # column e holds entry e
             if self.indexer is not None and width:
                 ix = self.indexer
                 cos, sin = rope_cos_sin(positions, self.inv_freq)
@@ -522,14 +527,6 @@ def combine_rows(num_tokens: int, tok: torch.Tensor, y: torch.Tensor) -> torch.T
     return torch.zeros(num_tokens, y.shape[1], dtype=torch.float32, device=y.device).index_add_(0, tok, y.float())
 
 
-# The dense routed form (kernels/moe.py `expert_mlp_dense`) computes E * N expert rows for the N * top_k that are
-# routed, with static shapes and no host read; the sorted reference pays a host round trip and a GEMM call per
-# expert. On the torch backend the dense form runs while E * N * D * I (multiply-adds of one of its three GEMMs) is
-# at most this: measured on the CPU (1 thread, CPU time of MoE.route), dense / sorted is 0.78-0.90 for v4-tiny
-# (E=8, D=256, I=128) at N = 8..32 and 1.15 at N = 64; 0.36-0.75 for v4-tiny-pro (E=16, D=128, I=64) at N = 1..64
-# and 0.98 at N = 128. So: decode batches of the tiny models; never prefill-size batches, nor models with
-# hundreds of experts (V4-Flash: E * D * I alone is 256x this).
-DENSE_MAX_EXPERT_MACS = 1 << 23
 
 
 class MoE(nn.Module):
@@ -551,7 +548,7 @@ class MoE(nn.Module):
     def stacked_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 [E, 2I, D], w2 [E, D, I]) of this layer's routed experts, built once, on first use after loading:
         each expert's w1/w3/w2 buffers then become views of them (one copy of the weights, and loading new
-        values in place reaches both). Plain weights only (see `uses_dense`)."""
+        values in place reaches both). Plain weights only (see `uses_grouped`)."""
         if self._stacked is None:
             I = self.cfg.moe_intermediate_size
             w13, w2 = self._stacked = stack_experts(self.expert_weights())
@@ -561,15 +558,13 @@ class MoE(nn.Module):
                 m.w2._buffers["weight"] = w2[i]
         return self._stacked
 
-    def uses_dense(self, x: torch.Tensor, static: bool = False) -> bool:
-        """Whether routed experts run in the dense static form (`expert_mlp_dense`) for these rows: on the torch
-        backend (Triton's grouped kernel is device-side already), with every routed expert here in plain
-        weights (FP8/FP4 kept quantized stay on the per-expert path), and E * N * D * I <= DENSE_MAX_EXPERT_MACS —
-        or whatever the size in a fixed-shape step (`static`), where the sorted path's host read cannot be."""
-        c = self.cfg
-        E = c.n_routed_experts
-        return (self.expert_backend is None and kernel_backend(x.device) == "torch" and self.expert_range == (0, E)
-                and (static or E * x.shape[0] * c.hidden_size * c.moe_intermediate_size <= DENSE_MAX_EXPERT_MACS)
+    def uses_grouped(self, x: torch.Tensor) -> bool:
+        """Whether the routed experts run grouped on the device (kernels/moe.py `expert_mlp_grouped`): on the torch
+        backend (Triton's grouped kernel is device-side already), with every routed expert here, in plain weights
+        (FP8/FP4 kept quantized stay on the per-expert path, which reads the routing back to the host)."""
+        E = self.cfg.n_routed_experts
+        return (self.expert_backend is None and kernel_backend(x.device) == "torch"
+                and self.expert_range == (0, E)
                 and (self._stacked is not None
                      or all(m.w1.fmt is None and m.w2.fmt is None and m.w3.fmt is None for m in self.experts.values())))
 
@@ -589,10 +584,13 @@ class MoE(nn.Module):
         static: a fixed-shape step (no host read, no data-dependent shape)."""
         if self.expert_backend is not None:
             return self.expert_backend.route(self.layer, x, weights, idx, static)
-        if self.uses_dense(x, static):                                              # static shapes, no host read
-            w13, w2 = self.stacked_experts()
-            return expert_mlp_dense(x, routing_matrix(idx, weights, w13.shape[0]), w13, w2, self.cfg.swiglu_limit)
         order, tok = group_rows(idx)                                        # dispatch: rows grouped by expert
+        if self.uses_grouped(x):                                             # on the device: no host read
+            w13, w2 = self.stacked_experts()
+            ids = idx.reshape(-1)[order]
+            y = expert_mlp_grouped(x[tok], expert_offsets(ids, w13.shape[0]), weights.reshape(-1)[order], w13, w2,
+                                   self.cfg.swiglu_limit)
+            return combine_rows(idx.shape[0], tok, y)
         y = self.compute_experts(x[tok], idx.reshape(-1)[order], weights.reshape(-1)[order])
         return combine_rows(idx.shape[0], tok, y)
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from v4ray.model.chat import ChatFormatError, render_chat, split_reasoning
 from v4ray.engine.json_input import JSONInputError, loads_strict, lone_surrogate_path, printable
-from v4ray.engine.outputs import RequestOutput
+from v4ray.engine.outputs import FlatLogprobs, RequestOutput
 from v4ray.engine.sampling import SamplingParamError, SamplingParams
 from v4ray.model.tokenizer import V4Tokenizer
 
@@ -225,15 +226,26 @@ def usage_counts(prompt_tokens: int, completion_tokens: int, cached_tokens: int 
     return u
 
 
+def _positions(c) -> Iterator[tuple[int, list[tuple[int, float, int | None]]]]:
+    """(chosen token, [(token id, logprob, rank), ...]) per position of a completion's logprobs."""
+    lps = c.logprobs
+    flat = isinstance(lps, FlatLogprobs)
+    for i, tok in enumerate(c.token_ids):
+        yield tok, ([(t, lp, r) for t, lp, r, _ in lps.entries(i)] if flat
+                    else [(t, e.logprob, e.rank) for t, e in lps[i].items()])
+
+
 def completion_logprobs(c, tokenizer: V4Tokenizer, text_offset: int = 0) -> dict | None:
     if c.logprobs is None:
         return None
     tokens, lps, tops, offsets = [], [], [], []
     at = text_offset
-    for tok, entry in zip(c.token_ids, c.logprobs):
-        s = tokenizer.decode_token(tok)
-        tokens.append(s), lps.append(entry[tok].logprob), offsets.append(at)
-        tops.append({tokenizer.decode_token(t): e.logprob for t, e in entry.items()})
+    decode = tokenizer.decode_token
+    for tok, entries in _positions(c):
+        s = decode(tok)
+        tokens.append(s), offsets.append(at)
+        lps.append(next(lp for t, lp, _ in entries if t == tok))
+        tops.append({decode(t): lp for t, lp, _ in entries})
         at += len(s)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
@@ -242,12 +254,13 @@ def chat_logprobs(c, tokenizer: V4Tokenizer, top: int) -> dict | None:
     if c.logprobs is None:
         return None
     content = []
-    for tok, entry in zip(c.token_ids, c.logprobs):
-        s = tokenizer.decode_token(tok)
-        ranked = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[:top]
-        content.append({"token": s, "logprob": entry[tok].logprob, "bytes": list(s.encode()),
-                        "top_logprobs": [{"token": tokenizer.decode_token(t), "logprob": e.logprob,
-                                          "bytes": list(tokenizer.decode_token(t).encode())} for t, e in ranked]})
+    decode = tokenizer.decode_token
+    for tok, entries in _positions(c):
+        s = decode(tok)
+        ranked = sorted(entries, key=lambda e: e[2] or 0)[:top]
+        content.append({"token": s, "logprob": next(lp for t, lp, _ in entries if t == tok), "bytes": list(s.encode()),
+                        "top_logprobs": [{"token": decode(t), "logprob": lp, "bytes": list(decode(t).encode())}
+                                         for t, lp, _ in ranked]})
     return {"content": content}
 
 

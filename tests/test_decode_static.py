@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from v4ray.engine.core import EngineCore
 from v4ray.engine.runner import ModelRunner
@@ -199,7 +200,8 @@ def _drain(core: EngineCore, work) -> dict:
 
 def test_the_compiled_engine_generates_what_the_eager_engine_does(tiny_ckpt):
     """inductor, as `v4ray serve` runs it on the CPU: greedy requests of mixed lengths (buckets shrink as they
-    finish) give the eager engine's tokens; seeded sampled requests reproduce across two runs."""
+    finish) give the eager engine's tokens, all from two compiled graphs, B = 1 and B >= 2 (every batch size and
+    table width is a bucket on the CPU; no size recompiles); seeded sampled requests reproduce across two runs."""
     ckpt = tiny_ckpt("v4-tiny")
     greedy = [(f"g{i}", parity_prompt(100 + 23 * i, seed=i).tolist(),
                SamplingParams(max_tokens=6 + 5 * i, temperature=0.0, ignore_eos=True, logprobs=2)) for i in range(6)]
@@ -209,10 +211,14 @@ def test_the_compiled_engine_generates_what_the_eager_engine_does(tiny_ckpt):
     eager = _drain(_engine(ckpt, "eager"), greedy)
     with torch._dynamo.config.patch(disable=False):
         torch._dynamo.reset()
+        counters.clear()
         core = _engine(ckpt, "compiled")
         assert core.runner.graphs is not None and core.runner.graphs.compiled
         compiled = _drain(core, greedy)
         first, second = _drain(core, seeded), _drain(core, [(f"again-{r}", p, s) for r, p, s in seeded])
+        assert len({b for b, _ in core.runner.graphs.inputs}) >= 5, list(core.runner.graphs.inputs)
+        assert {b for b, _ in core.runner.graphs.inputs} >= {1, 2}
+        assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # B = 1 and every B >= 2
     for rid, _, _ in greedy:
         ref, got = eager[rid], compiled[rid]
         for t, (a, b) in enumerate(zip(ref.token_ids, got.token_ids)):

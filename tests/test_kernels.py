@@ -23,7 +23,7 @@ from v4ray.kernels import kv_fp8
 from v4ray.kernels.attention import sparse_sink_attention_fp8_triton, sparse_sink_attention_triton
 from v4ray.kernels.backend import ENV_KERNELS, kernel_backend, triton_calls
 from v4ray.kernels.compressor import compress_pool
-from v4ray.kernels.indexer import indexer_topk_padded_fp8_triton
+from v4ray.kernels.indexer import indexer_topk_padded_fp8_triton, stable_topk
 from v4ray.kernels.moe import expert_mlp_triton
 from v4ray.kernels.quant import QuantTensor, quant_fp8
 from v4ray.model import kv_format
@@ -140,3 +140,21 @@ def test_kernel_fp8_unpack_matches_the_cache_format(head_dim, rope_dim):
     packed_index = kv_format.pack_index(x)
     assert torch.equal(kv_fp8.unpack_index_ref(packed_index, torch.float32),
                        kv_format.unpack_index(packed_index, torch.float32))
+
+
+@pytest.mark.parametrize("E,k", [(7, 7), (300, 16), (8256, 16)])
+def test_stable_topk_picks_what_a_stable_sort_picks(E, k):
+    """The indexer's top-k (an int64-keyed partial selection) equals a stable descending sort's first k columns:
+    ties (repeated values, both zeros, -inf padding) go to the earliest column."""
+    g = torch.Generator().manual_seed(E)
+    scores = torch.randn(6, E, generator=g)
+    scores[0] = torch.randint(-2, 3, (E,), generator=g).float()            # many ties
+    scores[1, E // 2:] = float("-inf")                                      # padding
+    scores[2] = 0.0
+    scores[2, ::3] = -0.0                                                   # signed zeros tie
+    scores[3] = float("-inf")
+    scores[4] = scores[4].abs() * -1e-30                                    # tiny negatives and subnormals
+    want = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(stable_topk(scores, k), want)
+    # the check can fail: the plain top-k breaks the ties in row 0 otherwise
+    assert not torch.equal(scores.topk(k, dim=-1).indices[:3], want[:3]) or E == k

@@ -1,10 +1,10 @@
-"""The single-process MoE without the host (issue 17, item 2): routed experts in static shapes on the torch backend.
+"""The single-process MoE without the host (issue 17, item 2): routed experts grouped on the device on the torch backend.
 
-`expert_mlp_dense` (every token through every expert, weighted by a [N, E] routing matrix) equals the sorted
-reference `expert_mlp_ref` + `combine_rows`; the MoE layer forward compiles with `fullgraph=True, dynamic=False`
-(a graph break, host read or data-dependent shape fails that compile: the CPU's proxy for CUDA-graph capture); and
-under the device-provenance mode one MoE forward makes no sync and no host/device mix, where the sorted path
-syncs in every layer.
+`expert_mlp_grouped` (slots sorted by expert, offsets from a search, one grouped GEMM per projection) equals the
+per-expert reference `expert_mlp_ref` + `combine_rows`; the MoE layer forward compiles with `fullgraph=True,
+dynamic=False` (a graph break, host read or data-dependent shape fails that compile: the CPU's proxy for CUDA-graph
+capture); and under the device-provenance mode one MoE forward makes no sync and no host/device mix, where the
+per-expert path syncs in every layer.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from v4ray.kernels.moe import expert_mlp_dense, expert_mlp_ref, routing_matrix, stack_experts
+from v4ray.kernels.moe import expert_mlp_grouped, expert_mlp_ref, expert_offsets, stack_experts
 from v4ray.kernels.quant import QuantTensor
 from v4ray.model import v4
 from v4ray.model.loader import load_model
@@ -21,13 +21,11 @@ from v4ray.model.v4 import combine_rows, group_rows
 from device_provenance import Provenance, mark_device, to_device
 
 LIMIT = 7.0
-# fp32: the dense form sums the same fp32 terms in the same (expert id) order as combine_rows; only the GEMMs'
-# blocking differs (all N rows per expert instead of the expert's own rows): a few ulp (measured <= 2.3e-7), and
-# a repeated expert's two terms become one.
+# The grouped form computes each expert's own rows, as the reference does, and sums the same terms in the same
+# (expert id) order; what differs is the GEMM: one [M, D] x [D, 2I] call for W1 and W3 together and the grouped
+# kernel's blocking instead of one F.linear per weight. Measured: bit-equal on this machine; the bounds allow a
+# GEMM library that blocks otherwise a few ulp in fp32 and one bf16 rounding (2^-8 relative) in bf16.
 FP32_RTOL = 1e-6
-# bf16: as fp32, plus a token repeating an expert gets round(y * round(w1 + w2)) instead of
-# round(y * round(w1)) + round(y * round(w2)): bf16 roundings (2^-8 relative) of up to two terms (measured
-# <= 4.4e-3 on the repeating token, 0 on the others at N >= 32).
 BF16_RTOL = 1e-2
 # inductor fuses and reorders the fp32 elementwise work of gate, SwiGLU and combine: ulp-level differences.
 COMPILED_RTOL = 1e-5
@@ -58,28 +56,37 @@ def _reference(x, idx, weights, experts):
     return combine_rows(idx.shape[0], tok, y)
 
 
+def _grouped(x, idx, weights, w13, w2, offsets=expert_offsets):
+    order, tok = group_rows(idx)
+    ids = idx.reshape(-1)[order]
+    y = expert_mlp_grouped(x[tok], offsets(ids, w13.shape[0]), weights.reshape(-1)[order], w13, w2, LIMIT)
+    return combine_rows(idx.shape[0], tok, y)
+
+
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, FP32_RTOL), (torch.bfloat16, BF16_RTOL)])
 @pytest.mark.parametrize("N", [1, 5, 32])
-def test_dense_form_equals_the_sorted_reference(dtype, rtol, N):
+def test_grouped_form_equals_the_per_expert_reference(dtype, rtol, N):
     E, K, D, I = 8, 3, 64, 32
     experts = _experts(E, D, I, dtype)
     idx, weights = _routing(N, K, E, seed=N)
     assert not ((idx == 0).any() or (idx == E - 1).any()) and idx[0, 0] == idx[0, 1]
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(1)).to(dtype) * 3  # some SwiGLU inputs clamp
     want = _reference(x, idx, weights, experts)
-    got = expert_mlp_dense(x, routing_matrix(idx, weights, E), *stack_experts(experts), LIMIT)
+    got = _grouped(x, idx, weights, *stack_experts(experts))
     assert got.dtype == torch.float32 and got.shape == (N, D)
     assert _rel(got, want) <= rtol, f"rel err {_rel(got, want):.2e}"
-    # the comparison can fail: a token routed to one expert too many is far outside the tolerance
-    wrong = routing_matrix(idx, weights, E)
-    wrong[-1, E - 1] = 1.0
-    assert _rel(expert_mlp_dense(x, wrong, *stack_experts(experts), LIMIT), want) > 10 * rtol
+    # the comparison can fail: the first row of one expert handed to the expert before it
+    def off_by_one(ids, num_experts):
+        offs = expert_offsets(ids, num_experts)
+        return offs + (torch.arange(num_experts) == ids[-1] - 1).int()
+    if N > 1:
+        assert _rel(_grouped(x, idx, weights, *stack_experts(experts), offsets=off_by_one), want) > 10 * rtol
 
 
-def test_routing_matrix_holds_each_tokens_weights_summed():
-    idx = torch.tensor([[2, 2], [0, 3]])
-    w = torch.tensor([[0.25, 0.5], [1.0, 2.0]])
-    assert torch.equal(routing_matrix(idx, w, 4), torch.tensor([[0, 0, 0.75, 0], [1.0, 0, 0, 2.0]]))
+def test_expert_offsets_end_each_experts_rows():
+    ids = torch.tensor([1, 1, 3, 3, 3])
+    assert expert_offsets(ids, 5).tolist() == [0, 2, 2, 5, 5]
+    assert expert_offsets(ids, 5).dtype == torch.int32
 
 
 def test_quantized_experts_are_not_stacked():
@@ -105,17 +112,22 @@ def _inputs(moe, N: int, seed: int = 0):
     return torch.randn(N, moe.cfg.hidden_size, generator=g), torch.randint(0, moe.cfg.vocab_size, (N,), generator=g)
 
 
-def test_model_layers_use_the_dense_form_and_match_the_sorted_path(moe_layers, monkeypatch):
+def _per_expert(monkeypatch):
+    """Route the MoE layers through the per-expert reference (host reads) instead of the grouped form."""
+    monkeypatch.setattr(v4.MoE, "uses_grouped", lambda self, x: False)
+
+
+def test_model_layers_run_grouped_and_match_the_per_expert_path(moe_layers, monkeypatch):
     for hash_layer, topk_layer in moe_layers.values():
         for moe in (hash_layer, topk_layer):
-            x, tids = _inputs(moe, 8)
-            assert moe.uses_dense(x) and moe.gate.hash == (moe is hash_layer)
-            dense = moe(x, tids)
-            with monkeypatch.context() as m:
-                m.setattr(v4, "DENSE_MAX_EXPERT_MACS", 0)
-                assert not moe.uses_dense(x)
-                sorted_path = moe(x, tids)
-            assert _rel(dense, sorted_path) <= FP32_RTOL
+            for N in (8, 300):
+                x, tids = _inputs(moe, N)
+                assert moe.uses_grouped(x) and moe.gate.hash == (moe is hash_layer)
+                grouped = moe(x, tids)
+                with monkeypatch.context() as m:
+                    _per_expert(m)
+                    per_expert = moe(x, tids)
+                assert _rel(grouped, per_expert) <= FP32_RTOL
     # the stacked weights are the experts' own (views, one copy)
     moe = moe_layers["v4-tiny"][1]
     w13, w2 = moe.stacked_experts()
@@ -134,8 +146,8 @@ def test_moe_forward_compiles_fullgraph_for_two_batch_sizes(moe_layers, preset, 
             x, tids = _inputs(moe, N, seed=N)
             eager = moe(x, tids)
             assert _rel(compiled(x, tids), eager) <= COMPILED_RTOL
-    # the compile check has teeth: the sorted path (host reads, data-dependent shapes) does not compile
-    monkeypatch.setattr(v4, "DENSE_MAX_EXPERT_MACS", 0)
+    # the compile check has teeth: the per-expert path (host reads, data-dependent shapes) does not compile
+    _per_expert(monkeypatch)
     torch._dynamo.reset()
     moe = moe_layers[preset][1]
     x, tids = _inputs(moe, 8)
@@ -158,7 +170,7 @@ def _moe_events(tiny_ckpt, N: int):
 def test_one_moe_forward_makes_no_sync_and_no_mix(tiny_ckpt, monkeypatch):
     w = _moe_events(tiny_ckpt, 8)
     assert w.count("sync") == 0 and w.count("mix") == 0, w.summary()
-    # the sorted path this replaces reads routing back to the host (counted the same way)
-    monkeypatch.setattr(v4, "DENSE_MAX_EXPERT_MACS", 0)
+    # the per-expert path reads routing back to the host (counted the same way)
+    _per_expert(monkeypatch)
     before = _moe_events(tiny_ckpt, 8)
     assert before.count("sync") > 0, before.summary()

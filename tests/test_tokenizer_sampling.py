@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from v4ray.engine.sampler import (
     sampling_probs,
     top_logprobs,
 )
+from v4ray.engine.outputs import FlatLogprobs
 from v4ray.engine.sampling import Logprob, SamplingParams, check_stop
 from v4ray.model.tokenizer import BYTE_OFFSET, SPECIAL_TOKENS, V4Tokenizer, build_byte_tokenizer
 
@@ -235,6 +237,28 @@ def test_top_logprobs_ranks_and_chosen():
     within = top_logprobs(logits, k=3, chosen=0)
     assert list(within) == [1, 2, 0] and within[0].rank == 3 and within[0].decoded_token is None
     assert list(top_logprobs(logits, k=0, chosen=4)) == [4]
+
+
+def test_flat_logprobs_read_as_a_list_of_position_dicts():
+    """FlatLogprobs (what a sequence appends each step and what travels to the server) reads as vLLM's list of
+    per-position dicts: indexing, negative indices, slices, extend, equality, and a pickle round trip that carries
+    plain lists only."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0], [0.5, -2.0, 4.0, 1.0, 0.0], [2.0, 2.0, 1.0, 0.0, 3.0]])
+    dicts = [top_logprobs(row, k=2, chosen=c, decode=lambda i: f"<{i}>") for row, c in zip(logits, (3, 2, 1))]
+    flat = FlatLogprobs()
+    for d in dicts:
+        flat.append(d)
+    assert len(flat) == 3 and list(flat) == dicts and flat == dicts
+    assert flat[-1] == dicts[2] and flat[1:] == dicts[1:] and flat[::2] == dicts[::2] and flat[5:] == []
+    with pytest.raises(IndexError):
+        flat[3]
+    assert [list(flat.entries(0))[i][:3] for i in range(3)] == [(t, e.logprob, e.rank) for t, e in dicts[0].items()]
+    joined = flat[:1]
+    joined.extend(flat[1:])
+    assert joined == flat
+    wire = pickle.dumps(flat)
+    assert pickle.loads(wire) == flat and b"engine.sampling" not in wire  # no Logprob objects on the wire
+    assert flat != dicts[:2]  # the comparison can fail
 
 
 def test_draw_is_torch_multinomial_bit_for_bit():
