@@ -198,6 +198,7 @@ def _drain(core: EngineCore, work) -> dict:
     return done
 
 
+@pytest.mark.timeout(900)  # two cold inductor compiles (B = 1 and B >= 2): about two minutes on 2 cores
 def test_the_compiled_engine_generates_what_the_eager_engine_does(tiny_ckpt):
     """inductor, as `v4ray serve` runs it on the CPU: greedy requests of mixed lengths (buckets shrink as they
     finish) give the eager engine's tokens, all from two compiled graphs, B = 1 and B >= 2 (every batch size and

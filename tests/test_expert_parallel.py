@@ -27,6 +27,7 @@ from v4ray.model.tiny import expert_files
 
 from conftest import parity_prompt
 from device_provenance import DEVICE, Provenance, kernels_as_device_ops, to_device
+from test_device_provenance import MAX_SYNCS_PER_DECODE_STEP
 from test_parity import PARITY_RTOL, TIE_GAP
 
 DECODE_STEPS = 32
@@ -263,20 +264,12 @@ def _exchange_inputs(step: int, layer: int):
 def _exchange_rank(rank: int, addresses, results) -> None:
     """One rank of the exchange under a Provenance mode: the router routes every layer of EXCHANGE["steps"] steps
     and then one idle step; each shard serves them. Reports per-window event counts (and the router its outputs)."""
-    from v4ray.actors.expert_parallel import RouterExchange, ShardServer, init_group, rendezvous_listener, \
-        tcp_address
+    from v4ray.actors.expert_parallel import RouterExchange, ShardServer
 
     c = EXCHANGE
     world, R = c["routers"] + c["shards"], c["routers"]
     try:
-        if rank == 0:
-            listener = rendezvous_listener("127.0.0.1")
-            address = tcp_address("127.0.0.1", listener.getsockname()[1])
-            for _ in range(world - 1):
-                addresses.put(address)
-            init_group(address, rank, world, 60, listener=listener, device="cpu")
-        else:
-            init_group(addresses.get(timeout=60), rank, world, 60, device="cpu")
+        _join_group(rank, world, addresses)
         placement = ExpertPlacement.contiguous(c["experts"], c["shards"])
         report = {"rank": rank, "windows": {}, "outputs": []}
         with Provenance() as prov, kernels_as_device_ops(prov):
@@ -315,28 +308,13 @@ def _exchange_rank(rank: int, addresses, results) -> None:
             dist.destroy_process_group()
 
 
-def test_backend_follows_the_device():
-    from v4ray.actors.expert_parallel import backend_for, init_group
-
-    assert backend_for(torch.device("cuda", 0)) == "nccl"   # whether or not this process sees a GPU
-    assert backend_for(torch.device("cpu")) == "gloo"
-    with pytest.raises(ValueError, match="backend='nccl' cannot exchange tensors on cpu"):
-        init_group("tcp://127.0.0.1:1", 1, 2, 1.0, device="cpu", backend="nccl")   # refused before connecting
-
-
-def test_exchange_syncs_once_per_moe_layer_per_rank():
-    """1 router + 2 shards in separate processes over gloo; inputs, expert weights and every buffer the exchange
-    makes are followed as device-resident: per MoE layer each rank makes at most SYNCS_PER_MOE_LAYER device->host
-    reads, no upload and no host/device mix, and the routed outputs equal the single-process expert compute. In
-    STATIC_STEPS the router dispatches with fixed capacity (a decode step's exchange) and reads nothing back."""
-    from v4ray.kernels.moe import expert_mlp_ref
-    from v4ray.model.v4 import combine_rows, group_rows
-
-    c = EXCHANGE
-    world, L = c["routers"] + c["shards"], c["layers"]
+def _spawn_ranks(target, world: int, *args) -> dict[int, dict]:
+    """Run target(rank, addresses, results, *args) in `world` spawned processes (rank 0 hosts the rendezvous and
+    puts its address once per other rank) -> each rank's report; a rank that fails or never reports fails the test
+    with its name."""
     ctx = multiprocessing.get_context("spawn")
     addresses, results = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_exchange_rank, args=(r, addresses, results), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, addresses, results, *args), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     try:
@@ -356,6 +334,42 @@ def test_exchange_syncs_once_per_moe_layer_per_rank():
                 p.kill()
     errors = {r: rep["error"] for r, rep in reports.items() if "error" in rep}
     assert not errors, f"ranks failed: {errors}"
+    return reports
+
+
+def _join_group(rank: int, world: int, addresses) -> None:
+    from v4ray.actors.expert_parallel import init_group, rendezvous_listener, tcp_address
+
+    if rank == 0:
+        listener = rendezvous_listener("127.0.0.1")
+        address = tcp_address("127.0.0.1", listener.getsockname()[1])
+        for _ in range(world - 1):
+            addresses.put(address)
+        init_group(address, rank, world, 60, listener=listener, device="cpu")
+    else:
+        init_group(addresses.get(timeout=60), rank, world, 60, device="cpu")
+
+
+def test_backend_follows_the_device():
+    from v4ray.actors.expert_parallel import backend_for, init_group
+
+    assert backend_for(torch.device("cuda", 0)) == "nccl"   # whether or not this process sees a GPU
+    assert backend_for(torch.device("cpu")) == "gloo"
+    with pytest.raises(ValueError, match="backend='nccl' cannot exchange tensors on cpu"):
+        init_group("tcp://127.0.0.1:1", 1, 2, 1.0, device="cpu", backend="nccl")   # refused before connecting
+
+
+def test_exchange_syncs_once_per_moe_layer_per_rank():
+    """1 router + 2 shards in separate processes over gloo; inputs, expert weights and every buffer the exchange
+    makes are followed as device-resident: per MoE layer each rank makes at most SYNCS_PER_MOE_LAYER device->host
+    reads, no upload and no host/device mix, and the routed outputs equal the single-process expert compute. In
+    STATIC_STEPS the router dispatches with fixed capacity (a decode step's exchange) and reads nothing back."""
+    from v4ray.kernels.moe import expert_mlp_ref
+    from v4ray.model.v4 import combine_rows, group_rows
+
+    c = EXCHANGE
+    world, L = c["routers"] + c["shards"], c["layers"]
+    reports = _spawn_ranks(_exchange_rank, world)
 
     for rank, rep in reports.items():
         for name, counts in rep["windows"].items():
@@ -380,3 +394,101 @@ def test_exchange_syncs_once_per_moe_layer_per_rank():
         torch.testing.assert_close(torch.tensor(got), ref, atol=EXCHANGE_ATOL, rtol=0, msg=f"step/layer {i}")
     served = [sum(sum(reports[r]["tokens_per_expert"][layer].values()) for r in range(1, world)) for layer in range(L)]
     assert served == [c["steps"] * c["tokens"] * c["topk"]] * L
+
+
+ROUTER_STEP = {"shards": 2, "seqs": 3, "decode_steps": 3}
+
+
+def _router_step_rank(rank: int, addresses, results, ckpt: str) -> None:
+    """One rank of a 1-router / 2-shard replica of the tiny model, run as its actors run it but in plain processes
+    under a Provenance mode: the router's EngineCore takes a prefill step, then fixed-shape decode steps (the
+    expert-parallel form: fixed-capacity dispatch, uncompiled); each shard serves every step. Reports per-step
+    event counts (and the router its tokens)."""
+    from v4ray.actors.expert_parallel import RouterExchange, ShardServer
+    from v4ray.engine.core import EngineCore
+    from v4ray.engine.runner import ModelRunner
+    from v4ray.model.config import V4Config
+    from v4ray.model.loader import load_expert_weights, load_model
+    from v4ray.model.tokenizer import V4Tokenizer
+
+    from device_provenance import mark_device
+
+    c = ROUTER_STEP
+    world, steps = 1 + c["shards"], 1 + c["decode_steps"]
+    try:
+        _join_group(rank, world, addresses)
+        cfg = V4Config.from_file(ckpt)
+        placement = ExpertPlacement.contiguous(cfg.n_routed_experts, c["shards"])
+        report = {"rank": rank, "windows": {}}
+        with Provenance() as prov, kernels_as_device_ops(prov):
+            if rank == 0:
+                exchange = RouterExchange(0, world, 1, placement, cfg.hidden_size, device=DEVICE)
+                model = mark_device(load_model(ckpt, torch.float32, expert_range=(0, 0), expert_backend=exchange))
+                runner = ModelRunner(model, 64 << 20, c["seqs"], decode_step="static")
+                core = EngineCore(runner, V4Tokenizer.from_dir(ckpt), 4096, 4096, c["seqs"])
+                params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+                for i in range(c["seqs"]):
+                    core.add_request(f"r{i}", parity_prompt(60 + 9 * i, seed=i).tolist(), params)
+                outputs = []
+                for step in range(steps):
+                    with prov.window(f"step {step}") as win:
+                        outputs += core.step()
+                    report["windows"][win.name] = win
+                report["tokens"] = {o.request_id: o.outputs[0].token_ids for o in outputs if o.finished}
+                report["errors"] = [o.error for o in outputs if o.error]
+            else:
+                ids = placement.shard_experts(rank - 1)
+                experts = [{e: tuple(type(t)(to_device(t.data)) for t in ws) for e, ws in layer.items()}
+                           for layer in load_expert_weights(ckpt, ids, torch.float32, True, cfg)]
+                server = ShardServer(world, cfg.hidden_size, experts, torch.float32, cfg.swiglu_limit, device=DEVICE)
+                for step in range(steps):
+                    with prov.window(f"step {step}") as win:
+                        server.serve_step()
+                    report["windows"][win.name] = win
+        report["windows"] = {name: {k: w.count(k) for k in ("sync", "upload", "mix")} | {"summary": w.summary()}
+                             for name, w in report["windows"].items()}
+        results.put(report)
+    except BaseException as e:  # the parent names the rank and the error
+        results.put({"rank": rank, "error": repr(e)})
+        raise
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_router_decode_step_reads_back_once_and_nothing_in_its_layers(tiny_ckpt):
+    """The whole decode step of an expert-parallel router, not only its exchange: 1 router + 2 shards in separate
+    processes over gloo, the router's weights and cache device-resident. A fixed-shape decode step reads the
+    device back once (its sampled tokens: MAX_SYNCS_PER_DECODE_STEP) with no upload beyond its inputs and no
+    host/device mix; the prefill step reads each MoE layer's split sizes; the shards read their split sizes per
+    layer; and the greedy tokens equal the single-process engine's."""
+    ckpt = tiny_ckpt("v4-tiny")
+    c = ROUTER_STEP
+    moe_layers = load_preset("v4-tiny").num_hidden_layers
+    reports = _spawn_ranks(_router_step_rank, 1 + c["shards"], str(ckpt))
+    router = reports[0]
+    assert not router["errors"], router["errors"]
+    for name, counts in router["windows"].items():
+        detail = f"router {name}:\n{counts['summary']}"
+        assert counts["mix"] == 0, detail
+        if name == "step 0":   # prefill: variable splits, read per MoE layer, plus the sampled tokens
+            assert 1 + moe_layers <= counts["sync"] <= SYNCS_PER_MOE_LAYER * moe_layers + 1, detail
+        else:
+            assert counts["sync"] == MAX_SYNCS_PER_DECODE_STEP, detail
+            assert counts["upload"] <= 1, detail   # the step's inputs, one copy into the bucket's buffer
+    for rank in range(1, 1 + c["shards"]):
+        for name, counts in reports[rank]["windows"].items():
+            detail = f"shard rank {rank} {name}:\n{counts['summary']}"
+            assert counts["upload"] == 0 and counts["mix"] == 0, detail
+            assert 1 <= counts["sync"] <= SYNCS_PER_MOE_LAYER * moe_layers, detail
+    # the same tokens as one process
+    core = _local_engine(ckpt)
+    params = SamplingParams(max_tokens=1 + c["decode_steps"], temperature=0.0, ignore_eos=True)
+    for i in range(c["seqs"]):
+        core.add_request(f"r{i}", parity_prompt(60 + 9 * i, seed=i).tolist(), params)
+    want = {}
+    while core.has_work():
+        want.update({o.request_id: o.outputs[0].token_ids for o in core.step() if o.finished})
+    assert router["tokens"] == want
