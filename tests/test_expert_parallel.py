@@ -261,40 +261,47 @@ def _exchange_inputs(step: int, layer: int):
     return x, torch.rand(c["tokens"], c["topk"], generator=g), idx
 
 
-def _exchange_rank(rank: int, addresses, results) -> None:
+def _exchange_rank(rank: int) -> dict:
     """One rank of the exchange under a Provenance mode: the router routes every layer of EXCHANGE["steps"] steps
     and then one idle step; each shard serves them. Reports per-window event counts (and the router its outputs)."""
     from v4ray.actors.expert_parallel import RouterExchange, ShardServer
 
     c = EXCHANGE
     world, R = c["routers"] + c["shards"], c["routers"]
+    placement = ExpertPlacement.contiguous(c["experts"], c["shards"])
+    report = {"rank": rank, "windows": {}, "outputs": []}
+    with Provenance() as prov, kernels_as_device_ops(prov):
+        if rank < R:
+            exchange = RouterExchange(rank, world, R, placement, c["hidden"], device=DEVICE)
+            for step in range(c["steps"]):
+                for layer in range(c["layers"]):
+                    x, w, idx = (to_device(t) for t in _exchange_inputs(step, layer))
+                    with prov.window(f"step {step} layer {layer}") as win:
+                        y = exchange.route(layer, x, w, idx, static=step in STATIC_STEPS)
+                    report["outputs"].append(y.inner.tolist())   # no tensors through the queue: the rank exits
+                    report["windows"][win.name] = win
+            with prov.window("idle step") as win:
+                exchange.idle(c["layers"])
+            report["windows"][win.name] = win
+        else:
+            mine = placement.shard_experts(rank - R)
+            experts = [{e: tuple(type(t)(to_device(t.data)) for t in ws)
+                        for e, ws in _exchange_experts(layer, mine).items()} for layer in range(c["layers"])]
+            server = ShardServer(world, c["hidden"], experts, torch.float32, 10.0, device=DEVICE)
+            for step in range(c["steps"] + 1):
+                with prov.window(f"step {step}") as win:
+                    server.serve_step()
+                report["windows"][win.name] = win
+            report["tokens_per_expert"] = server.tokens_per_expert()
+    return report
+
+
+def _rank_main(rank: int, world: int, addresses, results, body, *args) -> None:
+    """A spawned rank: join the group (rank 0 hosts the rendezvous and puts its address once per other rank), run
+    body(rank, *args) -> its report, whose Provenance windows travel as event counts and a summary."""
     try:
         _join_group(rank, world, addresses)
-        placement = ExpertPlacement.contiguous(c["experts"], c["shards"])
-        report = {"rank": rank, "windows": {}, "outputs": []}
-        with Provenance() as prov, kernels_as_device_ops(prov):
-            if rank < R:
-                exchange = RouterExchange(rank, world, R, placement, c["hidden"], device=DEVICE)
-                for step in range(c["steps"]):
-                    for layer in range(c["layers"]):
-                        x, w, idx = (to_device(t) for t in _exchange_inputs(step, layer))
-                        with prov.window(f"step {step} layer {layer}") as win:
-                            y = exchange.route(layer, x, w, idx, static=step in STATIC_STEPS)
-                        report["outputs"].append(y.inner.tolist())   # no tensors through the queue: the rank exits
-                        report["windows"][win.name] = win
-                with prov.window("idle step") as win:
-                    exchange.idle(c["layers"])
-                report["windows"][win.name] = win
-            else:
-                mine = placement.shard_experts(rank - R)
-                experts = [{e: tuple(type(t)(to_device(t.data)) for t in ws)
-                            for e, ws in _exchange_experts(layer, mine).items()} for layer in range(c["layers"])]
-                server = ShardServer(world, c["hidden"], experts, torch.float32, 10.0, device=DEVICE)
-                for step in range(c["steps"] + 1):
-                    with prov.window(f"step {step}") as win:
-                        server.serve_step()
-                    report["windows"][win.name] = win
-                report["tokens_per_expert"] = server.tokens_per_expert()
+        report = body(rank, *args)
         report["windows"] = {name: {k: w.count(k) for k in ("sync", "upload", "mix")} | {"summary": w.summary()}
                              for name, w in report["windows"].items()}
         results.put(report)
@@ -308,13 +315,13 @@ def _exchange_rank(rank: int, addresses, results) -> None:
             dist.destroy_process_group()
 
 
-def _spawn_ranks(target, world: int, *args) -> dict[int, dict]:
-    """Run target(rank, addresses, results, *args) in `world` spawned processes (rank 0 hosts the rendezvous and
-    puts its address once per other rank) -> each rank's report; a rank that fails or never reports fails the test
-    with its name."""
+def _spawn_ranks(body, world: int, *args) -> dict[int, dict]:
+    """Run body(rank, *args) in `world` spawned processes joined in one gloo group (`_rank_main`) -> each rank's
+    report; a rank that fails or never reports fails the test with its name."""
     ctx = multiprocessing.get_context("spawn")
     addresses, results = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, addresses, results, *args), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, addresses, results, body, *args), daemon=True)
+             for r in range(world)]
     for p in procs:
         p.start()
     try:
@@ -399,7 +406,7 @@ def test_exchange_syncs_once_per_moe_layer_per_rank():
 ROUTER_STEP = {"shards": 2, "seqs": 3, "decode_steps": 3}
 
 
-def _router_step_rank(rank: int, addresses, results, ckpt: str) -> None:
+def _router_step_rank(rank: int, ckpt: str) -> dict:
     """One rank of a 1-router / 2-shard replica of the tiny model, run as its actors run it but in plain processes
     under a Provenance mode: the router's EngineCore takes a prefill step, then fixed-shape decode steps (the
     expert-parallel form: fixed-capacity dispatch, uncompiled); each shard serves every step. Reports per-step
@@ -415,47 +422,35 @@ def _router_step_rank(rank: int, addresses, results, ckpt: str) -> None:
 
     c = ROUTER_STEP
     world, steps = 1 + c["shards"], 1 + c["decode_steps"]
-    try:
-        _join_group(rank, world, addresses)
-        cfg = V4Config.from_file(ckpt)
-        placement = ExpertPlacement.contiguous(cfg.n_routed_experts, c["shards"])
-        report = {"rank": rank, "windows": {}}
-        with Provenance() as prov, kernels_as_device_ops(prov):
-            if rank == 0:
-                exchange = RouterExchange(0, world, 1, placement, cfg.hidden_size, device=DEVICE)
-                model = mark_device(load_model(ckpt, torch.float32, expert_range=(0, 0), expert_backend=exchange))
-                runner = ModelRunner(model, 64 << 20, c["seqs"], decode_step="static")
-                core = EngineCore(runner, V4Tokenizer.from_dir(ckpt), 4096, 4096, c["seqs"])
-                params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
-                for i in range(c["seqs"]):
-                    core.add_request(f"r{i}", parity_prompt(60 + 9 * i, seed=i).tolist(), params)
-                outputs = []
-                for step in range(steps):
-                    with prov.window(f"step {step}") as win:
-                        outputs += core.step()
-                    report["windows"][win.name] = win
-                report["tokens"] = {o.request_id: o.outputs[0].token_ids for o in outputs if o.finished}
-                report["errors"] = [o.error for o in outputs if o.error]
-            else:
-                ids = placement.shard_experts(rank - 1)
-                experts = [{e: tuple(type(t)(to_device(t.data)) for t in ws) for e, ws in layer.items()}
-                           for layer in load_expert_weights(ckpt, ids, torch.float32, True, cfg)]
-                server = ShardServer(world, cfg.hidden_size, experts, torch.float32, cfg.swiglu_limit, device=DEVICE)
-                for step in range(steps):
-                    with prov.window(f"step {step}") as win:
-                        server.serve_step()
-                    report["windows"][win.name] = win
-        report["windows"] = {name: {k: w.count(k) for k in ("sync", "upload", "mix")} | {"summary": w.summary()}
-                             for name, w in report["windows"].items()}
-        results.put(report)
-    except BaseException as e:  # the parent names the rank and the error
-        results.put({"rank": rank, "error": repr(e)})
-        raise
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    cfg = V4Config.from_file(ckpt)
+    placement = ExpertPlacement.contiguous(cfg.n_routed_experts, c["shards"])
+    report = {"rank": rank, "windows": {}}
+    with Provenance() as prov, kernels_as_device_ops(prov):
+        if rank == 0:
+            exchange = RouterExchange(0, world, 1, placement, cfg.hidden_size, device=DEVICE)
+            model = mark_device(load_model(ckpt, torch.float32, expert_range=(0, 0), expert_backend=exchange))
+            runner = ModelRunner(model, 64 << 20, c["seqs"], decode_step="static")
+            core = EngineCore(runner, V4Tokenizer.from_dir(ckpt), 4096, 4096, c["seqs"])
+            params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+            for i in range(c["seqs"]):
+                core.add_request(f"r{i}", parity_prompt(60 + 9 * i, seed=i).tolist(), params)
+            outputs = []
+            for step in range(steps):
+                with prov.window(f"step {step}") as win:
+                    outputs += core.step()
+                report["windows"][win.name] = win
+            report["tokens"] = {o.request_id: o.outputs[0].token_ids for o in outputs if o.finished}
+            report["errors"] = [o.error for o in outputs if o.error]
+        else:
+            ids = placement.shard_experts(rank - 1)
+            experts = [{e: tuple(type(t)(to_device(t.data)) for t in ws) for e, ws in layer.items()}
+                       for layer in load_expert_weights(ckpt, ids, torch.float32, True, cfg)]
+            server = ShardServer(world, cfg.hidden_size, experts, torch.float32, cfg.swiglu_limit, device=DEVICE)
+            for step in range(steps):
+                with prov.window(f"step {step}") as win:
+                    server.serve_step()
+                report["windows"][win.name] = win
+    return report
 
 
 def test_a_router_decode_step_reads_back_once_and_nothing_in_its_layers(tiny_ckpt):
