@@ -74,8 +74,9 @@ class DecodeGraphs:
         # graphs, B = 1 and B >= 2. CUDA graphs are captured per bucket: powers of two.
         smallest = 1 if self.cuda else 2
         self.max_batch, self.max_width = max(max_num_seqs, smallest), max(max_blocks, smallest)
-        self.batch_sizes = bucket_sizes(self.max_batch, smallest)
-        self.widths = bucket_sizes(self.max_width, smallest)
+        if self.cuda:
+            self.batch_sizes = bucket_sizes(self.max_batch)
+            self.widths = bucket_sizes(self.max_width)
         # the buckets' persistent inputs; on the CPU the most recently used CPU_INPUTS_KEPT of them
         self.inputs: OrderedDict[tuple[int, int], DecodeInputs] = OrderedDict()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -160,7 +161,7 @@ class DecodeGraphs:
         print("v4ray: compiling the fixed-shape decode step (torch.compile, inductor, two graphs; about two minutes "
               "cold on 2 cores, seconds from the disk cache)...", file=sys.stderr, flush=True)
         for rows in (2, 1):  # the graph of every B >= 2, then B = 1's
-            batch = self._inputs((rows, self.widths[0])).padding()
+            batch = self._inputs((rows, 2)).padding()
             if rows == 2:
                 self.model.decode(batch)  # eager first: lazily built state (stacked experts) exists before tracing
             _, writes = self._step(batch.token_ids, batch.positions, batch.slots, batch.block_tables, batch.real)

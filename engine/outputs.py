@@ -45,10 +45,6 @@ class FlatLogprobs(Sequence):
                  [e.decoded_token for e in position.values()])
 
     def extend(self, other: "FlatLogprobs") -> None:
-        if not isinstance(other, FlatLogprobs):
-            for position in other:
-                self.append(position)
-            return
         base = len(self.token_ids)
         self.ends += [base + e for e in other.ends]
         self.token_ids += other.token_ids

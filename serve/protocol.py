@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from v4ray.model.chat import ChatFormatError, render_chat, split_reasoning
 from v4ray.engine.json_input import JSONInputError, loads_strict, lone_surrogate_path, printable
-from v4ray.engine.outputs import FlatLogprobs, RequestOutput
+from v4ray.engine.outputs import RequestOutput
 from v4ray.engine.sampling import SamplingParamError, SamplingParams
 from v4ray.model.tokenizer import V4Tokenizer
 
@@ -227,12 +227,9 @@ def usage_counts(prompt_tokens: int, completion_tokens: int, cached_tokens: int 
 
 
 def _positions(c) -> Iterator[tuple[int, list[tuple[int, float, int | None]]]]:
-    """(chosen token, [(token id, logprob, rank), ...]) per position of a completion's logprobs."""
-    lps = c.logprobs
-    flat = isinstance(lps, FlatLogprobs)
+    """(chosen token, [(token id, logprob, rank), ...]) per position of a completion's logprobs (FlatLogprobs)."""
     for i, tok in enumerate(c.token_ids):
-        yield tok, ([(t, lp, r) for t, lp, r, _ in lps.entries(i)] if flat
-                    else [(t, e.logprob, e.rank) for t, e in lps[i].items()])
+        yield tok, [(t, lp, r) for t, lp, r, _ in c.logprobs.entries(i)]
 
 
 def completion_logprobs(c, tokenizer: V4Tokenizer, text_offset: int = 0) -> dict | None:
