@@ -37,10 +37,12 @@ def percentiles(xs: list[float]) -> dict:
             "p99_ms": round(1e3 * xs[max(0, int(len(xs) * 0.99) - 1)], 1)}
 
 
-def short_latency(url: str) -> float:
+def short_latency(url: str, starts: list | None = None) -> float:
     import requests
 
     t0 = time.monotonic()
+    if starts is not None:
+        starts.append(t0)
     r = requests.post(url, json=SHORT, timeout=120)
     assert r.status_code == 200, r.text[:300]
     return time.monotonic() - t0
@@ -57,7 +59,16 @@ def latencies_beside(url: str, heavy: dict, num_heavy: int, stats=None) -> dict:
     callable returning the server's stats) is given, the engine's wall and CPU ms per step meanwhile."""
     import aiohttp
 
+    done: list[float] = []
+    starts: list[float] = []
+
     async def one(session) -> int:
+        try:
+            return await _one(session)
+        finally:
+            done.append(time.monotonic())
+
+    async def _one(session) -> int:
         async with session.post(url, json=heavy) as r:
             assert r.status == 200, (await r.text())[:300]
             if not heavy["stream"]:
@@ -75,13 +86,17 @@ def latencies_beside(url: str, heavy: dict, num_heavy: int, stats=None) -> dict:
             await asyncio.sleep(1.0)  # the heavy requests are decoding
             short = []
             while not task.done():
-                short.append(await asyncio.to_thread(short_latency, url))
+                short.append(await asyncio.to_thread(short_latency, url, starts))
             return short, await task
 
     s0 = stats() if stats else None
     t0 = time.monotonic()
     short, tokens = asyncio.run(main())
-    out = {"short": short, "heavy_tokens": tokens, "wall_s": time.monotonic() - t0}
+    out = {"short": short, "heavy_tokens": tokens, "wall_s": time.monotonic() - t0,
+           # the slowest short requests: when they started and how long they took, against the heavy ones' ends
+           "slowest": [(round(starts[i] - t0, 2), round(short[i], 3)) for i in sorted(range(len(short)),
+                                                                                key=short.__getitem__)[-4:]],
+           "heavy_done_s": [round(d - t0, 2) for d in sorted(done)]}
     if stats:
         s1 = stats()
         steps = max(1, s1["engine_steps"] - s0["engine_steps"])
@@ -126,6 +141,7 @@ def main() -> None:
             rows.append({"phase": "beside streamed" if stream else "beside non-streamed", **percentiles(res["short"]),
                          "step_wall_ms": round(res["step_wall_ms"], 1), "step_cpu_ms": round(res["step_cpu_ms"], 1),
                          "wall_s": round(res["wall_s"], 1)})
+            print("slowest short (start s, latency s):", res["slowest"], "heavy done at", res["heavy_done_s"])
             print(rows[-1], flush=True)
     finally:
         serve.shutdown()

@@ -68,6 +68,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     output_kind: str = RequestOutputKind.CUMULATIVE
+    # Logprob.decoded_token of every reported entry, decoded in the engine's step. The HTTP server renders token
+    # strings itself and turns this off: 21 decodes per token at logprobs=20, made and shipped for nothing.
+    decode_logprobs: bool = True
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, minimum=1, maximum=1024)

@@ -67,7 +67,8 @@ class Sequence:
         self.output_token_ids.append(token)
         self.cumulative_logprob += sampled.logprob
         if self.logprobs is not None:
-            sampled.add_logprobs(self.logprobs, self.params.logprobs, self.tokenizer.decode_token)
+            sampled.add_logprobs(self.logprobs, self.params.logprobs,
+                                  self.tokenizer.decode_token if self.params.decode_logprobs else None)
         self._check_finished(token)
         return token
 

@@ -229,6 +229,7 @@ class OpenAIIngress:
         p.request_id = rid
         # Streams get only what is new each step; a non-streamed request gets one output when it finishes.
         p.params.output_kind = RequestOutputKind.DELTA if p.stream else RequestOutputKind.FINAL_ONLY
+        p.params.decode_logprobs = False  # the response is rendered here, token strings included
         log.info("request %s (client id %s) %s: %d prompt tokens, max_tokens %d, n %d, stream %s", rid, client_rid,
                  endpoint, len(p.prompt_ids), p.params.max_tokens, p.params.n, p.stream)
         gen = self.server.options(stream=True).generate.remote(p.prompt_ids, p.params, p.prompt_text)

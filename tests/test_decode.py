@@ -134,6 +134,12 @@ def test_llm_batch_equals_single_requests(tiny_ckpt):
         for a, b in zip(out.outputs[0].logprobs, alone.logprobs):
             t = next(iter(b))
             assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-4)
+    # the engine decodes each reported token unless told the caller renders them itself (the HTTP server does)
+    tok = llm.tokenizer
+    first = together[0].outputs[0].logprobs[0]
+    assert all(e.decoded_token == tok.decode_token(t) for t, e in first.items())
+    bare = llm.generate(prompts[0], SamplingParams(max_tokens=3, temperature=0, logprobs=1, decode_logprobs=False))
+    assert [e.decoded_token for pos in bare[0].outputs[0].logprobs for e in pos.values()] == [None] * 3
 
 
 def test_cache_refuses_cleanly_when_full(models):
