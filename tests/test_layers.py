@@ -14,6 +14,7 @@ from conftest import REPO
 
 LAYERS = ["kernels", "model", "engine", "actors", "cluster", "serve"]  # bottom to top
 ROOT_FOLDER = "api"  # the package `v4ray` itself
+STANDALONE = ["testing"]  # beside the tree: imports none of the layers (test infrastructure people run too)
 
 
 def imported_layers(source: str, layer: str, module: str) -> list[tuple[int, str]]:
@@ -68,4 +69,11 @@ def test_every_package_folder_is_a_layer():
     import tomllib
 
     dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    assert set(dirs.values()) == set(LAYERS) | {ROOT_FOLDER}
+    assert set(dirs.values()) == set(LAYERS) | {ROOT_FOLDER} | set(STANDALONE)
+
+
+def test_standalone_packages_import_no_layer():
+    bad = [f"{path.relative_to(REPO)}:{line}: imports {target}" for folder in STANDALONE
+           for path in sorted((REPO / folder).glob("*.py"))
+           for line, target in imported_layers(path.read_text(), folder, path.stem)]
+    assert bad == []

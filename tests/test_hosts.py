@@ -1,0 +1,115 @@
+"""The multi-host test cluster (v4ray.testing.hosts): three Ray nodes in network namespaces, each on its own address,
+joined over a bridge, token auth required; a link cut and healed; nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from v4ray.testing.hosts import Hosts, missing
+
+pytestmark = pytest.mark.skipif(missing() is not None, reason=f"no real hosts here: {missing()}")
+
+TAG = "v4t"            # not the CLI's default tag: a person's `hosts up` and a test run do not collide
+AUTH_REFUSAL_S = 10.0  # a driver with the wrong token logs the refusal within its first retry (~1 s)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    h = Hosts(tag=TAG, subnet=214)   # its directory under /tmp: Ray's unix socket paths must stay short
+    h.down()  # what a killed earlier run may have left
+    h.up()
+    yield h
+    h.down()
+
+
+def _connects(hosts: Hosts, src: int, address: str, port: int) -> bool:
+    code = (f"import socket\ntry:\n    socket.create_connection(({address!r}, {port}), timeout=2).close()\n"
+            f"    print('yes')\nexcept OSError:\n    print('no')")
+    r = subprocess.run(["ip", "netns", "exec", hosts.hosts[src].ns, sys.executable, "-c", code],
+                       capture_output=True, text=True, timeout=30)
+    return r.stdout.strip() == "yes"
+
+
+@pytest.mark.timeout(300)
+def test_three_hosts_each_run_their_own_tasks_and_require_the_token(hosts):
+    nodes = hosts.wait_nodes(3)
+    assert sorted(n["address"] for n in nodes) == [h.address for h in hosts.hosts]
+    for n in nodes:
+        i = hosts.hosts[[h.address for h in hosts.hosts].index(n["address"])].index
+        assert n["resources"][f"v4ray_host_{i}"] == 1 and n["resources"]["CPU"] == hosts.cpus
+        assert n["labels"].get("v4ray.io/host") == str(i)
+    out = hosts.driver("""
+import json, ray
+ray.init(log_to_driver=False)
+@ray.remote(num_cpus=0)
+def where():
+    return ray.util.get_node_ip_address()
+print(json.dumps([ray.get(where.options(resources={f"v4ray_host_{i}": 0.01}).remote(), timeout=60) for i in range(3)]))
+""").stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [h.address for h in hosts.hosts]
+
+    # the wrong token is refused by the head (Ray keeps retrying: the refusal is in its log, then we stop it)
+    bad = hosts.dir / "wrong_token"
+    bad.write_text("0" * 64)
+    env = {**hosts.env(), "RAY_AUTH_TOKEN_PATH": str(bad), "RAY_ADDRESS": hosts.gcs_address}
+    p = subprocess.Popen(["ip", "netns", "exec", hosts.head.ns, sys.executable, "-c",
+                          "import ray; ray.init(log_to_driver=False); print('CONNECTED')"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = p.communicate(timeout=AUTH_REFUSAL_S)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+    assert "CONNECTED" not in out and "InvalidAuthToken" in err, err[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_a_cut_link_partitions_the_host_until_healed(hosts):
+    target = hosts.hosts[2]
+    port = 6379 if target.index == 0 else None
+    nodes = json.loads(hosts.driver("""
+import json, ray
+ray.init(log_to_driver=False)
+print(json.dumps({n["NodeManagerAddress"]: n["NodeManagerPort"] for n in ray.nodes() if n["Alive"]}))
+""").stdout.strip().splitlines()[-1])
+    port = port or nodes[target.address]   # host 2's raylet listens there
+    assert _connects(hosts, 0, target.address, port)
+    hosts.cut(target.index)
+    try:
+        assert not _connects(hosts, 0, target.address, port)
+        assert not _connects(hosts, 1, target.address, port)
+        assert _connects(hosts, 1, hosts.head.address, 6379)   # the rest of the network is whole
+    finally:
+        hosts.heal(target.index)
+    assert _connects(hosts, 0, target.address, port)
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting for a parent outside this test to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_down_leaves_nothing_behind():
+    h = Hosts(tag="v4d", num_hosts=2, subnet=215)
+    h.down()
+    h.up()
+    pids = [p for i in range(2) for p in h.pids(i)]
+    assert pids
+    h.down()
+    h.down()  # idempotent
+    assert not any(n.startswith("v4d") for n in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                               text=True).stdout.split())
+    links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+    assert "v4dbr" not in links and "v4dv" not in links
+    assert not h.dir.exists()
+    alive = [p for p in pids if _running(p)]
+    assert not alive, f"processes {alive} outlived down()"
