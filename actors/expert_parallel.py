@@ -26,6 +26,7 @@ computed there, and a shard counts the rows each expert serves in a device tenso
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import time
 from collections import defaultdict
@@ -58,11 +59,41 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+def interface_of(address: str) -> str | None:
+    """The name of this host's network interface that holds `address`, or None (psutil comes with Ray)."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == address for a in addrs):
+            return name
+    return None
+
+
+SOCKET_IFNAME = {"gloo": "GLOO_SOCKET_IFNAME", "nccl": "NCCL_SOCKET_IFNAME"}
+
+
+def bind_to_address(backend: str, node_address: str) -> str | None:
+    """Make `backend`'s own connections use the interface of `node_address` (the address Ray gave this node), unless
+    the operator chose one (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME set). Left to itself gloo takes the address
+    its host name resolves to, which on a host with several interfaces (or in a network namespace) can be another
+    interface or loopback: its peers then connect to their own 127.0.0.1 and the group never forms. -> the
+    interface used, or None (the variable was set, or no interface holds the address)."""
+    var = SOCKET_IFNAME[backend]
+    if os.environ.get(var):
+        return None
+    name = interface_of(node_address)
+    if name is not None:
+        os.environ[var] = name
+    return name
+
+
 def init_group(address: str, rank: int, world_size: int, timeout_s: float, listener: socket.socket | None = None,
-               device: torch.device | str = "cpu", backend: str | None = None) -> str:
+               device: torch.device | str = "cpu", backend: str | None = None,
+               node_address: str | None = None) -> str:
     """Join the replica's process group through the TCPStore at `address` (tcp://host:port) with the backend
     for `device` (this rank's exchange buffers); every collective then has `timeout_s`. Returns the backend.
-    `backend`, if given, must be the device's (a check, not a choice).
+    `backend`, if given, must be the device's (a check, not a choice). `node_address`: this rank's address in
+    the cluster (Ray's node address); the backend's connections go through its interface (`bind_to_address`).
 
     Rank 0 serves the store from `listener` (see `rendezvous_listener`): torch's own tcp:// rendezvous would
     bind the store to every interface, and anyone who reaches it could join or disturb the group."""
@@ -75,6 +106,8 @@ def init_group(address: str, rank: int, world_size: int, timeout_s: float, liste
     if url.scheme != "tcp" or not url.hostname or not url.port:
         raise ValueError(f"rendezvous address must be tcp://host:port, got {address!r}")
     timeout = timedelta(seconds=timeout_s)
+    if node_address is not None:
+        bind_to_address(backend, node_address)
     if rank == 0:
         if listener is None:
             raise ValueError("rank 0 serves the rendezvous store and needs its listening socket")

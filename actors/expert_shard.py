@@ -28,12 +28,16 @@ class ExpertShard:
         import ray
 
         return {"rank": self.rank, "role": "expert_shard", "shard": self.shard_index, "experts": self.expert_ids,
-                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "address": ray.util.get_node_ip_address()}
 
     def start(self, init_method: str) -> dict:
         t0 = time.perf_counter()
         device = select_device(self.device_spec)   # under Ray, cuda:0 is the GPU assigned to this actor
-        backend = init_group(init_method, self.rank, self.world, self.timeout_s, device=device)
+        import ray
+
+        backend = init_group(init_method, self.rank, self.world, self.timeout_s, device=device,
+                             node_address=ray.util.get_node_ip_address())
         cfg = V4Config.from_file(self.model_path)
         dtype = resolve_dtype(self.dtype_name, cfg, device=device)
         experts = load_expert_weights(self.model_path, self.expert_ids, dtype, self.keep_quantized, cfg, device=device)

@@ -38,7 +38,8 @@ class Router:
         import ray
 
         return {"rank": self.rank, "role": "router", "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.device)}
+                "node_id": ray.get_runtime_context().get_node_id(), "address": ray.util.get_node_ip_address(),
+                "device": str(self.device)}
 
     def rendezvous_address(self) -> str:
         """Rank 0 publishes where the process group meets: a store on this node's Ray address, not on every
@@ -50,9 +51,12 @@ class Router:
         return tcp_address(host, self._listener.getsockname()[1])
 
     def start(self, init_method: str) -> dict:
+        import ray
+
         t0 = time.perf_counter()
         listener, self._listener = self._listener, None
         backend = init_group(init_method, self.rank, self.world, self.timeout_s, listener=listener,
+                             node_address=ray.util.get_node_ip_address(),
                              device=self.device)   # NCCL for a GPU rank, gloo for a CPU one
         cfg = V4Config.from_file(self.config.model)
         self.exchange = RouterExchange(self.rank, self.world, self.num_routers, self.placement, cfg.hidden_size,

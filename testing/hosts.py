@@ -121,7 +121,7 @@ class Hosts:
                "RAY_USAGE_STATS_ENABLED": "0",
                # "0" (what an embedded local Ray sets, cluster/local_ray.py) confines a node to 127.0.0.1
                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
-        for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
             env.pop(k, None)
         return env
 

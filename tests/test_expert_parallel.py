@@ -487,3 +487,15 @@ def test_a_router_decode_step_reads_back_once_and_nothing_in_its_layers(tiny_ckp
     while core.has_work():
         want.update({o.request_id: o.outputs[0].token_ids for o in core.step() if o.finished})
     assert router["tokens"] == want
+
+
+def test_the_backend_binds_to_the_interface_of_the_node_address(monkeypatch):
+    """gloo/NCCL connect through the interface holding Ray's node address (tests/test_hosts.py shows the group
+    forming across network namespaces, where the host name resolves to loopback); an operator's choice wins."""
+    from v4ray.actors.expert_parallel import bind_to_address, interface_of
+
+    assert interface_of("127.0.0.1") == "lo" and interface_of("192.0.2.254.1") is None
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "")   # unset for the call, restored after the test
+    assert bind_to_address("gloo", "127.0.0.1") == "lo" and os.environ["GLOO_SOCKET_IFNAME"] == "lo"
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth9")
+    assert bind_to_address("nccl", "127.0.0.1") is None and os.environ["NCCL_SOCKET_IFNAME"] == "eth9"

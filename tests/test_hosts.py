@@ -14,7 +14,8 @@ from v4ray.testing.hosts import Hosts, missing
 pytestmark = pytest.mark.skipif(missing() is not None, reason=f"no real hosts here: {missing()}")
 
 TAG = "v4t"            # not the CLI's default tag: a person's `hosts up` and a test run do not collide
-AUTH_REFUSAL_S = 10.0  # a driver with the wrong token logs the refusal within its first retry (~1 s)
+AUTH_REFUSAL_S = 10.0
+PRESETS = ["v4-tiny", "v4-tiny-pro", "v4-tiny-rates", "v4-tiny-swa"]  # a driver with the wrong token logs the refusal within its first retry (~1 s)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,37 @@ print(json.dumps([ray.get(where.options(resources={f"v4ray_host_{i}": 0.01}).rem
         p.kill()
         out, err = p.communicate()
     assert "CONNECTED" not in out and "InvalidAuthToken" in err, err[-2000:]
+
+
+@pytest.mark.timeout(420)
+def test_an_expert_parallel_replica_across_hosts_matches_one_process(hosts):
+    """Router on host 0, one expert shard on each other host (a shard bundle takes a whole host's 2 CPUs; host 0
+    keeps one for the router): the all-to-all crosses the bridge on Ray's node addresses, and greedy tokens equal
+    the single-process engine's on every tiny preset."""
+    out = hosts.driver(f"""
+import json, tempfile
+from pathlib import Path
+from v4ray import LLM, SamplingParams
+from v4ray.model.tiny import make_tiny
+prompts = [{{"prompt_token_ids": list(range(5 + i, 40 + 37 * i))}} for i in range(3)]
+p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+res = {{}}
+for preset in {PRESETS!r}:
+    ckpt = make_tiny(Path(tempfile.mkdtemp(dir={str(hosts.dir)!r})) / "ckpt", preset=preset, dtype="fp32")
+    ref = [o.outputs[0].token_ids for o in LLM(ckpt, dtype="float32", device="cpu").generate(prompts, p)]
+    with LLM(ckpt, address="auto", dtype="float32", num_routers=1, num_expert_shards=2, collective_timeout_s=60,
+             replica_options={{"router_resources": {{"CPU": 1, "v4ray_host_0": 0.01}},
+                               "shard_resources": {{"CPU": {hosts.cpus}}}}}) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, p)]
+        res[preset] = {{"equal": got == ref, "addresses": [r["address"] for r in llm.replica.actor_info()]}}
+print(json.dumps(res))
+""", timeout_s=400).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    addresses = [h.address for h in hosts.hosts]
+    for preset in PRESETS:
+        assert res[preset]["equal"], preset
+        router, *shards = res[preset]["addresses"]
+        assert router == addresses[0] and sorted(shards) == addresses[1:], res[preset]
 
 
 @pytest.mark.timeout(120)
