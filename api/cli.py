@@ -94,7 +94,7 @@ def _serve(args) -> int:
         if not deployed.is_set():
             raise KeyboardInterrupt   # serve.run blocks until the application runs: a deployment still waiting stops
 
-    ensure_ray(args.address, num_cpus=bundle_totals(bundles).get("CPU", 0))
+    ensure_ray(args.address, num_cpus=bundle_totals(bundles).get("CPU", 0) * serve_config.max_replicas())
     import ray
 
     bundles, strategy = server_placement(serve_config, cluster_nodes())   # PACK or SPREAD by the real nodes

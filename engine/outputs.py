@@ -115,6 +115,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # Set when this request failed inside the engine (e.g. sampling raised); other requests are unaffected.
     error: str | None = None
+    # The Serve replica that ran it (V4Server sets it on a request's first output; the response's x-v4ray-replica)
+    replica: str | None = None
 
 
 def merge_delta(into: RequestOutput, delta: RequestOutput) -> RequestOutput:

@@ -56,12 +56,22 @@ def build_app(args: dict | None = None) -> Application:
     cfg.resolve_model()
     bundles, strategy = server_placement(cfg)
     limit = cfg.max_num_seqs * cfg.num_routers + cfg.max_queue_len + 16
+    scaling = ({"autoscaling_config": cfg.autoscaling_config} if cfg.autoscaling_config is not None
+               else {"num_replicas": cfg.num_replicas})
+    if cfg.replicated() and cfg.prefix_affinity_tokens:
+        from ray.serve.config import RequestRouterConfig
+
+        from v4ray.serve.routing import PrefixAffinityRouter
+
+        scaling["request_router_config"] = RequestRouterConfig(
+            request_router_class=PrefixAffinityRouter,
+            request_router_kwargs={"affinity_tokens": cfg.prefix_affinity_tokens})
     server = serve.deployment(V4Server).options(
-        name="V4Server", num_replicas=1, max_ongoing_requests=limit, placement_group_bundles=bundles,
+        name="V4Server", **scaling, max_ongoing_requests=limit, placement_group_bundles=bundles,
         placement_group_strategy=strategy, ray_actor_options=server_actor_options(cfg),
         # a dead engine fails 3 checks in ~6 s; Serve then replaces the replica with no operator
         health_check_period_s=2, health_check_timeout_s=10, graceful_shutdown_timeout_s=5).bind(cfg.model_dump())
     ingress = serve.deployment(OpenAIIngress).options(
-        name="OpenAIIngress", num_replicas=1, max_ongoing_requests=4 * limit + 64,
+        name="OpenAIIngress", num_replicas=1, max_ongoing_requests=4 * limit * cfg.max_replicas() + 64,
         ray_actor_options={"num_cpus": 0})
     return ingress.bind(server, cfg.model_dump())

@@ -35,8 +35,36 @@ class ServeConfig(EngineConfig):
     max_output_entries: int = Field(1 << 18, ge=1, description="Cap on n x (logprobs + 1) x max_tokens of one "
                                                                "request (what it makes the server produce and send); "
                                                                "larger requests get 400.")
+    num_replicas: int = Field(1, ge=1, description="Model replicas (V4Server), each a whole engine: one process, or "
+                                                   "its routers and expert shards. They share the KVCacheService.")
+    autoscaling_config: dict | None = Field(None, description="Ray Serve autoscaling of the model replicas "
+                                                              "(min_replicas, max_replicas, target_ongoing_requests, "
+                                                              "...); replaces num_replicas.")
+    prefix_affinity_tokens: int = Field(512, ge=0, description="With several replicas, send requests whose prompts "
+                                                               "share their first tokens (up to this many, in whole "
+                                                               "128-token units) to the same replica while it is not "
+                                                               "overloaded; 0: Serve's default routing.")
     enable_docs: bool = Field(False, description="Serve /docs and /openapi.json (off: they describe the API to "
                                                  "anyone who can reach the port).")
+
+    @model_validator(mode="after")
+    def _scaling(self):
+        from v4ray.model.kv_format import PREFIX_UNIT
+
+        if 0 < self.prefix_affinity_tokens < PREFIX_UNIT:
+            raise ValueError(f"prefix_affinity_tokens must be 0 (off) or at least {PREFIX_UNIT} (one cached prefix "
+                             f"unit), got {self.prefix_affinity_tokens}")
+        if self.autoscaling_config is not None and self.num_replicas != 1:
+            raise ValueError("set either num_replicas or autoscaling_config (its min_replicas / max_replicas), not both")
+        return self
+
+    def max_replicas(self) -> int:
+        """The most model replicas that may run (an embedded Ray is sized for them)."""
+        a = self.autoscaling_config
+        return self.num_replicas if a is None else max(1, int(a.get("max_replicas", 1)))
+
+    def replicated(self) -> bool:
+        return self.max_replicas() > 1
 
     @model_validator(mode="after")
     def _devices(self):

@@ -61,15 +61,22 @@ class V4Server:
         self.ranks = self.replica.actor_info() if self.replica is not None else []  # rank, role, pid, node
         self.engine = AsyncEngine(engine, max_pending=cfg.max_num_seqs * cfg.num_routers + cfg.max_queue_len)
         self.started = time.time()
+        from ray import serve
+
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     async def generate(self, prompt_ids: list[int], params, prompt: str | None = None):
-        """Stream one request's outputs (the engine generates its key; no client id reaches the engine)."""
+        """Stream one request's outputs (the engine generates its key; no client id reaches the engine). The first
+        names this replica."""
+        first = True
         async for out in self.engine.generate(prompt_ids, params, prompt):
+            if first:
+                out.replica, first = self.replica_id, False
             yield out
 
     def stats(self) -> dict:
         e = self.engine
-        s = {"requests_in_flight": e.num_requests, "dead": e.dead, "engine_steps": e.num_steps,
+        s = {"replica": self.replica_id, "requests_in_flight": e.num_requests, "dead": e.dead, "engine_steps": e.num_steps,
              "engine_step_wall_s": e.step_wall_s, "engine_step_cpu_s": e.step_cpu_s, "ranks": self.ranks,
              "device": str(self.device) if self.device is not None else None}
         if self._local is not None:
@@ -251,6 +258,8 @@ class OpenAIIngress:
             self._count(endpoint, err.status)
             raise err
         headers = {} if client_rid else {"x-request-id": rid}  # Serve's proxy echoes a client's x-request-id
+        if first.replica:
+            headers["x-v4ray-replica"] = first.replica
         if p.stream:
             self.m["ttft"].observe(time.monotonic() - t0)
             self.m["prompt_tokens"].inc(len(p.prompt_ids))
