@@ -29,6 +29,9 @@ from .protocol import (DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, Parsed, cha
                        completion_logprobs, final_body, parse_json, parse_request, sse, usage_counts)
 
 log = logging.getLogger("v4ray.serve")
+# A live replica answers `stats` in milliseconds (its engine steps in another thread); none answering within this
+# means none is serving (dead, or being rebuilt: Serve holds the call until one exists), so /ready says 503.
+READY_TIMEOUT_S = 3.0
 
 
 
@@ -36,7 +39,9 @@ class V4Server:
     """One model replica behind an AsyncEngine (bounded queue, streaming, abort on cancel)."""
 
     def __init__(self, config: dict):
+        import ray
         import torch
+        from ray import serve
 
         from v4ray.cluster.build import build_engine
         from v4ray.engine.core import EngineCore
@@ -61,9 +66,8 @@ class V4Server:
         self.ranks = self.replica.actor_info() if self.replica is not None else []  # rank, role, pid, node
         self.engine = AsyncEngine(engine, max_pending=cfg.max_num_seqs * cfg.num_routers + cfg.max_queue_len)
         self.started = time.time()
-        from ray import serve
-
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.address = ray.util.get_node_ip_address()   # this replica's node (its ranks report their own)
 
     async def generate(self, prompt_ids: list[int], params, prompt: str | None = None):
         """Stream one request's outputs (the engine generates its key; no client id reaches the engine). The first
@@ -76,7 +80,8 @@ class V4Server:
 
     def stats(self) -> dict:
         e = self.engine
-        s = {"replica": self.replica_id, "requests_in_flight": e.num_requests, "dead": e.dead, "engine_steps": e.num_steps,
+        s = {"replica": self.replica_id, "address": self.address, "requests_in_flight": e.num_requests,
+             "dead": e.dead, "engine_steps": e.num_steps,
              "engine_step_wall_s": e.step_wall_s, "engine_step_cpu_s": e.step_cpu_s, "ranks": self.ranks,
              "device": str(self.device) if self.device is not None else None}
         if self._local is not None:
@@ -431,7 +436,7 @@ class OpenAIIngress:
     async def ready(self):
         """200 while the model replica serves, 503 otherwise; the reason goes to the log, not to the caller."""
         try:
-            s = await asyncio.wait_for(self.server.stats.remote(), 10)
+            s = await asyncio.wait_for(self.server.stats.remote(), READY_TIMEOUT_S)
             reason = s.get("dead")
         except Exception as e:  # noqa: BLE001
             reason = f"{type(e).__name__}: {e}"
@@ -446,7 +451,7 @@ class OpenAIIngress:
         from prometheus_client import generate_latest
 
         try:
-            s = await asyncio.wait_for(self.server.stats.remote(), 10)
+            s = await asyncio.wait_for(self.server.stats.remote(), READY_TIMEOUT_S)
             self.m["queue"].set(s.get("waiting", 0))
             self.m["running"].set(s.get("running", 0))
             if s.get("kv_blocks"):

@@ -170,7 +170,7 @@ class Hosts:
             args += ["--head", f"--port={GCS_PORT}", "--include-dashboard=false"]
         else:
             args += [f"--address={self.gcs_address}"]
-        log = open(self.dir / f"h{h.index}.log", "wb")
+        log = open(self.dir / f"h{h.index}.log", "ab")
         # the namespace holds every process Ray starts: `down` finds them there
         self._procs.append(subprocess.Popen(["ip", "netns", "exec", h.ns, *RAY, *args], stdout=log,
                                             stderr=subprocess.STDOUT, env=self.env(), start_new_session=True))
@@ -218,6 +218,30 @@ print(json.dumps([{{"address": n["NodeManagerAddress"], "resources": n["Resource
     def heal(self, index: int) -> None:
         _ip("link", "set", self.hosts[index].port, "up")
 
+    def kill(self, index: int) -> None:
+        """Host death: SIGKILL every process of host `index` (its network stays; `revive` starts Ray again)."""
+        h = self.hosts[index]
+        deadline = time.time() + STEP_TIMEOUT_S
+        while pids := self.pids(index):
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if time.time() > deadline:
+                raise RuntimeError(f"processes {pids} in {h.ns} survive SIGKILL")
+            time.sleep(0.1)
+        for proc in self._procs:   # reap our `ray start` of that host
+            if proc.poll() is None and proc.args[3] == h.ns:
+                proc.wait(STEP_TIMEOUT_S)
+
+    def revive(self, index: int) -> None:
+        """Start host `index`'s Ray node again (after `kill`, or after a partition made the head drop it) and wait
+        until every host is alive."""
+        self.kill(index)
+        self._start_ray(self.hosts[index])
+        self.wait_nodes(self.num_hosts)
+
     def pids(self, index: int) -> list[int]:
         r = _ip("netns", "pids", self.hosts[index].ns, check=False)
         return [int(p) for p in r.stdout.split()]
@@ -234,16 +258,7 @@ print(json.dumps([{{"address": n["NodeManagerAddress"], "resources": n["Resource
         for h in self.hosts:
             if h.ns not in names:
                 continue
-            deadline = time.time() + STEP_TIMEOUT_S
-            while pids := self.pids(h.index):
-                for pid in pids:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                if time.time() > deadline:
-                    raise RuntimeError(f"processes {pids} in {h.ns} survive SIGKILL")
-                time.sleep(0.1)
+            self.kill(h.index)
             _ip("netns", "del", h.ns, check=False)
         for proc in self._procs:   # killed above with everything in its namespace; not left a zombie
             proc.wait(STEP_TIMEOUT_S)

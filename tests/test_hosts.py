@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
+from v4ray.serve.deployments import READY_TIMEOUT_S
 from v4ray.testing.hosts import Hosts, missing
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=f"no real hosts here: {missing()}")
@@ -145,3 +147,125 @@ def test_down_leaves_nothing_behind():
     assert not h.dir.exists()
     alive = [p for p in pids if _running(p)]
     assert not alive, f"processes {alive} outlived down()"
+
+
+# ---- Serve across the hosts, and a host that dies ----------------------------------------------------------------
+
+SERVE_PORT = 8000
+COLLECTIVE_TIMEOUT_S = 5.0   # the replica's: a dead rank fails the step within it
+READY_RED_S = 5.0            # /ready turns 503 within this of the failure being detected
+RECOVERY_S = 60.0            # the issue's bound: serving again without an operator
+
+
+def _deploy(hosts: Hosts, name: str, **args) -> str:
+    """Deploy the tiny model as an expert-parallel replica (1 router, 2 shards) with Serve's proxy on host 0; the
+    application outlives the driver. -> its base URL (reached over the bridge)."""
+    config = {"model": "v4-tiny", "model_cache_dir": str(hosts.dir / "models"), "num_routers": 1,
+              "num_expert_shards": 2, "collective_timeout_s": COLLECTIVE_TIMEOUT_S, "max_model_len": 512,
+              "request_timeout_s": 60, **args}
+    hosts.driver(f"""
+import ray
+from ray import serve
+from v4ray.serve.app import build_app
+ray.init(log_to_driver=False)
+serve.start(http_options={{"host": {hosts.head.address!r}, "port": {SERVE_PORT}}}, proxy_location="HeadOnly")
+serve.run(build_app({config!r}), name={name!r}, route_prefix="/", blocking=False)
+""", timeout_s=120)
+    return f"http://{hosts.head.address}:{SERVE_PORT}"
+
+
+def _server_stats(hosts: Hosts) -> dict:
+    out = hosts.driver("""
+import json, ray
+from ray import serve
+ray.init(log_to_driver=False)
+print(json.dumps(serve.get_deployment_handle("V4Server", app_name="chaos").stats.remote().result(timeout_s=30)))
+""", timeout_s=90).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _wait_status(url: str, path: str, status: int, within_s: float) -> float:
+    """Poll until `path` answers `status`; -> seconds it took (fails past `within_s`)."""
+    import requests
+
+    t0 = time.monotonic()
+    while True:
+        try:
+            if requests.get(url + path, timeout=READY_TIMEOUT_S + 2).status_code == status:
+                return time.monotonic() - t0
+        except requests.RequestException:
+            pass
+        assert time.monotonic() - t0 < within_s, f"{path} did not answer {status} within {within_s:.0f} s"
+        time.sleep(0.2)
+
+
+def _greedy(url: str, timeout_s: float = 60) -> str:
+    import requests
+
+    r = requests.post(url + "/v1/completions", timeout=timeout_s,
+                      json={"model": "v4-tiny", "prompt": "across hosts", "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text[:500]
+    return r.json()["choices"][0]["text"]
+
+
+def _stream_outcome(url: str, deadline_s: float) -> str:
+    """One long stream: 'error' (an OpenAI-shaped error event or status), 'done' ([DONE]) or 'cut' (the connection
+    ended without either); never more than `deadline_s`."""
+    import requests
+
+    body = {"model": "v4-tiny", "prompt": "a long answer", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    t0 = time.monotonic()
+    try:
+        with requests.post(url + "/v1/completions", json=body, stream=True, timeout=deadline_s) as r:
+            if r.status_code != 200:
+                return "error" if "error" in r.json() else f"status {r.status_code}"
+            for line in r.iter_lines():
+                assert time.monotonic() - t0 < deadline_s, "stream ran past its deadline"
+                if line.startswith(b'data: {"error"'):
+                    return "error"
+                if line == b"data: [DONE]":
+                    return "done"
+    except requests.RequestException:
+        return "cut"
+    return "cut"
+
+
+@pytest.mark.timeout(600)
+def test_a_worker_host_dies_mid_generation_and_the_service_heals(hosts):
+    """SIGKILL every process of a worker host holding part of the replica while streams run: each stream ends with a clean
+    error within the collective timeout (plus slack), /ready turns 503, Serve rebuilds the replica on the remaining
+    hosts with no operator within RECOVERY_S, and greedy output after recovery equals the output before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = _deploy(hosts, "chaos")
+    try:
+        _wait_status(url, "/ready", 200, 240)
+        before = _greedy(url)
+        stats = _server_stats(hosts)
+        used = {r["address"] for r in stats["ranks"]} | {stats["address"]}   # ranks and the V4Server
+        victims = [h for h in hosts.hosts[1:] if h.address in used]
+        assert victims, f"no worker host holds part of the replica: {stats['ranks']}, server on {stats['address']}"
+        victim = victims[0]
+        with ThreadPoolExecutor(3) as pool:
+            streams = [pool.submit(_stream_outcome, url, 60.0) for _ in range(3)]
+            time.sleep(3.0)   # the streams are generating
+            killed_at = time.monotonic()
+            hosts.kill(victim.index)
+            red_after = _wait_status(url, "/ready", 503, COLLECTIVE_TIMEOUT_S + READY_RED_S + 10)
+            outcomes = [f.result(timeout=90) for f in streams]
+        assert all(o in ("error", "done") for o in outcomes), outcomes   # a clean end, none hangs or is cut
+        assert "error" in outcomes
+        assert red_after <= COLLECTIVE_TIMEOUT_S + READY_RED_S + 10
+        _wait_status(url, "/ready", 200, RECOVERY_S)
+        healed_after = time.monotonic() - killed_at
+        assert healed_after <= RECOVERY_S
+        assert _greedy(url) == before
+        print(f"host death: /ready red {red_after:.1f} s after the kill, serving again after {healed_after:.1f} s; "
+              f"streams {outcomes}")
+    finally:
+        hosts.driver("import ray\nfrom ray import serve\nray.init(log_to_driver=False)\nserve.shutdown()",
+                     timeout_s=120, check=False)
+        for h in hosts.hosts[1:]:
+            if not hosts.pids(h.index):
+                hosts.revive(h.index)
