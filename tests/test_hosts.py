@@ -155,6 +155,8 @@ SERVE_PORT = 8000
 COLLECTIVE_TIMEOUT_S = 5.0   # the replica's: a dead rank fails the step within it
 READY_RED_S = 5.0            # /ready turns 503 within this of the failure being detected
 RECOVERY_S = 60.0            # the issue's bound: serving again without an operator
+PARTITION_S = 20.0           # how long a partitioned host stays cut off
+STREAM_DEADLINE_S = 90.0     # a stream's client gives up here; the server's own deadline (request_timeout_s) is 60 s
 
 
 def _deploy(hosts: Hosts, name: str, **args) -> str:
@@ -232,10 +234,12 @@ def _stream_outcome(url: str, deadline_s: float) -> str:
 
 
 @pytest.mark.timeout(600)
-def test_a_worker_host_dies_mid_generation_and_the_service_heals(hosts):
-    """SIGKILL every process of a worker host holding part of the replica while streams run: each stream ends with a clean
-    error within the collective timeout (plus slack), /ready turns 503, Serve rebuilds the replica on the remaining
-    hosts with no operator within RECOVERY_S, and greedy output after recovery equals the output before."""
+@pytest.mark.parametrize("fault", ["host death", "partition"])
+def test_a_worker_host_fault_mid_generation_and_the_service_heals(hosts, fault):
+    """While streams run, a worker host holding part of the replica either dies (SIGKILL of every process on it) or
+    is cut off for PARTITION_S and then reconnected. Each stream ends cleanly (an OpenAI-shaped error event, or
+    [DONE]) before its deadline, /ready turns 503, Serve serves again with no operator within RECOVERY_S of the
+    fault (on the remaining hosts: the layout fits on two), and greedy output afterwards equals the output before."""
     from concurrent.futures import ThreadPoolExecutor
 
     url = _deploy(hosts, "chaos")
@@ -248,24 +252,78 @@ def test_a_worker_host_dies_mid_generation_and_the_service_heals(hosts):
         assert victims, f"no worker host holds part of the replica: {stats['ranks']}, server on {stats['address']}"
         victim = victims[0]
         with ThreadPoolExecutor(3) as pool:
-            streams = [pool.submit(_stream_outcome, url, 60.0) for _ in range(3)]
+            streams = [pool.submit(_stream_outcome, url, STREAM_DEADLINE_S) for _ in range(3)]
             time.sleep(3.0)   # the streams are generating
-            killed_at = time.monotonic()
-            hosts.kill(victim.index)
-            red_after = _wait_status(url, "/ready", 503, COLLECTIVE_TIMEOUT_S + READY_RED_S + 10)
-            outcomes = [f.result(timeout=90) for f in streams]
+            fault_at = time.monotonic()
+            if fault == "host death":
+                hosts.kill(victim.index)
+            else:
+                hosts.cut(victim.index)
+            try:
+                red_after = _wait_status(url, "/ready", 503, COLLECTIVE_TIMEOUT_S + READY_RED_S + 10)
+                outcomes = [f.result(timeout=STREAM_DEADLINE_S + 30) for f in streams]
+            finally:
+                if fault == "partition":
+                    time.sleep(max(0.0, fault_at + PARTITION_S - time.monotonic()))
+                    hosts.heal(victim.index)
         assert all(o in ("error", "done") for o in outcomes), outcomes   # a clean end, none hangs or is cut
         assert "error" in outcomes
-        assert red_after <= COLLECTIVE_TIMEOUT_S + READY_RED_S + 10
         _wait_status(url, "/ready", 200, RECOVERY_S)
-        healed_after = time.monotonic() - killed_at
+        healed_after = time.monotonic() - fault_at
         assert healed_after <= RECOVERY_S
         assert _greedy(url) == before
-        print(f"host death: /ready red {red_after:.1f} s after the kill, serving again after {healed_after:.1f} s; "
-              f"streams {outcomes}")
+        print(f"{fault} of {victim.ns}: /ready red {red_after:.1f} s after it, serving again after {healed_after:.1f} "
+              f"s; streams {outcomes}")
     finally:
         hosts.driver("import ray\nfrom ray import serve\nray.init(log_to_driver=False)\nserve.shutdown()",
                      timeout_s=120, check=False)
+        if fault == "partition":
+            hosts.revive(victim.index)   # the head may have dropped it while it was cut off
         for h in hosts.hosts[1:]:
             if not hosts.pids(h.index):
                 hosts.revive(h.index)
+
+
+@pytest.mark.timeout(400)
+def test_the_kv_cache_service_killed_mid_load_costs_hits_not_answers(hosts):
+    """Requests sharing a long prefix run 4 at a time while the KVCacheService (a detached actor somewhere in the
+    cluster) is killed: every request still answers 200 with the text it gave before the fault (a lost prefix is a
+    miss, recomputed), /ready stays 200, and once Ray has restarted the service a stored prefix is a hit again."""
+    import requests
+    from concurrent.futures import ThreadPoolExecutor
+
+    service = "v4t-kv-chaos"
+    url = _deploy(hosts, "kvchaos", num_expert_shards=0, enable_prefix_caching=True,
+                  kv_cache_service=service)
+    prefix = [16 + (7 * i) % 256 for i in range(2 * 128)]
+    prompts = [prefix + [16 + k, 17 + k] for k in range(16)]
+
+    def complete(prompt: list[int]) -> tuple[str, int]:
+        r = requests.post(url + "/v1/completions", timeout=60,
+                          json={"model": "v4-tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200, r.text[:500]
+        details = r.json()["usage"].get("prompt_tokens_details") or {}
+        return r.json()["choices"][0]["text"], details.get("cached_tokens", 0)
+
+    try:
+        _wait_status(url, "/ready", 200, 240)
+        reference = {k: complete(p)[0] for k, p in enumerate(prompts)}   # one at a time, before the fault
+        with ThreadPoolExecutor(4) as pool:
+            later = [pool.submit(complete, p) for p in prompts]
+            time.sleep(0.5)
+            hosts.driver(f"import ray\nray.init(log_to_driver=False)\n"
+                         f"ray.kill(ray.get_actor({service!r}, namespace='v4ray'), no_restart=False)", timeout_s=60)
+            results = [f.result(timeout=120) for f in later]
+        assert [text for text, _ in results] == [reference[k] for k in range(len(prompts))]
+        assert requests.get(url + "/ready", timeout=READY_TIMEOUT_S + 2).status_code == 200
+        deadline = time.monotonic() + RECOVERY_S
+        while True:   # the restarted service is empty: one request stores the prefix, the next one hits it
+            complete(prefix + [99])
+            if complete(prefix + [98])[1] >= 2 * 128:
+                break
+            assert time.monotonic() < deadline, "the restarted KVCacheService never served a hit"
+            time.sleep(1.0)
+    finally:
+        hosts.driver("import ray\nfrom ray import serve\nray.init(log_to_driver=False)\nserve.shutdown()\n"
+                     f"ray.kill(ray.get_actor({service!r}, namespace='v4ray'), no_restart=True)",
+                     timeout_s=120, check=False)
