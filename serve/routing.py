@@ -1,4 +1,5 @@
-"""Which V4Server replica takes a request: the one that likely holds its prompt's prefix, unless it is busy.
+"""Which V4Server replica takes a request: the one that likely holds its prompt's prefix, unless it is busy
+(docs/architecture.md §13).
 
 `PrefixAffinityRouter` is a Ray Serve request router (`request_router_config`), used when an application has more
 than one V4Server replica. A request's key is its prompt's first `affinity_tokens` tokens, cut down to whole prefix

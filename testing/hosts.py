@@ -1,4 +1,5 @@
-"""Real hosts on one machine: network namespaces joined by veth pairs and a bridge, a Ray node in each.
+"""Real hosts on one machine: network namespaces joined by veth pairs and a bridge, a Ray node in each
+(docs/architecture.md §13).
 
     python -m v4ray.testing.hosts up [--tag v4h] [--hosts 3] [--cpus 2]
     python -m v4ray.testing.hosts down [--tag v4h]
