@@ -32,10 +32,10 @@ class ExpertShard:
                 "address": ray.util.get_node_ip_address()}
 
     def start(self, init_method: str) -> dict:
-        t0 = time.perf_counter()
-        device = select_device(self.device_spec)   # under Ray, cuda:0 is the GPU assigned to this actor
         import ray
 
+        t0 = time.perf_counter()
+        device = select_device(self.device_spec)   # under Ray, cuda:0 is the GPU assigned to this actor
         backend = init_group(init_method, self.rank, self.world, self.timeout_s, device=device,
                              node_address=ray.util.get_node_ip_address())
         cfg = V4Config.from_file(self.model_path)

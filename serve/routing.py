@@ -23,7 +23,6 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from v4ray.model.kv_format import PREFIX_UNIT
 
-DEFAULT_AFFINITY_TOKENS = 4 * PREFIX_UNIT
 DEFAULT_MAX_IMBALANCE = 4
 
 
@@ -44,12 +43,10 @@ def rank_by_key(key: bytes, replica_ids: list[str]) -> list[str]:
 
 
 class PrefixAffinityRouter(RequestRouter):
-    """Prefix affinity with a load bound (see the module text). Kwargs: affinity_tokens, max_imbalance."""
+    """Prefix affinity with a load bound (see the module text). Kwargs: affinity_tokens (ServeConfig's
+    prefix_affinity_tokens, validated there), max_imbalance."""
 
-    def initialize_state(self, affinity_tokens: int = DEFAULT_AFFINITY_TOKENS,
-                         max_imbalance: int = DEFAULT_MAX_IMBALANCE, **kwargs):
-        if affinity_tokens < PREFIX_UNIT:
-            raise ValueError(f"affinity_tokens must be at least one prefix unit ({PREFIX_UNIT}), got {affinity_tokens}")
+    def initialize_state(self, affinity_tokens: int, max_imbalance: int = DEFAULT_MAX_IMBALANCE, **kwargs):
         self.affinity_tokens, self.max_imbalance = affinity_tokens, max_imbalance
 
     def _load(self, replica: RunningReplica) -> int:

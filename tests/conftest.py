@@ -21,6 +21,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 torch.set_num_threads(2)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 SHARED_REFERENCE = REPO.parent / "shared" / "reference"
 PARITY_PRESETS = ["v4-tiny", "v4-tiny-swa", "v4-tiny-rates", "v4-tiny-pro"]
 # Prompt length for parity: crosses many CSA windows, two HCA windows of 128 and the 128-token window.

@@ -104,13 +104,12 @@ print(json.dumps(res))
 @pytest.mark.timeout(120)
 def test_a_cut_link_partitions_the_host_until_healed(hosts):
     target = hosts.hosts[2]
-    port = 6379 if target.index == 0 else None
     nodes = json.loads(hosts.driver("""
 import json, ray
 ray.init(log_to_driver=False)
 print(json.dumps({n["NodeManagerAddress"]: n["NodeManagerPort"] for n in ray.nodes() if n["Alive"]}))
 """).stdout.strip().splitlines()[-1])
-    port = port or nodes[target.address]   # host 2's raylet listens there
+    port = nodes[target.address]   # host 2's raylet listens there
     assert _connects(hosts, 0, target.address, port)
     hosts.cut(target.index)
     try:

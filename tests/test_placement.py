@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,8 @@ import time
 
 import pytest
 import requests
+
+from conftest import free_port
 
 from v4ray.cluster.placement import layout_bundles, placement_problem
 
@@ -330,12 +331,6 @@ def test_llm_with_more_ranks_than_cores_generates_on_its_own_ray(tiny_ckpt):
     print(f"LLM(num_routers=2, num_expert_shards=3) on its own Ray: {took:.1f}s")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(args: list[str]) -> subprocess.Popen:
     """`v4ray serve ARGS` in its own process group (the test kills the group)."""
     return subprocess.Popen([sys.executable, "-m", "v4ray.cli", "serve", *args], stdout=subprocess.PIPE,
@@ -365,7 +360,7 @@ def _serve_config(tmp_path, ckpt, port: int, **args) -> str:
 
 def test_v4ray_serve_with_expert_shards_serves_on_its_own_ray(tmp_path, tiny_ckpt):
     """num_expert_shards: 2 asks for 4 CPUs (the server, a router, two shards) on a 2-core machine."""
-    port = _free_port()
+    port = free_port()
     conf = _serve_config(tmp_path, tiny_ckpt("v4-tiny"), port, num_expert_shards=2)
     proc = _serve(["--config", conf])
     try:
@@ -389,7 +384,7 @@ def test_v4ray_serve_with_expert_shards_serves_on_its_own_ray(tmp_path, tiny_ckp
 def test_v4ray_serve_says_why_a_layout_cannot_fit_and_exits(ray_cluster, tmp_path, tiny_ckpt):
     """On the running 6-CPU cluster, 1 router + 6 shards + the server ask for 8 CPUs: refused before deploying."""
     before = _cluster_state()
-    conf = _serve_config(tmp_path, tiny_ckpt("v4-tiny"), _free_port(), num_expert_shards=6)
+    conf = _serve_config(tmp_path, tiny_ckpt("v4-tiny"), free_port(), num_expert_shards=6)
     rc, out, took = _run([sys.executable, "-m", "v4ray.cli", "serve", "--config", conf,
                           "--address", ray_cluster.address], CLI_FAIL_FAST_S + 30)
     assert rc == 2, out[-3000:]
@@ -412,7 +407,7 @@ def test_v4ray_serve_says_what_a_waiting_deployment_waits_for(ray_cluster, tmp_p
     before = _cluster_state()
     blocker = placement_group([{"CPU": 2}] * 3, strategy="STRICT_SPREAD")
     ray.get(blocker.ready(), timeout=30)
-    conf = _serve_config(tmp_path, tiny_ckpt("v4-tiny"), _free_port())
+    conf = _serve_config(tmp_path, tiny_ckpt("v4-tiny"), free_port())
     proc = _serve(["--config", conf, "--address", ray_cluster.address])
     try:
         lines, line = _read_until(proc, "not deployed after", CLI_FAIL_FAST_S + PENDING_REPORT_AFTER_S)

@@ -7,7 +7,6 @@ import math
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,22 +14,18 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 # Log-likelihoods from the job vs the offline LLM: same fp32 model, different batch compositions; summation
 # order differences are ~1e-6 per token, so 1e-3 on a sum over <= 40 tokens is tight but safe.
 LL_ABS_TOL = 1e-3
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A real `ray start --head` on 127.0.0.1 with the dashboard (job server); stopped by killing its group."""
-    dash, gcs = _port(), _port()
+    dash, gcs = free_port(), free_port()
     # Ray 2.60 turns token auth on for a new head; clients must ask for it too (RAY_AUTH_MODE=token). The token
     # is this fixture's own (a fresh machine has no ~/.ray/auth_token, and `ray start` would refuse to run).
     token = tmp_path_factory.mktemp("ray-auth") / "auth_token"
@@ -40,8 +35,8 @@ def head(tmp_path_factory):
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ADDRESS", None)
     # every port explicit: the session's simulated cluster already holds Ray's default agent ports
-    ports = [f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
-             f"--runtime-env-agent-port={_port()}", f"--metrics-export-port={_port()}"]
+    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     proc = subprocess.Popen(RAY + ["start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
                                    "--include-dashboard=true", "--disable-usage-stats", *ports],

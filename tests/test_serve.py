@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,9 @@ import time
 import pytest
 import requests
 
+from conftest import free_port
+
 SECURE_KEY = "test-key-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +27,7 @@ def server(ray_session, tiny_ckpt, tmp_path_factory):
     from v4ray.serve.app import build_app
 
     ckpt = tiny_ckpt("v4-tiny", confident=True)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     base = {"model": str(ckpt), "served_model_name": "v4-tiny", "max_num_seqs": 8, "max_model_len": 1024}
     keyfile = tmp_path_factory.mktemp("key") / "key"
@@ -277,7 +272,7 @@ def _descendants(pid: int) -> set[int]:
 
 
 def test_v4ray_serve_command_answers_and_stops_cleanly(tmp_path, tiny_ckpt):
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "ray_config.yaml"
     conf.write_text(f"""
 proxy_location: HeadOnly

@@ -13,7 +13,8 @@ import time
 import pytest
 import requests
 
-from test_serve import _free_port, _post
+from conftest import free_port
+from test_serve import _post
 
 KEY = "hardening-key-456"
 MODEL = "v4-tiny"
@@ -27,7 +28,7 @@ def apps(ray_session, tiny_ckpt, tmp_path_factory):
     from v4ray.serve.app import build_app
 
     ckpt = tiny_ckpt("v4-tiny", confident=True)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     base = {"model": str(ckpt), "served_model_name": MODEL, "max_model_len": 1024}
     keyfile = tmp_path_factory.mktemp("key") / "key"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 
 import pytest
 import requests
+
+from conftest import free_port
 
 from v4ray.model.kv_format import PREFIX_UNIT
 from v4ray.serve.routing import affinity_key, rank_by_key
@@ -29,17 +30,11 @@ def test_affinity_keys_and_rendezvous_ranking():
     assert all(a == b for a, b in zip(first, fewer) if a != "r3")                         # only r3's keys move
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def serve_port(ray_session):
     from ray import serve
 
-    port = _port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     yield port
     serve.shutdown()
