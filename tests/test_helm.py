@@ -206,7 +206,7 @@ def assert_pods_hold_the_bundles(svc: dict, cfg: ServeConfig) -> dict[str, int]:
         total += g["replicas"] * gpus
     assert rc["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
     bundles, strategy = server_placement(cfg, ray_nodes(svc))
-    assert total == bundle_totals(bundles).get("GPU", 0), (total, bundles)
+    assert total == cfg.max_replicas() * bundle_totals(bundles).get("GPU", 0), (total, bundles)
     assert placement_problem(bundles, strategy, ray_nodes(svc)) is None
     return per_pod
 
@@ -286,6 +286,33 @@ def test_gpus_per_rank_size_the_bundles_and_the_pods(helm):
                         "--set", "serve.args.num_expert_shards=0",
                         "--set", "serve.args.gpus_per_router=1", "--set", "serve.args.device=cuda")  # one process
     assert assert_pods_hold_the_bundles(svc, cfg) == {"routers": 1}
+
+
+def test_worker_pods_are_held_for_every_model_replica(helm):
+    """workers.<group>.replicas are one model replica's pods: the groups hold them num_replicas times, or
+    autoscaling_config.max_replicas times (Serve's autoscaler then always finds its pods), and each replica's
+    placement group fits on its share of them."""
+    from v4ray.cluster.placement import placement_problem
+    from v4ray.serve.app import server_placement
+
+    pro = ["-f", str(CHART / "ci" / "v4-pro-2x8-h200-values.yaml"), "--set", "workers.routers.replicas=2",
+           "--set", "workers.expertShards.replicas=2"]
+    svc, cfg = _service(helm, *pro)
+    one = {g["groupName"]: g["replicas"] for g in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    for extra, replicas in [(["--set", "serve.args.num_replicas=2"], 2),
+                            (["--set-json", 'serve.args.autoscaling_config={"min_replicas": 1, "max_replicas": 3}'],
+                             3)]:
+        svc, cfg = _service(helm, *pro, *extra)
+        assert cfg.max_replicas() == replicas
+        groups = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        assert {g["groupName"]: g["replicas"] for g in groups} == {k: replicas * v for k, v in one.items()}
+        assert all(g["minReplicas"] == g["maxReplicas"] == g["replicas"] for g in groups)
+        assert_pods_hold_the_bundles(svc, cfg)
+        nodes = ray_nodes(svc)
+        head, workers = nodes[:1], nodes[1:]
+        share = head + [n for i, n in enumerate(workers) if i % replicas == 0]   # every replica-th pod of each group
+        bundles, strategy = server_placement(cfg, share)
+        assert placement_problem(bundles, strategy, share) is None
 
 
 @pytest.mark.parametrize("args,message", [

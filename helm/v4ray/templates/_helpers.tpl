@@ -292,15 +292,29 @@ spec:
   {{- end }}
 {{- end }}
 
+{{/* The most model replicas (V4Server) the application may run: serve.args.num_replicas, or with
+serve.args.autoscaling_config its max_replicas (ServeConfig.max_replicas). Prints an integer. */}}
+{{- define "v4ray.modelReplicas" -}}
+{{- $a := .Values.serve.args }}
+{{- if $a.autoscaling_config }}
+{{- int (default 1 $a.autoscaling_config.max_replicas) }}
+{{- else }}
+{{- int (default 1 $a.num_replicas) }}
+{{- end }}
+{{- end }}
+
 {{/* A worker group. Args: dict "root" $ "name" "group" (routers | expertShards) "component" "data". Its pods'
-GPUs (nvidia.com/gpu and Ray's num-gpus alike) come from v4ray.podGpus. */}}
+GPUs (nvidia.com/gpu and Ray's num-gpus alike) come from v4ray.podGpus. workers.<group>.replicas are the pods of
+one model replica; the group holds them for every replica that may run (v4ray.modelReplicas): pods are not
+autoscaled (no in-tree autoscaler: the pods never call the Kubernetes API), Serve scales replicas inside them. */}}
 {{- define "v4ray.workerGroup" -}}
 {{- $gpus := include "v4ray.podGpus" (dict "root" .root "group" .group) | int -}}
 {{- $pool := index .root.Values.workers .group -}}
+{{- $pods := mul (int $pool.replicas) (include "v4ray.modelReplicas" .root | int) -}}
 - groupName: {{ .name }}
-  replicas: {{ $pool.replicas }}
-  minReplicas: {{ $pool.replicas }}
-  maxReplicas: {{ $pool.replicas }}
+  replicas: {{ $pods }}
+  minReplicas: {{ $pods }}
+  maxReplicas: {{ $pods }}
   rayStartParams:
     {{- $params := merge (dict) ($pool.rayStartParams | default dict) (dict "num-gpus" (toString $gpus)) }}
     {{- toYaml $params | nindent 4 }}
