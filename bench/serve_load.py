@@ -1,12 +1,14 @@
 """Short requests beside logprob-heavy ones (issue 14's load scenario), through HTTP on Ray Serve (127.0.0.1).
 
-    python bench/serve_load.py [--heavy 8] [--n 8] [--logprobs 20] [--max-tokens 512]
+    python bench/serve_load.py [--heavy 8] [--n 8] [--logprobs 20] [--max-tokens 512] [--max-step-rows 0,32]
 
 Phases, one run: 4-token requests on an idle server; beside `--heavy` requests of n x max_tokens with logprobs
 that are not streamed (the engine does all the work, the outputs travel once at the end); and beside the same
 requests streamed (every step's delta travels to the client). p50/p99 of the short requests per phase, the
 engine's step time, and the ratios: streamed/non-streamed isolates what the output traffic costs, loaded/idle
-what the larger batch costs. Writes bench/results/serve_load.json.
+what the larger batch costs. Each phase runs once per `--max-step-rows` value (the engine's fair-step bound: 0 runs
+every sequence every step; a bound makes whole requests take turns, narrow ones first), each on a fresh deployment.
+Writes bench/results/serve_load.json.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--logprobs", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--max-step-rows", default="0,32", help="comma-separated: one deployment per value")
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -126,31 +129,44 @@ def main() -> None:
         port = sock.getsockname()[1]
     ensure_ray(num_cpus=4)
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    serve.run(build_app({"model": "v4-tiny", "model_cache_dir": tempfile.mkdtemp(), "max_model_len": 1024,
-                         "max_num_seqs": args.heavy * args.n + 32}), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/completions"
-    server = serve.get_deployment_handle("V4Server", app_name="bench")
-    stats = lambda: server.stats.remote().result(timeout_s=60)  # noqa: E731
-    rows = []
+    models = tempfile.mkdtemp()
+    rows, ratios = [], {}
     try:
-        idle = percentiles(idle_latencies(url))
-        rows.append({"phase": "idle", **idle})
-        for stream in (False, True):
-            res = latencies_beside(url, heavy_body(args.n, args.logprobs, args.max_tokens, stream), args.heavy, stats)
-            assert res["heavy_tokens"] == [args.n * args.max_tokens] * args.heavy, res["heavy_tokens"]
-            rows.append({"phase": "beside streamed" if stream else "beside non-streamed", **percentiles(res["short"]),
-                         "step_wall_ms": round(res["step_wall_ms"], 1), "step_cpu_ms": round(res["step_cpu_ms"], 1),
-                         "wall_s": round(res["wall_s"], 1)})
-            print("slowest short (start s, latency s):", res["slowest"], "heavy done at", res["heavy_done_s"])
-            print(rows[-1], flush=True)
+        for bound in [int(x) for x in args.max_step_rows.split(",")]:
+            serve.run(build_app({"model": "v4-tiny", "model_cache_dir": models, "max_model_len": 1024,
+                                 "max_num_seqs": args.heavy * args.n + 32, "max_step_rows": bound}),
+                      name="bench", route_prefix="/")
+            server = serve.get_deployment_handle("V4Server", app_name="bench")
+            stats = lambda: server.stats.remote().result(timeout_s=60)  # noqa: E731
+            idle = {"max_step_rows": bound, "phase": "idle", **percentiles(idle_latencies(url))}
+            mine = [idle]
+            for stream in (False, True):
+                res = latencies_beside(url, heavy_body(args.n, args.logprobs, args.max_tokens, stream), args.heavy,
+                                       stats)
+                assert res["heavy_tokens"] == [args.n * args.max_tokens] * args.heavy, res["heavy_tokens"]
+                mine.append({"max_step_rows": bound, "phase": "beside streamed" if stream else "beside non-streamed",
+                             **percentiles(res["short"]), "step_wall_ms": round(res["step_wall_ms"], 1),
+                             "step_cpu_ms": round(res["step_cpu_ms"], 1), "wall_s": round(res["wall_s"], 1)})
+                print("slowest short (start s, latency s):", res["slowest"], "heavy done at", res["heavy_done_s"])
+                print(mine[-1], flush=True)
+            for r in mine:
+                r["p99_vs_idle_p99"] = round(r["p99_ms"] / idle["p99_ms"], 2)
+            ratios[f"max_step_rows={bound}"] = {
+                "streamed_p99_vs_non_streamed_p99": round(mine[2]["p99_ms"] / mine[1]["p99_ms"], 2),
+                "non_streamed_p99_vs_idle_p99": mine[1]["p99_vs_idle_p99"],
+                "streamed_p99_vs_idle_p99": mine[2]["p99_vs_idle_p99"]}
+            rows += mine
+            serve.delete("bench")
     finally:
         serve.shutdown()
-    for r in rows:
-        r["p99_vs_idle_p99"] = round(r["p99_ms"] / idle["p99_ms"], 2)
-    ratios = {"streamed_p99_vs_non_streamed_p99": round(rows[2]["p99_ms"] / rows[1]["p99_ms"], 2),
-              "streamed_p99_vs_idle_p99": rows[2]["p99_vs_idle_p99"]}
-    print(table(rows, ["phase", "n", "p50_ms", "p99_ms", "p99_vs_idle_p99", "step_wall_ms", "step_cpu_ms", "wall_s"]))
-    print(ratios)
+    if len(rows) == 6:   # the heavy requests' own cost of the bound: their wall time, bounded vs not
+        ratios["heavy_wall_bounded_vs_unbounded"] = {
+            phase: round(rows[3 + i]["wall_s"] / rows[i]["wall_s"], 2)
+            for i, phase in [(1, "non-streamed"), (2, "streamed")]}
+    print(table(rows, ["max_step_rows", "phase", "n", "p50_ms", "p99_ms", "p99_vs_idle_p99", "step_wall_ms",
+                       "step_cpu_ms", "wall_s"]))
+    print(json.dumps(ratios, indent=1))
     path = write("serve_load", {"args": vars(args), "rows": rows, "ratios": ratios})
     print(f"wrote {path}")
 

@@ -102,4 +102,4 @@ def build_engine_core(config: EngineConfig, model=None, prefix_cache=None, locks
                          max_model_len=max_model_len)
     return EngineCore(runner, V4Tokenizer.from_dir(path), max_model_len,
                       config.max_num_batched_tokens, config.max_num_seqs, prefix_caching=prefix_cache is not None,
-                      lockstep=lockstep, config=config)
+                      lockstep=lockstep, config=config, max_step_rows=config.max_step_rows)

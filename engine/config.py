@@ -41,6 +41,12 @@ class EngineConfig(BaseModel):
                                                            "of lcm(128, compression rates) that is >= 256.")
     max_num_seqs: int = Field(64, ge=1, description="Sequences running at once per router.")
     max_num_batched_tokens: int = Field(2048, ge=1, description="Tokens per engine step (chunked prefill).")
+    max_step_rows: int = Field(0, ge=0, description="Running sequences one step advances at most (0: all, vLLM's "
+                                                    "policy). Beyond it whole requests take turns, narrow ones first, "
+                                                    "none skipped more than 4 steps in a row: wide requests (n > 1) "
+                                                    "then cannot stretch every request's step where step time grows "
+                                                    "with rows (the CPU). On a GPU decode rows are nearly free: "
+                                                    "leave 0.")
     max_model_len: int | None = Field(None, ge=16, description="Context limit, prompt plus generated tokens; "
                                                                "default: the model's max_position_embeddings.")
     enable_prefix_caching: bool = Field(False, description="Reuse cached prompt prefixes via the KVCacheService.")

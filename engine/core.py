@@ -35,13 +35,13 @@ class _Request:
 class EngineCore:
     def __init__(self, runner: ModelRunner, tokenizer: V4Tokenizer, max_model_len: int,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64, prefix_caching: bool = False,
-                 lockstep: bool = False, config=None):
+                 lockstep: bool = False, config=None, max_step_rows: int = 0):
         """lockstep: this engine is one rank of a distributed replica. A failed forward then leaves the
         collectives out of step, so it fails the replica (raises) instead of only the requests of that step.
         config: the EngineConfig it was built from (`build_engine_core`), for stats and checks."""
         self.runner, self.tokenizer, self.max_model_len = runner, tokenizer, max_model_len
         self.lockstep, self.config = lockstep, config
-        self.scheduler = Scheduler(runner, max_num_batched_tokens, max_num_seqs, prefix_caching)
+        self.scheduler = Scheduler(runner, max_num_batched_tokens, max_num_seqs, prefix_caching, max_step_rows)
         self.device = runner.model.device  # where the logits are, so where sampling runs
         self.requests: dict[str, _Request] = {}
         self._arrival = itertools.count()

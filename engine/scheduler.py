@@ -9,16 +9,24 @@ Policy (vLLM's): running sequences first, in admission order; waiting sequences 
 while the budget, `max_num_seqs` and the KV cache allow. When a running sequence needs blocks and none are free,
 the most recently admitted running sequence is preempted: its cache is freed and it returns to the front of
 the waiting queue, keeping its generated tokens, to be recomputed later. Nothing is lost.
+
+Fair steps (`max_step_rows`, off by default): when more running sequences than that are ready, whole requests take
+turns — narrow requests first, then the one that waited longest, and none waits more than `FAIR_MAX_SKIP_STEPS`
+steps — so that a few wide requests (n = 8, with logprobs) cannot stretch every request's step on a replica whose
+step time grows with its rows. A request's sequences always step together: their shared seeded generator draws in
+the same order as without the bound (docs/architecture.md §3).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from v4ray.model.kv_cache import PREFIX_UNIT
 from .sequence import Sequence
+
+FAIR_MAX_SKIP_STEPS = 4   # with max_step_rows: a request left out of this many steps in a row runs next
 
 
 class Capacity(Protocol):
@@ -62,15 +70,20 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(self, capacity: Capacity, max_num_batched_tokens: int, max_num_seqs: int,
-                 prefix_caching: bool = False):
+                 prefix_caching: bool = False, max_step_rows: int = 0):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if max_step_rows < 0:
+            raise ValueError("max_step_rows must be >= 0 (0: every running sequence steps)")
         self.capacity = capacity
         self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
         self.prefix_caching = prefix_caching
+        self.max_step_rows = max_step_rows
         self.waiting: deque[SeqState] = deque()
         self.running: list[SeqState] = []
         self.num_preemptions = 0
+        self.num_steps = 0
+        self.last_ran: dict[str, int] = {}   # request id -> the step it last ran in (with max_step_rows)
 
     # ---- queues -----------------------------------------------------------------------------------------
     def add(self, state: SeqState) -> None:
@@ -81,12 +94,18 @@ class Scheduler:
         for s in self.running:
             if s.key == key:
                 self.running.remove(s)
+                self._forget(s.request_id)
                 return s
         for s in self.waiting:
             if s.key == key:
                 self.waiting.remove(s)
+                self._forget(s.request_id)
                 return s
         return None
+
+    def _forget(self, request_id: str) -> None:
+        if self.last_ran and not any(s.request_id == request_id for s in (*self.running, *self.waiting)):
+            self.last_ran.pop(request_id, None)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -97,8 +116,12 @@ class Scheduler:
         it, load_prefix(state) -> cached tokens loaded on admission."""
         budget = self.max_num_batched_tokens
         plan: list[ScheduledChunk] = []
+        self.num_steps += 1
+        turn = self._fair_turn()
         for s in list(self.running):
             if s not in self.running:      # preempted earlier in this loop
+                continue
+            if turn is not None and s.request_id not in turn:
                 continue
             if budget <= 0:
                 break
@@ -131,6 +154,28 @@ class Scheduler:
             plan.append(self._chunk(s, n))
             budget -= n
         return plan
+
+    def _fair_turn(self) -> set[str] | None:
+        """With `max_step_rows`, the requests whose running sequences step now; None: all of them. Requests are
+        taken whole while their rows fit the bound: first any left out of FAIR_MAX_SKIP_STEPS steps, then the
+        narrowest, then the one that waited longest (at least one request always runs)."""
+        if not self.max_step_rows:
+            return None
+        if len(self.running) <= self.max_step_rows:
+            for s in self.running:
+                self.last_ran[s.request_id] = self.num_steps
+            return None
+        width = Counter(s.request_id for s in self.running)
+        waited = {rid: self.num_steps - self.last_ran.setdefault(rid, self.num_steps - 1) for rid in width}
+        order = sorted(width, key=lambda rid: (waited[rid] <= FAIR_MAX_SKIP_STEPS, width[rid], -waited[rid]))
+        turn, rows = set(), 0
+        for rid in order:
+            if turn and rows + width[rid] > self.max_step_rows:
+                continue
+            turn.add(rid)
+            rows += width[rid]
+            self.last_ran[rid] = self.num_steps
+        return turn
 
     def _chunk_len(self, s: SeqState, budget: int) -> int:
         end = s.store_at if s.store_at is not None and s.num_computed < s.store_at else s.num_tokens

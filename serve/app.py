@@ -73,5 +73,5 @@ def build_app(args: dict | None = None) -> Application:
         health_check_period_s=2, health_check_timeout_s=10, graceful_shutdown_timeout_s=5).bind(cfg.model_dump())
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=1, max_ongoing_requests=4 * limit * cfg.max_replicas() + 64,
-        ray_actor_options={"num_cpus": 0})
+        ray_actor_options={"num_cpus": 0, **({"resources": cfg.ingress_resources} if cfg.ingress_resources else {})})
     return ingress.bind(server, cfg.model_dump())

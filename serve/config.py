@@ -44,6 +44,11 @@ class ServeConfig(EngineConfig):
                                                                "share their first tokens (up to this many, in whole "
                                                                "128-token units) to the same replica while it is not "
                                                                "overloaded; 0: Serve's default routing.")
+    ingress_resources: dict[str, float] = Field({}, description="Ray resources the OpenAIIngress replica needs "
+                                                               "(it reserves no CPU), e.g. a custom resource only the "
+                                                               "head node declares, to keep it beside a HeadOnly "
+                                                               "proxy: a host that dies cuts the open connections of "
+                                                               "an ingress on it.")
     enable_docs: bool = Field(False, description="Serve /docs and /openapi.json (off: they describe the API to "
                                                  "anyone who can reach the port).")
 
@@ -54,6 +59,10 @@ class ServeConfig(EngineConfig):
         if 0 < self.prefix_affinity_tokens < PREFIX_UNIT:
             raise ValueError(f"prefix_affinity_tokens must be 0 (off) or at least {PREFIX_UNIT} (one cached prefix "
                              f"unit), got {self.prefix_affinity_tokens}")
+        for k, v in self.ingress_resources.items():
+            if k in ("CPU", "GPU", "memory") or not 0 <= v < float("inf"):
+                raise ValueError(f"ingress_resources: {k}={v} is not allowed; name custom resources with finite "
+                                 f"amounts >= 0 (the ingress reserves no CPU or GPU)")
         if self.autoscaling_config is not None and self.num_replicas != 1:
             raise ValueError("set either num_replicas or autoscaling_config (its min_replicas / max_replicas), not both")
         return self

@@ -135,6 +135,55 @@ def test_seeded_sampling_is_independent_of_batch_composition(tiny_ckpt):
     assert [o.token_ids for o in final["me"].outputs] == [o.token_ids for o in alone.outputs]
 
 
+def test_fair_steps_bound_the_rows_keep_narrow_requests_moving_and_change_no_output(tiny_ckpt):
+    """max_step_rows: no step advances more running sequences than the bound, a narrow request sits out at most
+    one step in a row (when requests left out FAIR_MAX_SKIP_STEPS steps go first), a wide one at most
+    FAIR_MAX_SKIP_STEPS plus one step per other wide request overdue with it, and every output (seeded n > 1
+    included) equals the unbounded engine's."""
+    from v4ray.engine.scheduler import FAIR_MAX_SKIP_STEPS
+
+    ckpt = tiny_ckpt("v4-tiny", confident=True)
+    wide = [(f"w{i}", parity_prompt(20 + i, seed=i).tolist(),
+             SamplingParams(max_tokens=24, temperature=1.0, seed=i, n=4, logprobs=3, ignore_eos=True))
+            for i in range(4)]
+    narrow = [(f"s{i}", parity_prompt(12 + i, seed=10 + i).tolist(),
+               SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)) for i in range(3)]
+    work = wide[:2] + narrow[:1] + wide[2:] + narrow[1:]
+
+    def run(max_step_rows: int):
+        core = _core(ckpt)
+        core.scheduler.max_step_rows = max_step_rows
+        for r in work:
+            core.add_request(*r)
+        final, steps = {}, []
+        while core.has_work():
+            before = {s.request_id: len(s.seq.output_token_ids) for s in core.scheduler.running}
+            outs = core.step()
+            advanced = {s.request_id for s in core.scheduler.running
+                        if len(s.seq.output_token_ids) > before.get(s.request_id, -1)}
+            advanced |= {o.request_id for o in outs if o.finished}
+            steps.append((set(before), advanced, sum(n for rid, n in before.items())))
+            final.update({o.request_id: o for o in outs if o.finished})
+        return final, steps
+
+    unbounded, _ = run(0)
+    bounded, steps = run(6)
+    assert {k: [c.token_ids for c in o.outputs] for k, o in bounded.items()} == \
+        {k: [c.token_ids for c in o.outputs] for k, o in unbounded.items()}
+    skipped: dict[str, int] = {}
+    decode_steps = [(running, advanced) for running, advanced, _ in steps if running]
+    assert len(decode_steps) > len(steps) // 2
+    worst = {"s": 0, "w": 0}
+    for running, advanced in decode_steps:
+        for rid in running:
+            skipped[rid] = 0 if rid in advanced else skipped.get(rid, 0) + 1
+            worst[rid[0]] = max(worst[rid[0]], skipped[rid])
+    assert worst["s"] <= 1 and 1 <= worst["w"] <= FAIR_MAX_SKIP_STEPS + len(wide) - 1, worst
+    # the bound held: each step advanced at most 6 sequences (the wide requests have 4 each, the narrow 1)
+    rows = [sum(4 if r.startswith("w") else 1 for r in advanced & running) for running, advanced in decode_steps]
+    assert max(rows) <= 6 and min(rows) >= 1
+
+
 def test_async_engine_streams_and_aborts(tiny_ckpt):
     from v4ray.serve.async_engine import AsyncEngine
 
