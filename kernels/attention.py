@@ -29,23 +29,25 @@ def sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, si
 
     Logits, softmax and the probability-weighted sum run in fp32; the result is cast to q's dtype.
     """
-    logits = torch.einsum("thd,sd->hts", q.float(), kv.float()) * scale + bias.float()[None]
+    kv = kv.float()   # once: both products read the same fp32 keys (a compiled step then materializes one copy)
+    logits = torch.einsum("thd,sd->hts", q.float(), kv) * scale + bias.float()[None]
     sink_col = sinks.float()[:, None, None].expand(-1, q.shape[0], 1)
     combined = torch.cat([logits, sink_col], dim=-1)
     combined = combined - combined.amax(dim=-1, keepdim=True)
     probs = torch.softmax(combined, dim=-1)[..., :-1]
-    return torch.einsum("hts,sd->thd", probs, kv.float()).to(q.dtype)
+    return torch.einsum("hts,sd->thd", probs, kv).to(q.dtype)
 
 
 def sparse_sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
                               scale: float) -> torch.Tensor:
     """Each query row with its own gathered keys: q [n, H, d], kv [n, K, d], bias [n, K] (0 / -inf, e.g. padding)
     -> [n, H, d]. The decode form: window ring + selected compressed entries per sequence."""
-    logits = torch.einsum("nhd,nkd->nhk", q.float(), kv.float()) * scale + bias.float()[:, None, :]
+    kv = kv.float()   # once, as above
+    logits = torch.einsum("nhd,nkd->nhk", q.float(), kv) * scale + bias.float()[:, None, :]
     sink_col = sinks.float()[None, :, None].expand(q.shape[0], -1, 1)
     combined = torch.cat([logits, sink_col], dim=-1)
     probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
-    return torch.einsum("nhk,nkd->nhd", probs, kv.float()).to(q.dtype)
+    return torch.einsum("nhk,nkd->nhd", probs, kv).to(q.dtype)
 
 
 @triton.jit
