@@ -1,6 +1,6 @@
 """Short requests beside logprob-heavy ones (issue 14's load scenario), through HTTP on Ray Serve (127.0.0.1).
 
-    python bench/serve_load.py [--heavy 8] [--n 8] [--logprobs 20] [--max-tokens 512] [--max-step-rows 0,32]
+    python bench/serve_load.py [--heavy 8] [--n 8] [--logprobs 20] [--max-tokens 512] [--max-step-rows 0,24]
 
 Phases, one run: 4-token requests on an idle server; beside `--heavy` requests of n x max_tokens with logprobs
 that are not streamed (the engine does all the work, the outputs travel once at the end); and beside the same
@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--logprobs", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=512)
-    ap.add_argument("--max-step-rows", default="0,32", help="comma-separated: one deployment per value")
+    ap.add_argument("--max-step-rows", default="0,24", help="comma-separated: one deployment per value")
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
