@@ -30,6 +30,7 @@ import asyncio
 import json
 import random
 import statistics
+from collections import Counter
 import subprocess
 import sys
 import threading
@@ -46,7 +47,7 @@ CLIENT_TIMEOUT_S = 90.0     # a request not answered by then is lost (the server
 MAX_IN_FLIGHT = 64          # the open loop's bound: arrivals beyond it are counted as shed, not sent
 STATS_PERIOD_S = 2.0
 
-PREFIX = [16 + (7 * i) % 400 for i in range(256)]   # the cached kind's shared 2-unit prefix
+PREFIX = [16 + (7 * i) % 250 for i in range(256)]   # the cached kind's shared 2-unit prefix
 
 
 def request_pool() -> list[dict]:
@@ -56,7 +57,7 @@ def request_pool() -> list[dict]:
         pool.append({"kind": "short", "body": {"prompt": [20 + k, 30 + k, 40 + k, 50], "max_tokens": 8}})
         pool.append({"kind": "stream", "body": {"prompt": [60 + k, 70 + k, 80], "max_tokens": 32, "stream": True}})
         pool.append({"kind": "cached", "body": {"prompt": PREFIX + [100 + k, 110 + k], "max_tokens": 8}})
-        pool.append({"kind": "long", "body": {"prompt": [16 + (13 * i + k) % 480 for i in range(600)],
+        pool.append({"kind": "long", "body": {"prompt": [16 + (13 * i + k) % 250 for i in range(600)],
                                               "max_tokens": 16}})
     for p in pool:
         p["body"].update({"model": "v4-tiny", "temperature": 0, "ignore_eos": True})
@@ -64,7 +65,7 @@ def request_pool() -> list[dict]:
 
 
 async def send(session, url: str, body: dict) -> tuple[str, str | None]:
-    """-> (outcome, text): outcome 'done' with the text, 'error' (OpenAI-shaped) or 'lost: <why>'."""
+    """-> (outcome, text): 'done' with the text, 'error' (OpenAI-shaped) with its message, or 'lost: <why>'."""
     import aiohttp
 
     try:
@@ -75,8 +76,9 @@ async def send(session, url: str, body: dict) -> tuple[str, str | None]:
                     err = json.loads(await r.read())
                 except ValueError:
                     return f"lost: status {r.status} without a JSON body", None
-                return ("error", None) if isinstance(err, dict) and "message" in err.get("error", {}) \
-                    else (f"lost: status {r.status}, body {str(err)[:80]}", None)
+                if isinstance(err, dict) and "message" in err.get("error", {}):
+                    return "error", err["error"]["message"]
+                return f"lost: status {r.status}, body {str(err)[:80]}", None
             if not body.get("stream"):
                 return "done", json.loads(await r.read())["choices"][0]["text"]
             text = []
@@ -87,7 +89,7 @@ async def send(session, url: str, body: dict) -> tuple[str, str | None]:
                 if line.startswith(b"data: "):
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
-                        return "error", None
+                        return "error", chunk["error"].get("message")
                     text += [c["text"] for c in chunk["choices"]]
             return "lost: stream ended without [DONE]", None
     except asyncio.TimeoutError:
@@ -116,7 +118,7 @@ async def one(session, url, item, refs, log: Log, t0: float):
         outcome = "ok" if text == refs[id(item)] else "wrong"
         detail = None if outcome == "ok" else f"{text!r} != {refs[id(item)]!r}"
     else:
-        outcome, detail = ("error", None) if outcome == "error" else ("lost", outcome[6:])
+        outcome, detail = ("error", text) if outcome == "error" else ("lost", outcome[6:])
     log.add(start - t0, latency, item["kind"], outcome, detail)
 
 
@@ -127,7 +129,7 @@ async def references(url: str, pool: list[dict]) -> dict:
     async with aiohttp.ClientSession() as s:
         for item in pool:
             outcome, text = await send(s, url, item["body"])
-            assert outcome == "done", f"reference request failed: {outcome}"
+            assert outcome == "done", f"reference request failed: {outcome}: {text}"
             refs[id(item)] = text
     return refs
 
@@ -246,6 +248,9 @@ def window(rows: list[dict], lo: float, hi: float) -> dict:
     xs = sorted(r["latency_s"] for r in rows if lo <= r["t"] < hi and r["outcome"] == "ok")
     out = {"from_s": lo, "to_s": hi, "sent": sum(lo <= r["t"] < hi for r in rows), "ok": len(xs),
            **{o: sum(lo <= r["t"] < hi and r["outcome"] == o for r in rows) for o in ("error", "lost", "wrong")}}
+    errors = Counter((r.get("detail") or "")[:100] for r in rows if lo <= r["t"] < hi and r["outcome"] == "error")
+    if errors:
+        out["error_messages"] = dict(errors.most_common(5))
     if xs:
         out.update({"p50_ms": round(1e3 * statistics.median(xs), 1),
                     "p99_ms": round(1e3 * xs[max(0, int(len(xs) * 0.99) - 1)], 1)})
@@ -405,6 +410,9 @@ print(json.dumps(serve.get_deployment_handle("V4Server", app_name={APP!r}).stats
         print(table(windows, ["phase", "from_s", "to_s", "sent", "ok", "error", "lost", "wrong", "p50_ms",
                               "p99_ms"]))
         print(f"totals {totals}; pools before {levels_before}, after {levels_after}")
+        for w in windows:
+            if w.get("error_messages"):
+                print(f"  errors {w['phase']}: {w['error_messages']}")
         bad = [r for r in rows if r["outcome"] in ("lost", "wrong")][:10]
         if bad:
             print("lost or wrong:", json.dumps(bad, indent=1))

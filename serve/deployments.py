@@ -22,11 +22,12 @@ from ray import serve
 from v4ray.model.config import V4Config
 from v4ray.model.tokenizer import V4Tokenizer
 
-from v4ray.model.chat import split_reasoning
+from v4ray.model.chat import CALLS_START, split_reasoning
 from v4ray.engine.sampling import RequestOutputKind
 
-from .protocol import (DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, Parsed, chat_logprobs, check_fields,
-                       completion_logprobs, final_body, parse_json, parse_request, sse, usage_counts)
+from .protocol import (DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, Parsed, chat_logprobs, chat_message,
+                       check_fields, completion_logprobs, final_body, parse_json, parse_request, sse, tool_calls_of,
+                       usage_counts)
 
 log = logging.getLogger("v4ray.serve")
 # A live replica answers `stats` in milliseconds (its engine steps in another thread); none answering within this
@@ -334,10 +335,17 @@ class OpenAIIngress:
                         continue
                     choice = {"index": i, "finish_reason": c.finish_reason}
                     if p.kind == "chat":
-                        choice["delta"] = self._chat_delta(p, full_text[i], c.text)
+                        choice["delta"] = self._chat_delta(p, full_text[i], c.text, bool(c.finish_reason))
                         choice["logprobs"] = (chat_logprobs(c, self.tokenizer, p.params.logprobs or 0)
                                               if p.chat_logprobs else None)
                         full_text[i] += c.text
+                        if c.finish_reason and p.tools:   # the calls, once whole: one delta each, name and arguments
+                            msg, called = chat_message(full_text[i], p.thinking, p, i)
+                            if called:
+                                choice["delta"]["tool_calls"] = [{"index": k, **call}
+                                                                 for k, call in enumerate(msg["tool_calls"])]
+                                if c.finish_reason == "stop":
+                                    choice["finish_reason"] = "tool_calls"
                     else:
                         choice["text"] = c.text
                         choice["logprobs"] = (completion_logprobs(c, self.tokenizer, text_sent[i])
@@ -371,14 +379,32 @@ class OpenAIIngress:
             yield "data: [DONE]\n\n"
 
     @staticmethod
-    def _chat_delta(p: Parsed, before: str, new: str) -> dict:
-        if not p.thinking:
+    def _shown(p: Parsed, text: str, finished: bool) -> tuple[str, str]:
+        """What a stream has shown of a chat completion's `text`: (reasoning, content). With tools, content stops
+        where a tool-calls block starts (and before what may be its beginning, until more text or the end tells);
+        a finished block that is not a valid call is shown as text, as in the non-streamed answer."""
+        reasoning, content = split_reasoning(text) if p.thinking else ("", text)
+        if p.tools:
+            at = content.find(CALLS_START)
+            if at >= 0:
+                if finished and tool_calls_of(content[at + 2:], p.tools, True, "")[0] is None:
+                    return reasoning or "", content
+                return reasoning or "", content[:at]
+            if not finished:
+                keep = next((k for k in range(min(len(CALLS_START), len(content)), 0, -1)
+                             if content.endswith(CALLS_START[:k])), 0)
+                content = content[:len(content) - keep]
+        return reasoning or "", content
+
+    @classmethod
+    def _chat_delta(cls, p: Parsed, before: str, new: str, finished: bool = False) -> dict:
+        if not p.thinking and not p.tools:
             return {"content": new}
-        old_r, old_c = split_reasoning(before)
-        new_r, new_c = split_reasoning(before + new)
+        old_r, old_c = cls._shown(p, before, False)
+        new_r, new_c = cls._shown(p, before + new, finished)
         d = {}
-        if len(new_r or "") > len(old_r or ""):
-            d["reasoning_content"] = (new_r or "")[len(old_r or ""):]
+        if len(new_r) > len(old_r):
+            d["reasoning_content"] = new_r[len(old_r):]
         if len(new_c) > len(old_c):
             d["content"] = new_c[len(old_c):]
         return d or {"content": ""}

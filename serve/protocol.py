@@ -7,12 +7,14 @@ Every invalid field becomes an `APIError` with status 400 and `param` naming it,
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from v4ray.model.chat import ChatFormatError, render_chat, split_reasoning
+from v4ray.model.chat import (REASONING_EFFORTS, ChatFormatError, ToolCallParseError, parse_completion,
+                              parse_tool_calls, render_chat)
 from v4ray.engine.json_input import JSONInputError, loads_strict, lone_surrogate_path, printable
 from v4ray.engine.outputs import RequestOutput
 from v4ray.engine.sampling import SamplingParamError, SamplingParams
@@ -58,7 +60,9 @@ SAMPLING_FIELDS = {"model", "n", "max_tokens", "temperature", "top_p", "top_k", 
                    "logit_bias", "skip_special_tokens", "stream", "stream_options"}
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo", "logprobs"}
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
-                                 "chat_template_kwargs", "tools", "tool_choice", "functions", "response_format"}
+                                 "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls",
+                                 "reasoning_effort", "functions", "response_format"}
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")   # OpenAI's rule for function names
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier"}
 TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens"}
 DETOKENIZE_FIELDS = {"model", "tokens"}
@@ -94,6 +98,8 @@ class Parsed:
     echo: bool = False
     thinking: bool = False
     chat_logprobs: bool = False
+    tools: list[dict] | None = None      # the request's function tools, when their calls are parsed from the output
+    parallel_tool_calls: bool = True
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
 
 
@@ -118,10 +124,17 @@ def parse_request(kind: str, body: dict, tokenizer: V4Tokenizer, max_model_len: 
             if not isinstance(kwargs[key], bool):
                 raise bad(f"chat_template_kwargs.{key}", f"chat_template_kwargs.{key} must be a boolean")
         thinking = bool(kwargs.get("thinking", kwargs.get("enable_thinking", False)))
+        tools, tool_choice = parse_tools(body)
+        effort = _typed(body, "reasoning_effort", str, None)
+        if effort is not None and effort not in REASONING_EFFORTS:
+            raise bad("reasoning_effort", f"reasoning_effort must be one of {list(REASONING_EFFORTS)}; only 'max' "
+                                          f"changes the prompt (in thinking mode)")
         try:
-            text = render_chat(body.get("messages"), thinking=thinking)
+            text = render_chat(body.get("messages"), thinking=thinking, tools=tools, reasoning_effort=effort)
         except ChatFormatError as e:
             raise bad(e.param, str(e))
+        parsed_tools = tools if tools and tool_choice != "none" else None
+        parallel = bool(_typed(body, "parallel_tool_calls", bool, True))
         ids = tokenizer.encode(text, add_bos=False)
     else:
         prompt = body.get("prompt")
@@ -203,13 +216,63 @@ def parse_request(kind: str, body: dict, tokenizer: V4Tokenizer, max_model_len: 
         raise bad("logit_bias", f"logit_bias token ids must be below {tokenizer.vocab_size}")
     if params.stop_token_ids and any(not isinstance(t, int) or t < 0 for t in params.stop_token_ids):
         raise bad("stop_token_ids", "'stop_token_ids' must be non-negative integers")
-    for name in ("tools", "tool_choice", "functions", "response_format"):
-        if body.get(name) not in (None, [], {}, "none", "auto") or (name == "response_format" and body.get(name)
-                                                                   not in (None, {"type": "text"})):
-            raise bad(name, f"'{name}' is not supported yet (tool calls and structured output are out of scope)")
-    return Parsed(kind, ids, text, params, bool(_typed(body, "stream", bool, False)),
-                  bool(stream_options.get("include_usage", False)), bool(_typed(body, "echo", bool, False)),
-                  thinking, chat_logprobs)
+    if body.get("functions") not in (None, []):
+        raise bad("functions", "'functions' is OpenAI's deprecated form: send 'tools' "
+                               "([{'type': 'function', 'function': {...}}]) instead")
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise bad("response_format", "'response_format' other than {'type': 'text'} needs grammar-constrained "
+                                     "decoding, which is not built yet")
+    out = Parsed(kind, ids, text, params, bool(_typed(body, "stream", bool, False)),
+                 bool(stream_options.get("include_usage", False)), bool(_typed(body, "echo", bool, False)),
+                 thinking, chat_logprobs)
+    if kind == "chat":
+        out.tools, out.parallel_tool_calls = parsed_tools, parallel
+    return out
+
+
+def parse_tools(body: dict) -> tuple[list[dict] | None, str]:
+    """`tools` (OpenAI function tools) and `tool_choice` -> (the tools, 'auto' | 'none'). A choice that forces a
+    call ('required', or a named function) needs grammar-constrained decoding: a 400 until it is built."""
+    tools = body.get("tools")
+    if tools in (None, []):
+        tools = None
+    elif not isinstance(tools, list):
+        raise bad("tools", "'tools' must be a list of {'type': 'function', 'function': {'name': ..., "
+                           "'description': ..., 'parameters': {JSON schema}}}")
+    else:
+        names = set()
+        for i, t in enumerate(tools):
+            at = f"tools[{i}]"
+            if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("function"), dict):
+                raise bad(at, "each tool must be {'type': 'function', 'function': {...}}")
+            fn = t["function"]
+            unknown = sorted(set(fn) - {"name", "description", "parameters", "strict"})
+            if unknown:
+                raise bad(f"{at}.function.{unknown[0]}", f"unknown function field(s) {unknown}")
+            if not isinstance(fn.get("name"), str) or not TOOL_NAME.match(fn["name"]):
+                raise bad(f"{at}.function.name", "a function name is 1-64 letters, digits, '_' or '-'")
+            if fn["name"] in names:
+                raise bad(f"{at}.function.name", f"function {fn['name']!r} is declared twice")
+            names.add(fn["name"])
+            if "description" in fn and not isinstance(fn["description"], str):
+                raise bad(f"{at}.function.description", "a function description must be a string")
+            if "parameters" in fn and not isinstance(fn["parameters"], dict):
+                raise bad(f"{at}.function.parameters", "function parameters must be a JSON schema object")
+    choice = body.get("tool_choice", "auto" if tools else "none")
+    if choice in ("auto", "none"):
+        return tools, choice
+    if choice == "required" or isinstance(choice, dict):
+        if not tools:
+            raise bad("tool_choice", "tool_choice asks for a tool call but 'tools' is empty")
+        if isinstance(choice, dict):
+            fn = choice.get("function")
+            if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                    or fn["name"] not in names:
+                raise bad("tool_choice", f"tool_choice must name one of the declared functions {sorted(names)}")
+        raise bad("tool_choice", "a forced tool call ('required' or a named function) needs grammar-constrained "
+                                 "decoding, which is not built yet: use 'auto'")
+    raise bad("tool_choice", "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', "
+                             "'function': {'name': ...}}")
 
 
 # ---- responses -------------------------------------------------------------------------------------------
@@ -261,19 +324,53 @@ def chat_logprobs(c, tokenizer: V4Tokenizer, top: int) -> dict | None:
     return {"content": content}
 
 
-def chat_message(text: str, thinking: bool) -> dict:
+def tool_calls_of(block: str | None, tools: list[dict] | None, parallel: bool, request_id: str,
+                  index: int = 0) -> tuple[list[dict] | None, str | None]:
+    """A completion's DSML block -> (OpenAI tool_calls, None), or (None, why) when it does not parse or calls an
+    undeclared function: the block then stays in the content, reported, never turned into a made-up call."""
+    if block is None or not tools:
+        return None, None
+    try:
+        calls = parse_tool_calls(block)
+    except ToolCallParseError as e:
+        return None, str(e)
+    names = {t["function"]["name"] for t in tools}
+    unknown = [name for name, _ in calls if name not in names]
+    if unknown:
+        return None, f"call to undeclared function(s) {unknown}"
+    if not parallel:
+        calls = calls[:1]
+    return [{"id": f"call_{request_id[:12]}_{index}_{k}", "type": "function",
+             "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+            for k, (name, args) in enumerate(calls)], None
+
+
+def chat_message(text: str, thinking: bool, p: "Parsed | None" = None, index: int = 0) -> tuple[dict, bool]:
+    """-> (the assistant message, whether it carries tool calls)."""
+    reasoning, content, block = parse_completion(text, thinking)
+    msg = {"role": "assistant", "content": content}
     if thinking:
-        reasoning, content = split_reasoning(text)
-        return {"role": "assistant", "content": content, "reasoning_content": reasoning}
-    return {"role": "assistant", "content": text}
+        msg["reasoning_content"] = reasoning
+    calls, _ = tool_calls_of(block, p.tools if p else None, p.parallel_tool_calls if p else True,
+                             p.request_id if p else "", index)
+    if calls:
+        msg["content"] = content or None
+        msg["tool_calls"] = calls
+    elif block is not None:
+        msg["content"] = content + "\n\n" + block   # not a valid call: the text as generated
+    return msg, bool(calls)
 
 
 def final_body(p: Parsed, out: RequestOutput, model: str, tokenizer: V4Tokenizer) -> dict:
     created = int(time.time())
     if p.kind == "chat":
-        choices = [{"index": c.index, "message": chat_message(c.text, p.thinking),
-                    "logprobs": chat_logprobs(c, tokenizer, p.params.logprobs or 0) if p.chat_logprobs else None,
-                    "finish_reason": c.finish_reason} for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            msg, called = chat_message(c.text, p.thinking, p, c.index)
+            choices.append({"index": c.index, "message": msg,
+                            "logprobs": chat_logprobs(c, tokenizer, p.params.logprobs or 0) if p.chat_logprobs
+                            else None,
+                            "finish_reason": "tool_calls" if called and c.finish_reason == "stop" else c.finish_reason})
         return {"id": f"chatcmpl-{p.request_id}", "object": "chat.completion", "created": created, "model": model,
                 "choices": choices, "usage": usage(out)}
     prefix = p.prompt_text if p.echo else ""

@@ -29,7 +29,7 @@ def server(ray_session, tiny_ckpt, tmp_path_factory):
     ckpt = tiny_ckpt("v4-tiny", confident=True)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    base = {"model": str(ckpt), "served_model_name": "v4-tiny", "max_num_seqs": 8, "max_model_len": 1024}
+    base = {"model": str(ckpt), "served_model_name": "v4-tiny", "max_num_seqs": 8, "max_model_len": 4096}
     keyfile = tmp_path_factory.mktemp("key") / "key"
     keyfile.write_text(SECURE_KEY)
     serve.run(build_app(base), name="main", route_prefix="/")
@@ -153,7 +153,7 @@ def _post(url, body=None, raw=None, headers=None):
 
 BAD_REQUESTS = [
     ("completions", {"model": "v4-tiny", "prompt": ""}, 400, "prompt"),
-    ("completions", {"model": "v4-tiny", "prompt": "x" * 1100}, 400, "prompt"),
+    ("completions", {"model": "v4-tiny", "prompt": "x" * 4200}, 400, "prompt"),
     ("completions", {"model": "v4-tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("completions", {"model": "v4-tiny", "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
     ("completions", {"model": "v4-tiny", "prompt": "hi", "max_tokens": 10 ** 9}, 400, "max_tokens"),
@@ -177,8 +177,44 @@ BAD_REQUESTS = [
     ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 30,
                           "logprobs": True}, 400, "top_logprobs"),
     ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
-                          "tools": [{"type": "function"}]}, 400, "tools"),
+                          "tools": [{"type": "function"}]}, 400, "tools[0]"),
+    ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
+                          "tools": [{"type": "function", "function": {"name": "no spaces"}}]}, 400,
+     "tools[0].function.name"),
+    ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
+                          "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+     400, "tool_choice"),
+    ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
+                          "tools": [{"type": "function", "function": {"name": "f"}}],
+                          "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
+    ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
+                          "reasoning_effort": "ultra"}, 400, "reasoning_effort"),
+    ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
+                          "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"},
+                                                           {"role": "tool", "content": "r"}]}, 400,
+     "messages[1].tool_call_id"),
 ]
+
+
+def test_tools_and_tool_results_reach_the_v4_prompt(client):
+    """A chat with tools renders them into the prompt (the tools section costs prompt tokens), and a conversation
+    carrying an assistant tool call and its result is accepted (the official client's message shapes)."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    plain = client.chat.completions.create(model="v4-tiny", messages=ask, max_tokens=4, temperature=0)
+    with_tools = client.chat.completions.create(model="v4-tiny", messages=ask, tools=tools, max_tokens=4,
+                                                temperature=0)
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 1000   # the ## Tools section: ~1.1 KB
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    r = client.chat.completions.create(model="v4-tiny", messages=history, tools=tools, max_tokens=4, temperature=0,
+                                       reasoning_effort="high")
+    assert r.choices[0].finish_reason in ("length", "stop", "tool_calls") and r.usage.prompt_tokens > \
+        with_tools.usage.prompt_tokens
 
 
 @pytest.mark.parametrize("path,body,status,param", BAD_REQUESTS)
