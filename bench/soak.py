@@ -6,16 +6,17 @@ requests at ~80 % of measured capacity, one worker host killed and restored, the
 
 Needs root and iproute2 (v4ray.testing.hosts builds the hosts; nothing leaves the machine). One run:
 
-1. Three hosts (Ray head + 2 workers, token auth), the tiny model served by 2 replicas, each 1 router + 1 expert
-   shard (+ its V4Server), fp32, prefix caching through one shared KVCacheService; the proxy and the OpenAIIngress
-   on host 0 (`ingress_resources`).
+1. Three hosts (Ray head with 1 CPU + 2 workers with 4, token auth), the tiny model served by 2 replicas, each 1
+   router + 1 expert shard (+ its V4Server, 3 CPUs: one replica per worker), fp32, prefix caching through one
+   shared KVCacheService; the proxy and the OpenAIIngress on host 0 (`ingress_resources`).
 2. Reference answers for a fixed pool of prompts, one at a time, greedy: short, streamed, cached (a shared 256-token
    prefix) and long (~600 tokens) requests.
 3. Capacity: the mix in a closed loop at a fixed concurrency for `--calibrate-s`; the soak's open-loop (Poisson)
    rate is `--load` times the requests/s reached.
-4. The soak: that rate for `--duration` s. At `--kill-at` every process of a worker host holding a replica is
+4. The soak: that rate for `--duration` s. At `--kill-at` every process of one worker host (one replica) is
    SIGKILLed; at `--revive-at` its Ray node restarts; at `--cut-at` the other worker host's link goes down for
-   `--cut-s`, then comes back and that host's Ray restarts (the head dropped it meanwhile).
+   `--cut-s`, then comes back and that host's Ray restarts (the head dropped it meanwhile). While a replica is
+   gone the other carries ~1.6x its capacity: requests beyond its queue get a clean 429.
 5. Drain, then the replicas' queues and KV pools are compared with their levels before the soak.
 
 Every request ends as one of: ok (the reference answer), wrong (a different answer), error (a clean OpenAI-shaped
@@ -319,7 +320,9 @@ def main() -> None:
     if missing():
         sys.exit(f"bench/soak.py needs real hosts: {missing()}")
     began = time.monotonic()
-    hosts = Hosts(tag="v4s", num_hosts=3, cpus=4, subnet=216)
+    # a replica (V4Server, router, shard: 3 CPUs) packs onto one 4-CPU worker; the head (1 CPU) keeps Serve's
+    # controller, proxy and ingress: each fault below hits a host that holds a replica
+    hosts = Hosts(tag="v4s", num_hosts=3, cpus=4, head_cpus=1, subnet=216)
     hosts.down()
     hosts.up()
     poller = None
@@ -360,15 +363,11 @@ serve.run(build_app({config!r}), name={APP!r}, route_prefix="/", blocking=False)
         print(f"capacity {capacity:.2f} req/s at concurrency {args.calibrate_concurrency}; soak at {rate:.2f} req/s",
               flush=True)
 
-        stats = json.loads(hosts.driver(f"""
-import json, ray
-from ray import serve
-ray.init(log_to_driver=False)
-print(json.dumps(serve.get_deployment_handle("V4Server", app_name={APP!r}).stats.remote().result(timeout_s=30)))
-""").stdout.strip().splitlines()[-1])
-        used = {r["address"] for r in stats["ranks"]} | {stats["address"]}
-        kill_victim = next((h for h in hosts.hosts[1:] if h.address in used), hosts.hosts[1])
+        holding = set(placement.values())        # the hosts of the two V4Servers
+        kill_victim = next((h for h in hosts.hosts[1:] if h.address in holding), hosts.hosts[1])
         cut_victim = next(h for h in hosts.hosts[1:] if h is not kill_victim)
+        print(f"kill {kill_victim.ns} ({'holds' if kill_victim.address in holding else 'holds no'} replica), "
+              f"cut {cut_victim.ns} ({'holds' if cut_victim.address in holding else 'holds no'} replica)", flush=True)
         events: list[dict] = []
 
         def heal_and_restart(index: int):

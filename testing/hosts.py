@@ -86,6 +86,7 @@ class Hosts:
     num_hosts: int = 3
     cpus: int = 2
     subnet: int = 213
+    head_cpus: int | None = None   # the head's CPUs (default `cpus`): fewer keep the workload on the workers
     root: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
     hosts: list[Host] = field(init=False)
     _procs: list[subprocess.Popen] = field(init=False, default_factory=list)   # `ray start` of each host: reaped
@@ -169,7 +170,8 @@ class Hosts:
 
     def _start_ray(self, h: Host) -> None:
         temp = self.dir / f"h{h.index}"   # Ray's session files: short (unix socket paths), one per node
-        args = ["start", "--block", f"--node-ip-address={h.address}", f"--num-cpus={self.cpus}",
+        cpus = self.head_cpus if h.index == 0 and self.head_cpus is not None else self.cpus
+        args = ["start", "--block", f"--node-ip-address={h.address}", f"--num-cpus={cpus}",
                 f"--resources={json.dumps({h.resource: 1})}", f"--labels=v4ray.io/host={h.index}",
                 f"--temp-dir={temp}", "--object-store-memory=268435456", "--disable-usage-stats"]
         if h.index == 0:
