@@ -312,6 +312,7 @@ def main() -> None:
     ap.add_argument("--revive-at", type=float, default=120.0)
     ap.add_argument("--cut-at", type=float, default=180.0)
     ap.add_argument("--cut-s", type=float, default=20.0)
+    ap.add_argument("--logs", default="/tmp/v4ray-soak-logs", help="where the hosts' Serve logs are copied at the end")
     args = ap.parse_args()
     assert args.kill_at < args.revive_at < args.cut_at < args.cut_at + args.cut_s < args.duration
 
@@ -428,6 +429,11 @@ serve.run(build_app({config!r}), name={APP!r}, route_prefix="/", blocking=False)
     finally:
         if poller is not None:
             poller.stop()
+        import shutil
+
+        shutil.rmtree(args.logs, ignore_errors=True)
+        for logs in hosts.dir.glob("h*/session_2*/logs/serve"):   # every node's Serve logs, for a post-mortem
+            shutil.copytree(logs, Path(args.logs) / logs.parts[-4] / logs.parts[-3], dirs_exist_ok=True)
         hosts.driver("import ray\nfrom ray import serve\nray.init(log_to_driver=False)\nserve.shutdown()\n"
                      f"ray.kill(ray.get_actor({SERVICE!r}, namespace='v4ray'), no_restart=True)",
                      timeout_s=120, check=False)

@@ -77,10 +77,12 @@ def _push_all(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> Non
 
 class AsyncEngine:
     def __init__(self, engine, max_pending: int = 1024, idle_wait_s: float = 0.05,
-                 health_check_interval_s: float = 1.0):
+                 health_check_interval_s: float = 1.0, on_dead=None):
         """engine: anything with add_request / abort / step / has_work (EngineCore, ReplicaEngine), and
-        optionally check_health() (raises when the engine can no longer serve)."""
+        optionally check_health() (raises when the engine can no longer serve). on_dead(reason): called once, on
+        the engine thread, after every pending request was failed."""
         self.engine = engine
+        self.on_dead = on_dead
         self.max_pending = max_pending
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
@@ -158,6 +160,8 @@ class AsyncEngine:
         self.dead = reason
         log.error("engine dead: %s", reason)
         self._deliver([(rid, EngineDeadError(reason)) for rid in list(self._streams)])
+        if self.on_dead is not None:
+            self.on_dead(reason)
 
     def _is_replica_failure(self, e: BaseException) -> bool:
         from v4ray.cluster.replica import ReplicaError

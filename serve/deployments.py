@@ -11,6 +11,8 @@ import asyncio
 import hmac
 import json
 import logging
+import os
+import threading
 import time
 import uuid
 
@@ -33,6 +35,7 @@ log = logging.getLogger("v4ray.serve")
 # A live replica answers `stats` in milliseconds (its engine steps in another thread); none answering within this
 # means none is serving (dead, or being rebuilt: Serve holds the call until one exists), so /ready says 503.
 READY_TIMEOUT_S = 3.0
+DEAD_EXIT_DELAY_S = 5.0   # a replica whose engine died exits this long after failing its requests
 
 
 
@@ -65,7 +68,8 @@ class V4Server:
         self._local = engine if isinstance(engine, EngineCore) else None
         self.replica = None if self._local is not None else engine.replica
         self.ranks = self.replica.actor_info() if self.replica is not None else []  # rank, role, pid, node
-        self.engine = AsyncEngine(engine, max_pending=cfg.max_num_seqs * cfg.num_routers + cfg.max_queue_len)
+        self.engine = AsyncEngine(engine, max_pending=cfg.max_num_seqs * cfg.num_routers + cfg.max_queue_len,
+                                  on_dead=self._exit_soon)
         self.started = time.time()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.address = ray.util.get_node_ip_address()   # this replica's node (its ranks report their own)
@@ -96,6 +100,20 @@ class V4Server:
                                                         "preemptions")})
             s["expert_imbalance"] = max(rs["shard_imbalance"] or [0.0])
         return s
+
+    @staticmethod
+    def _exit_soon(reason: str) -> None:
+        """A dead engine takes its replica down: after DEAD_EXIT_DELAY_S (the failed requests' errors are on their
+        way) the process exits, Ray kills the ranks it owns, and Serve starts a new replica at once. Left alive, a
+        replica answering every request with an immediate 503 looks idle, and least-loaded routing sends it the
+        traffic until health checks and a graceful stop catch up (bench/soak.py saw ~100 s of that)."""
+        def exit_later():
+            time.sleep(DEAD_EXIT_DELAY_S)
+            log.error("exiting the replica process: its engine is dead (%s)", reason)
+            logging.shutdown()
+            os._exit(1)
+
+        threading.Thread(target=exit_later, name="v4ray-exit", daemon=True).start()
 
     def check_health(self) -> None:
         """Serve's health check: red as soon as the engine is dead (Serve then replaces this replica)."""
@@ -214,7 +232,9 @@ class OpenAIIngress:
         if isinstance(cause, QueueFullError):
             return APIError(429, f"server busy: {cause}", type_="rate_limit_error", code="queue_full",
                             headers={"Retry-After": "1"})
-        if isinstance(cause, EngineDeadError):
+        from ray.exceptions import RayActorError
+
+        if isinstance(cause, (EngineDeadError, RayActorError)):   # RayActorError: ActorDied-, ActorUnavailableError
             return APIError(503, "the model replica is unavailable; it is being rebuilt, retry shortly",
                             type_="server_error", code="replica_unavailable", headers={"Retry-After": "5"})
         if isinstance(cause, RequestFailedError):
