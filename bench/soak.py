@@ -329,7 +329,11 @@ def main() -> None:
     poller = None
     try:
         config = {"model": "v4-tiny", "model_cache_dir": str(hosts.dir / "models"), "dtype": "float32",
-                  "num_replicas": 2, "num_routers": 1, "num_expert_shards": 1, "collective_timeout_s": 5.0,
+                  # a collective waits for the slowest rank's step: on 2 oversubscribed cores, a 5 s timeout
+                  # failed replicas that were merely slow (and their replacements, in a loop); 30 s, and steps
+                  # bounded to 512 tokens, keep "slow" apart from "dead"
+                  "num_replicas": 2, "num_routers": 1, "num_expert_shards": 1, "collective_timeout_s": 30.0,
+                  "max_num_batched_tokens": 512,
                   "max_model_len": 1024, "request_timeout_s": 60, "enable_prefix_caching": True,
                   "kv_cache_service": SERVICE, "ingress_resources": {"v4ray_host_0": 0.01}}
         hosts.driver(f"""
