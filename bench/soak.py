@@ -329,9 +329,9 @@ def main() -> None:
     poller = None
     try:
         config = {"model": "v4-tiny", "model_cache_dir": str(hosts.dir / "models"), "dtype": "float32",
-                  # a collective waits for the slowest rank's step: on 2 oversubscribed cores, a 5 s timeout
-                  # failed replicas that were merely slow (and their replacements, in a loop); 30 s, and steps
-                  # bounded to 512 tokens, keep "slow" apart from "dead"
+                  # a collective waits for the slowest rank's step; 30 s (and 512-token steps) leave room for slow
+                  # steps on 2 oversubscribed cores. With 5 s or 30 s alike, replacement replicas still failed
+                  # their first cross-host step after a fault (README: the open defect)
                   "num_replicas": 2, "num_routers": 1, "num_expert_shards": 1, "collective_timeout_s": 30.0,
                   "max_num_batched_tokens": 512,
                   "max_model_len": 1024, "request_timeout_s": 60, "enable_prefix_caching": True,
