@@ -83,7 +83,7 @@ class Scheduler:
         self.running: list[SeqState] = []
         self.num_preemptions = 0
         self.num_steps = 0
-        self.last_ran: dict[str, int] = {}   # request id -> the step it last ran in (with max_step_rows)
+        self.last_ran: dict[str, int] = {}   # running request id -> the step it last ran in (with max_step_rows)
 
     # ---- queues -----------------------------------------------------------------------------------------
     def add(self, state: SeqState) -> None:
@@ -94,18 +94,12 @@ class Scheduler:
         for s in self.running:
             if s.key == key:
                 self.running.remove(s)
-                self._forget(s.request_id)
                 return s
         for s in self.waiting:
             if s.key == key:
                 self.waiting.remove(s)
-                self._forget(s.request_id)
                 return s
         return None
-
-    def _forget(self, request_id: str) -> None:
-        if self.last_ran and not any(s.request_id == request_id for s in (*self.running, *self.waiting)):
-            self.last_ran.pop(request_id, None)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -161,12 +155,11 @@ class Scheduler:
         narrowest, then the one that waited longest (at least one request always runs)."""
         if not self.max_step_rows:
             return None
-        if len(self.running) <= self.max_step_rows:
-            for s in self.running:
-                self.last_ran[s.request_id] = self.num_steps
-            return None
         width = Counter(s.request_id for s in self.running)
-        waited = {rid: self.num_steps - self.last_ran.setdefault(rid, self.num_steps - 1) for rid in width}
+        if len(self.running) <= self.max_step_rows:
+            self.last_ran = dict.fromkeys(width, self.num_steps)
+            return None
+        waited = {rid: self.num_steps - self.last_ran.get(rid, self.num_steps - 1) for rid in width}
         order = sorted(width, key=lambda rid: (waited[rid] <= FAIR_MAX_SKIP_STEPS, width[rid], -waited[rid]))
         turn, rows = set(), 0
         for rid in order:
@@ -174,7 +167,8 @@ class Scheduler:
                 continue
             turn.add(rid)
             rows += width[rid]
-            self.last_ran[rid] = self.num_steps
+        # kept for the running requests only: a finished or preempted request's entry goes with it
+        self.last_ran = {rid: self.num_steps if rid in turn else self.num_steps - waited[rid] for rid in width}
         return turn
 
     def _chunk_len(self, s: SeqState, budget: int) -> int:
