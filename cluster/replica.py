@@ -294,8 +294,10 @@ class Replica:
             parts.append(f"dead: {', '.join(dead)}")
         if hung:
             parts.append(f"not answering: {', '.join(hung)}")
-        if not dead and not hung:
-            parts.append(f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+        if not dead and not hung:   # a rank raised: its own exception, not the RayTaskError's header line
+            cause = getattr(err, "cause", None) or err
+            lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+            parts.append(f"error: {type(cause).__name__}: {(lines[-1] if lines else '')[:300]}")
         return "; ".join(parts)
 
     # ---- observability ----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from .grammar import GrammarBackend
 from .outputs import RequestOutput
 from .runner import ModelRunner
 from .sampler import Penalties, SamplingBatch, make_generator, sampling_row
@@ -46,6 +47,14 @@ class EngineCore:
         self.requests: dict[str, _Request] = {}
         self._arrival = itertools.count()
         self.num_steps = 0
+        self._grammars: GrammarBackend | None = None  # made at the first structured request
+
+    @property
+    def grammars(self) -> GrammarBackend:
+        if self._grammars is None:
+            self._grammars = GrammarBackend(self.tokenizer.to_json(), self.runner.model.cfg.vocab_size,
+                                            self.tokenizer.eos_token_id, parallel=self.device.type != "cpu")
+        return self._grammars
 
     # ---- requests ---------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -69,10 +78,11 @@ class EngineCore:
             req.prompt_targets = torch.tensor(prompt_ids[1:], dtype=torch.long).to(self.device)
         vocab_size = self.runner.model.cfg.vocab_size
         param_row = sampling_row(params, vocab_size).to(self.device)  # [7], stacked with the step's other rows
+        grammar = self.grammars.matcher(params.structured) if params.structured is not None else None
         for i in range(params.n):
             penalties = Penalties.of(params, prompt_ids, vocab_size, self.tokenizer.eos_token_id, self.device)
             seq = Sequence(i, prompt_ids, params, self.tokenizer, generator, self.max_model_len, penalties,
-                           param_row)
+                           param_row, grammar if i == 0 or grammar is None else grammar.deep_copy())
             state = SeqState(f"{request_id}#{i}", request_id, seq, next(self._arrival),
                              want_prompt_logits=(i == 0 and params.prompt_logprobs is not None))
             req.states.append(state)
@@ -149,11 +159,23 @@ class EngineCore:
                     s.seq.sample(batch, i)
                 except Exception as e:  # noqa: BLE001
                     self._isolate(s.request_id, e, failed, touched)
+        constrained = [(s.seq.grammar, i) for i, (s, _) in enumerate(sampled)
+                       if s.request_id in self.requests and s.seq.constrained]
+        if constrained:  # every grammar's mask at once, one upload
+            batch.constrain(self.grammars.fill(constrained, len(sampled)).to(self.device, non_blocking=True))
         asked = [s.seq.params.logprobs for s, _ in sampled
                  if s.request_id in self.requests and s.seq.params.logprobs is not None]
         results = batch.run(max(asked) if asked else None)  # the step's one device->host transfer
-        for (s, _), result in zip(sampled, results):
+        refused = set()
+        if constrained:
+            ok = self.grammars.advance([m for m, _ in constrained], [results[i].token for _, i in constrained])
+            refused = {i for (_, i), good in zip(constrained, ok) if not good and not results[i].error}
+        for i, ((s, _), result) in enumerate(zip(sampled, results)):
             if s.request_id not in self.requests:
+                continue
+            if i in refused:
+                self._isolate(s.request_id, RuntimeError(f"the grammar refused token {result.token}: "
+                                                         f"{s.seq.grammar.get_error()[:300]}"), failed, touched)
                 continue
             try:
                 s.seq.append(result)

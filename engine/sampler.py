@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .grammar import allowed_mask
 from .outputs import FlatLogprobs
 from .sampling import Logprob, SamplingParams
 
@@ -330,6 +331,7 @@ class SamplingBatch:
         self._shaped: list[tuple[int, SamplingParams, torch.Tensor, Penalties | None, int]] = []  # via `sample`
         self._draws: list[tuple[int, torch.Tensor | None, torch.Generator | None]] = []  # probs None: `sample`'s
         self._counted: list[tuple[int, Penalties]] = []
+        self._bitmask: torch.Tensor | None = None  # [S, words] int32 on the device: grammar-allowed tokens
 
     def sample(self, row: int, params: SamplingParams, param_row: torch.Tensor, penalties: Penalties | None,
                num_output_tokens: int, generator: torch.Generator | None) -> None:
@@ -340,6 +342,13 @@ class SamplingBatch:
             self._draws.append((row, None, generator))
         if penalties is not None and penalties.counts is not None:
             self._counted.append((row, penalties))
+
+    def constrain(self, bitmask: torch.Tensor) -> None:
+        """Rows sampled with `sample` choose only among the tokens their row of bitmask [S, words] (int32, on the
+        logits' device, 32 tokens per word; `engine/grammar.py`) allows; an unconstrained row's words are all
+        ones. Applied to the rows' logits before anything else shapes them, in one op for the batch. Reported
+        logprobs stay the raw model's."""
+        self._bitmask = bitmask
 
     def greedy(self, row: int, logits: torch.Tensor) -> None:
         """Row `row` takes the argmax (the first among equal maxima) of its shaped logits [V]."""
@@ -364,6 +373,9 @@ class SamplingBatch:
             return [], None
         rows, params, param_rows, penalties, num_out = map(list, zip(*self._shaped))
         logits = self._rows(rows).float()  # [R, V]
+        if self._bitmask is not None:
+            logits = logits.masked_fill(~allowed_mask(self._rows(rows, self._bitmask), logits.shape[-1]),
+                                        float("-inf"))
         param_rows = torch.stack(param_rows)  # [R, 7]
         if any(p is not None for p in penalties):
             logits = Penalties.apply_rows(logits, param_rows, penalties, num_out)

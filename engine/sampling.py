@@ -39,6 +39,30 @@ class RequestOutputKind:
     ALL = (CUMULATIVE, DELTA, FINAL_ONLY)
 
 
+STRUCTURED_KINDS = ("json_schema", "json_object", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What a request's output must match (enforced token by token, `engine/grammar.py`). kind: "json_schema"
+    (spec: the schema as JSON text), "json_object" (any JSON object; spec unused) or "grammar" (spec: a Lark
+    grammar in llguidance's dialect). param: the request field it came from, which a 400 names when it cannot be
+    enforced. after_token_id: the constraint starts once this token was generated (thinking mode: `</think>`);
+    None: from the first token."""
+
+    kind: str
+    spec: str = ""
+    param: str = "response_format"
+    after_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in STRUCTURED_KINDS:
+            raise SamplingParamError(self.param, f"structured output kind must be one of {STRUCTURED_KINDS}, "
+                                                 f"got {self.kind!r}")
+        if not isinstance(self.spec, str):
+            raise SamplingParamError(self.param, f"{self.param}: the grammar or schema must be text")
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling settings; field names and defaults follow vLLM / the OpenAI API.
@@ -71,6 +95,7 @@ class SamplingParams:
     # Logprob.decoded_token of every reported entry, decoded in the engine's step. The HTTP server renders token
     # strings itself and turns this off: 21 decodes per token at logprobs=20, made and shipped for nothing.
     decode_logprobs: bool = True
+    structured: StructuredOutput | None = None  # grammar-constrained output (JSON schema, JSON object, Lark)
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, minimum=1, maximum=1024)
@@ -113,6 +138,15 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamError(name, f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise SamplingParamError("structured", f"structured must be a StructuredOutput, "
+                                                       f"got {self.structured!r}")
+            # The grammar ends the output with eos once it is complete: eos cannot be banned or ignored.
+            for name in ("ignore_eos", "min_tokens"):
+                if getattr(self, name):
+                    raise SamplingParamError(name, f"{name} cannot be combined with a structured output "
+                                                   f"({self.structured.param}): the grammar decides where it ends")
         if self.output_kind not in RequestOutputKind.ALL:
             raise SamplingParamError("output_kind", f"output_kind must be one of {RequestOutputKind.ALL}, "
                                                     f"got {self.output_kind!r}")

@@ -21,10 +21,12 @@ class Sequence:
 
     def __init__(self, index: int, prompt_token_ids: list[int], params: SamplingParams, tokenizer: V4Tokenizer,
                  generator: torch.Generator | None, max_model_len: int, penalties: Penalties | None,
-                 param_row: torch.Tensor):
+                 param_row: torch.Tensor, grammar=None):
         """generator: the request's (shared by its n sequences), on the logits' device. penalties: this
         sequence's device state when its logits are reshaped (`Penalties.of`). param_row: the request's
-        `sampling_row` on the logits' device, uploaded when the request arrived (shared by its n sequences)."""
+        `sampling_row` on the logits' device, uploaded when the request arrived (shared by its n sequences).
+        grammar: this sequence's llguidance matcher when its output is constrained (`engine/grammar.py`); it
+        follows the output from `params.structured.after_token_id` on (from the start when that is None)."""
         self.index, self.params, self.tokenizer, self.generator = index, params, tokenizer, generator
         self.param_row = param_row
         self.prompt_token_ids, self.penalties = prompt_token_ids, penalties
@@ -37,6 +39,13 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self._decoder = tokenizer.incremental_decoder(params.skip_special_tokens)
         self._sent_tokens = self._sent_text = 0  # what earlier DELTA outputs carried
+        self.grammar = grammar
+        self._grammar_waits = grammar is not None and params.structured.after_token_id is not None
+
+    @property
+    def constrained(self) -> bool:
+        """The grammar decides this sequence's next token (the engine fills its mask and advances it)."""
+        return self.grammar is not None and not self._grammar_waits
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -50,8 +59,9 @@ class Sequence:
     def plain_greedy(self) -> bool:
         """Greedy with nothing that reshapes the logits: the batch's argmax is this sequence's token."""
         p = self.params
-        return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
-                and p.frequency_penalty == 0.0 and len(self.output_token_ids) >= p.min_tokens)
+        return (p.greedy and not self.constrained and not p.logit_bias and p.repetition_penalty == 1.0
+                and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+                and len(self.output_token_ids) >= p.min_tokens)
 
     def sample(self, batch: SamplingBatch, row: int) -> None:
         """Add this sequence's device work for row `row` of the step's batch (raw logits); reads nothing back."""
@@ -64,6 +74,8 @@ class Sequence:
         if sampled.error:
             raise RuntimeError(sampled.error)
         token = sampled.token
+        if self._grammar_waits and token == self.params.structured.after_token_id:
+            self._grammar_waits = False  # the grammar starts with the next token
         self.output_token_ids.append(token)
         self.cumulative_logprob += sampled.logprob
         if self.logprobs is not None:

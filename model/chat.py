@@ -254,6 +254,66 @@ def render_chat(messages, thinking: bool = False, tools: list | None = None, res
     return "".join(out)
 
 
+# ---- the grammar of a forced tool call ----------------------------------------------------------------------
+
+# JSON the model writes inside string="false" parameters: compact, no free whitespace (engine/grammar.py).
+_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _lark(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)  # a Lark string literal (JSON escapes)
+
+
+def tool_call_grammar(tools: list[dict], name: str | None = None, parallel: bool = True) -> str:
+    """The Lark grammar (llguidance's dialect) of a completion that is only a DSML tool-calls block, as
+    `dsml_calls` writes it after empty content: one call (or, with `parallel`, one or more) to `name` or to any
+    of `tools` (OpenAI function tools). Each call's parameters follow the function's JSON schema: its properties
+    in schema order, the required ones always and the others optionally; a string property as text
+    (string="true", up to its maxLength, or one of its enum values), anything else as JSON that matches the
+    property's schema (string="false")."""
+    nl = _lark("\n")
+    rules, invokes = [], []
+    for t, fn in enumerate(tool["function"] for tool in tools):
+        if name is not None and fn["name"] != name:
+            continue
+        schema = fn.get("parameters") or {}
+        props = schema.get("properties") or {}
+        required = set(schema.get("required") or [])
+        items = []
+        for k, (prop, sub) in enumerate(props.items()):
+            sub = sub if isinstance(sub, dict) else {}
+            rule, value = f"p_{t}_{k}", f"v_{t}_{k}"
+            enum = sub.get("enum")
+            as_text = sub.get("type") == "string" or bool(enum and all(isinstance(v, str) for v in enum))
+            head = _lark(f'<{DSML}parameter name="{prop}" string="{str(as_text).lower()}">')
+            close = f"</{DSML}parameter>"
+            if as_text and not enum:   # text up to the parameter's close tag (lazy: the first close ends it)
+                limit = sub.get("maxLength")
+                length = f"{{0,{limit}}}" if isinstance(limit, int) and not isinstance(limit, bool) else "*"
+                rules += [f"{rule}: {head} {value} {nl}", f"{value}[suffix={_lark(close)}]: /(?s:.{length})/"]
+            else:
+                rules.append(f"{rule}: {head} {value} {_lark(close)} {nl}")
+                if as_text:
+                    rules.append(f"{value}: " + " | ".join(_lark(v) for v in enum))
+                else:
+                    value_schema = json.dumps({**sub, "x-guidance": _JSON_STYLE}, ensure_ascii=False)
+                    rules.append(f"{value}: %json {value_schema}")
+            items.append(rule if prop in required else f"{rule}?")
+        body = " ".join(items)
+        if not required & set(props):   # no parameter given: the block has an empty line
+            body = f"({body} | {nl})" if items else nl
+        opener = _lark(f'<{DSML}invoke name="{fn["name"]}">\n')
+        rules.append(f"invoke_{t}: {opener} {body} {_lark(f'</{DSML}invoke>')}")
+        invokes.append(f"invoke_{t}")
+    if not invokes:
+        raise ValueError(f"no tool named {name!r}")
+    # Literals are lexemes and the lexer does not backtrack: none may be a prefix of another that can follow at the
+    # same place, so the newline before the close is a lexeme of its own, like the one between calls.
+    calls = f"invoke ({nl} invoke)*" if parallel else "invoke"
+    start = f"start: {_lark(CALLS_START + chr(10))} {calls} {nl} {_lark(CALLS_CLOSE)}"
+    return "\n".join([start, "invoke: " + " | ".join(invokes), *rules]) + "\n"
+
+
 # ---- completion -> message ----------------------------------------------------------------------------------
 
 _INVOKE = re.compile(rf'<{DSML}invoke name="([^"]*)">\n(.*?)\n?</{DSML}invoke>', re.S)

@@ -117,6 +117,14 @@ class V4Tokenizer:
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_bos else ids
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a token given by its text (a special token's, e.g. "</think>"), None when it is not one."""
+        return self._tokenizer.token_to_id(token)
+
+    def to_json(self) -> str:
+        """The tokenizer as `tokenizer.json` text (what grammar libraries build their token tables from)."""
+        return self._tokenizer.to_str()
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; unused ids give "", incomplete UTF-8 gives U+FFFD instead of raising."""
         valid = [i for i in ids if 0 <= i < self.vocab_size]

@@ -349,6 +349,7 @@ class OpenAIIngress:
             while True:
                 cached = max(cached, out.num_cached_tokens)
                 choices = []  # one chunk per engine output, holding every choice that progressed
+                arguments = []  # then the tool calls' arguments, a chunk each (OpenAI: name first, then arguments)
                 for c in out.outputs:
                     i = c.index
                     if not c.text and not c.token_ids and not c.finish_reason:
@@ -359,11 +360,17 @@ class OpenAIIngress:
                         choice["logprobs"] = (chat_logprobs(c, self.tokenizer, p.params.logprobs or 0)
                                               if p.chat_logprobs else None)
                         full_text[i] += c.text
-                        if c.finish_reason and p.tools:   # the calls, once whole: one delta each, name and arguments
+                        if c.finish_reason and p.tools:   # the calls, once the block is whole and valid
                             msg, called = chat_message(full_text[i], p.thinking, p, i)
                             if called:
-                                choice["delta"]["tool_calls"] = [{"index": k, **call}
-                                                                 for k, call in enumerate(msg["tool_calls"])]
+                                choice["delta"]["tool_calls"] = [
+                                    {"index": k, "id": call["id"], "type": "function",
+                                     "function": {"name": call["function"]["name"], "arguments": ""}}
+                                    for k, call in enumerate(msg["tool_calls"])]
+                                arguments += [{"index": i, "delta": {"tool_calls": [
+                                    {"index": k, "function": {"arguments": call["function"]["arguments"]}}]},
+                                    "logprobs": None, "finish_reason": None}
+                                    for k, call in enumerate(msg["tool_calls"])]
                                 if c.finish_reason == "stop":
                                     choice["finish_reason"] = "tool_calls"
                     else:
@@ -373,7 +380,14 @@ class OpenAIIngress:
                     text_sent[i] += len(c.text)
                     tokens_sent[i] += len(c.token_ids)
                     choices.append(choice)
-                if choices:
+                if arguments:   # the finish_reason travels last, after the arguments
+                    finishing = [{**ch, "finish_reason": None} for ch in choices]
+                    yield sse({**base, "choices": finishing})
+                    for part in arguments:
+                        yield sse({**base, "choices": [part]})
+                    yield sse({**base, "choices": [{"index": ch["index"], "delta": {}, "logprobs": None,
+                                                    "finish_reason": ch["finish_reason"]} for ch in choices]})
+                elif choices:
                     yield sse({**base, "choices": choices})
                 if out.finished:
                     break

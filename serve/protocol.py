@@ -13,11 +13,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from v4ray.model.chat import (REASONING_EFFORTS, ChatFormatError, ToolCallParseError, parse_completion,
-                              parse_tool_calls, render_chat)
+from v4ray.model.chat import (END_THINK, REASONING_EFFORTS, ChatFormatError, ToolCallParseError, parse_completion,
+                              parse_tool_calls, render_chat, tool_call_grammar)
 from v4ray.engine.json_input import JSONInputError, loads_strict, lone_surrogate_path, printable
 from v4ray.engine.outputs import RequestOutput
-from v4ray.engine.sampling import SamplingParamError, SamplingParams
+from v4ray.engine.grammar import check_grammar
+from v4ray.engine.sampling import SamplingParamError, SamplingParams, StructuredOutput
 from v4ray.model.tokenizer import V4Tokenizer
 
 
@@ -129,12 +130,15 @@ def parse_request(kind: str, body: dict, tokenizer: V4Tokenizer, max_model_len: 
         if effort is not None and effort not in REASONING_EFFORTS:
             raise bad("reasoning_effort", f"reasoning_effort must be one of {list(REASONING_EFFORTS)}; only 'max' "
                                           f"changes the prompt (in thinking mode)")
+        response_format = parse_response_format(body)
         try:
-            text = render_chat(body.get("messages"), thinking=thinking, tools=tools, reasoning_effort=effort)
+            text = render_chat(body.get("messages"), thinking=thinking, tools=tools, reasoning_effort=effort,
+                               response_format=response_format)
         except ChatFormatError as e:
             raise bad(e.param, str(e))
         parsed_tools = tools if tools and tool_choice != "none" else None
         parallel = bool(_typed(body, "parallel_tool_calls", bool, True))
+        structured = structured_output(tools, tool_choice, parallel, response_format, thinking, tokenizer)
         ids = tokenizer.encode(text, add_bos=False)
     else:
         prompt = body.get("prompt")
@@ -209,7 +213,8 @@ def parse_request(kind: str, body: dict, tokenizer: V4Tokenizer, max_model_len: 
             frequency_penalty=_typed(body, "frequency_penalty", (int, float), 0.0),
             repetition_penalty=_typed(body, "repetition_penalty", (int, float), 1.0),
             logit_bias=_typed(body, "logit_bias", dict, None),
-            skip_special_tokens=bool(_typed(body, "skip_special_tokens", bool, True)))
+            skip_special_tokens=bool(_typed(body, "skip_special_tokens", bool, True)),
+            structured=structured if kind == "chat" else None)
     except SamplingParamError as e:
         raise bad(e.param, str(e))
     if params.logit_bias and any(t >= tokenizer.vocab_size for t in params.logit_bias):
@@ -219,9 +224,6 @@ def parse_request(kind: str, body: dict, tokenizer: V4Tokenizer, max_model_len: 
     if body.get("functions") not in (None, []):
         raise bad("functions", "'functions' is OpenAI's deprecated form: send 'tools' "
                                "([{'type': 'function', 'function': {...}}]) instead")
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise bad("response_format", "'response_format' other than {'type': 'text'} needs grammar-constrained "
-                                     "decoding, which is not built yet")
     out = Parsed(kind, ids, text, params, bool(_typed(body, "stream", bool, False)),
                  bool(stream_options.get("include_usage", False)), bool(_typed(body, "echo", bool, False)),
                  thinking, chat_logprobs)
@@ -231,8 +233,8 @@ def parse_request(kind: str, body: dict, tokenizer: V4Tokenizer, max_model_len: 
 
 
 def parse_tools(body: dict) -> tuple[list[dict] | None, str]:
-    """`tools` (OpenAI function tools) and `tool_choice` -> (the tools, 'auto' | 'none'). A choice that forces a
-    call ('required', or a named function) needs grammar-constrained decoding: a 400 until it is built."""
+    """`tools` (OpenAI function tools) and `tool_choice` -> (the tools, the choice: 'auto', 'none', 'required' or
+    the name of the one function to call)."""
     tools = body.get("tools")
     if tools in (None, []):
         tools = None
@@ -256,8 +258,13 @@ def parse_tools(body: dict) -> tuple[list[dict] | None, str]:
             names.add(fn["name"])
             if "description" in fn and not isinstance(fn["description"], str):
                 raise bad(f"{at}.function.description", "a function description must be a string")
-            if "parameters" in fn and not isinstance(fn["parameters"], dict):
-                raise bad(f"{at}.function.parameters", "function parameters must be a JSON schema object")
+            if "parameters" in fn:
+                if not isinstance(fn["parameters"], dict):
+                    raise bad(f"{at}.function.parameters", "function parameters must be a JSON schema object")
+                problem = schema_problem(fn["parameters"])
+                if problem:
+                    raise bad(f"{at}.function.parameters", f"function parameters are not a valid JSON schema: "
+                                                           f"{problem}")
     choice = body.get("tool_choice", "auto" if tools else "none")
     if choice in ("auto", "none"):
         return tools, choice
@@ -269,10 +276,75 @@ def parse_tools(body: dict) -> tuple[list[dict] | None, str]:
             if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
                     or fn["name"] not in names:
                 raise bad("tool_choice", f"tool_choice must name one of the declared functions {sorted(names)}")
-        raise bad("tool_choice", "a forced tool call ('required' or a named function) needs grammar-constrained "
-                                 "decoding, which is not built yet: use 'auto'")
+            return tools, fn["name"]
+        return tools, "required"
     raise bad("tool_choice", "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', "
                              "'function': {'name': ...}}")
+
+
+RESPONSE_FORMAT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")   # OpenAI's rule for json_schema.name
+
+
+def parse_response_format(body: dict) -> dict | None:
+    """`response_format`: None for plain text, else the validated {'type': 'json_object'} or {'type':
+    'json_schema', 'json_schema': {'name', 'schema', 'description'?, 'strict'?}} (as it goes into the prompt)."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad("response_format.type", "response_format must be {'type': 'text'}, {'type': 'json_object'} or "
+                                          "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}")
+    allowed = {"type", "json_schema"} if rf["type"] == "json_schema" else {"type"}
+    unknown = sorted(set(rf) - allowed)
+    if unknown:
+        raise bad(f"response_format.{unknown[0]}", f"unknown response_format field(s) {unknown}")
+    if rf["type"] == "text":
+        return None
+    if rf["type"] == "json_object":
+        return rf
+    js = rf.get("json_schema")
+    if not isinstance(js, dict):
+        raise bad("response_format.json_schema", "a json_schema response format needs 'json_schema': {'name': ..., "
+                                                 "'schema': {JSON schema}}")
+    unknown = sorted(set(js) - {"name", "schema", "description", "strict"})
+    if unknown:
+        raise bad(f"response_format.json_schema.{unknown[0]}", f"unknown json_schema field(s) {unknown}")
+    if not isinstance(js.get("name"), str) or not RESPONSE_FORMAT_NAME.match(js["name"]):
+        raise bad("response_format.json_schema.name", "json_schema.name is required: 1-64 letters, digits, '_' or '-'")
+    if not isinstance(js.get("schema"), dict):
+        raise bad("response_format.json_schema.schema", "json_schema.schema must be a JSON schema object")
+    for key, kind in (("description", str), ("strict", bool)):
+        if key in js and not isinstance(js[key], kind):
+            raise bad(f"response_format.json_schema.{key}", f"json_schema.{key} must be a {kind.__name__}")
+    return rf
+
+
+def structured_output(tools: list[dict] | None, tool_choice: str, parallel: bool, response_format: dict | None,
+                      thinking: bool, tokenizer: V4Tokenizer) -> StructuredOutput | None:
+    """What the grammar enforces for a chat request: a forced tool call (tool_choice 'required' or a function's
+    name: the DSML block, `tool_call_grammar`), else the response format; in thinking mode from `</think>` on.
+    A grammar the library cannot compile is a 400 naming its field."""
+    if tools and tool_choice not in ("auto", "none"):
+        name = None if tool_choice == "required" else tool_choice
+        structured = StructuredOutput("grammar", tool_call_grammar(tools, name, parallel), param="tools")
+    elif response_format is not None and response_format["type"] == "json_object":
+        structured = StructuredOutput("json_object", param="response_format")
+    elif response_format is not None:
+        structured = StructuredOutput("json_schema", json.dumps(response_format["json_schema"]["schema"]),
+                                      param="response_format.json_schema.schema")
+    else:
+        return None
+    if thinking:
+        after = tokenizer.token_id(END_THINK)
+        if after is None:
+            raise bad(structured.param, f"structured output in thinking mode needs {END_THINK!r} to be one token of "
+                                        f"this tokenizer; turn thinking off")
+        structured = StructuredOutput(structured.kind, structured.spec, structured.param, after)
+    try:
+        check_grammar(structured)
+    except SamplingParamError as e:
+        raise bad(e.param, str(e))
+    return structured
 
 
 # ---- responses -------------------------------------------------------------------------------------------
@@ -324,20 +396,49 @@ def chat_logprobs(c, tokenizer: V4Tokenizer, top: int) -> dict | None:
     return {"content": content}
 
 
+def schema_problem(schema: dict) -> str | None:
+    """Why `schema` is not a valid JSON schema (its own metaschema's verdict), or None."""
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        return e.message[:300]
+    return None
+
+
+def arguments_problem(args: dict, schema: dict | None) -> str | None:
+    """Why a call's arguments fail its function's parameters schema, or None (no schema: anything goes)."""
+    import jsonschema
+
+    if not schema:
+        return None
+    error = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(schema)(schema).iter_errors(args))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path)
+    return f"{where + ': ' if where else ''}{error.message[:300]}"
+
+
 def tool_calls_of(block: str | None, tools: list[dict] | None, parallel: bool, request_id: str,
                   index: int = 0) -> tuple[list[dict] | None, str | None]:
-    """A completion's DSML block -> (OpenAI tool_calls, None), or (None, why) when it does not parse or calls an
-    undeclared function: the block then stays in the content, reported, never turned into a made-up call."""
+    """A completion's DSML block -> (OpenAI tool_calls, None), or (None, why) when it does not parse, calls an
+    undeclared function or passes arguments its parameters schema rejects: the block then stays in the content,
+    reported, never turned into a made-up call."""
     if block is None or not tools:
         return None, None
     try:
         calls = parse_tool_calls(block)
     except ToolCallParseError as e:
         return None, str(e)
-    names = {t["function"]["name"] for t in tools}
-    unknown = [name for name, _ in calls if name not in names]
+    schemas = {t["function"]["name"]: t["function"].get("parameters") for t in tools}
+    unknown = [name for name, _ in calls if name not in schemas]
     if unknown:
         return None, f"call to undeclared function(s) {unknown}"
+    for name, args in calls:
+        problem = arguments_problem(args, schemas[name])
+        if problem:
+            return None, f"the arguments of {name!r} do not match its parameters: {problem}"
     if not parallel:
         calls = calls[:1]
     return [{"id": f"call_{request_id[:12]}_{index}_{k}", "type": "function",

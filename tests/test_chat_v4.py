@@ -107,6 +107,12 @@ def test_the_api_turns_a_dsml_completion_into_tool_calls_and_streams_them_held_b
     assert call["function"]["name"] == "lookup" and json.loads(call["function"]["arguments"]) == args
     wrong = "hi\n\n" + dsml_calls([("other", {})])
     assert chat_message(wrong, False, p) == ({"role": "assistant", "content": wrong}, False)
+    typed = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}]
+    pt = Parsed("chat", [1], "", None, tools=typed, request_id="abc123")
+    assert chat_message(text, False, pt)[1]                      # {"q": "x", "n": 2} matches
+    mistyped = "\n\n" + dsml_calls([("lookup", {"n": "two"})])  # arguments its schema rejects: stays text
+    assert chat_message(mistyped, False, pt) == ({"role": "assistant", "content": mistyped}, False)
 
     for step in (1, 3, 7, len(text)):            # every chunking shows the same content, never the block
         shown, before = "", ""

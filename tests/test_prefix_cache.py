@@ -75,6 +75,37 @@ def test_two_llms_share_entries_other_models_never_match(tiny_ckpt, service_name
     assert stats["hits"] >= 1 and stats["prefixes"] == 2  # one per model
 
 
+def test_chats_with_the_same_system_prompt_and_tools_share_the_cached_prefix(tiny_ckpt, service_name):
+    """Issue 20: the V4 encoding puts the system prompt and the tools section first, so two conversations that
+    differ only after them reuse every whole 128-token unit of that prefix; a forced tool call on a cache hit is
+    still a valid call."""
+    import json
+
+    from v4ray import SamplingParams
+    from v4ray.engine.sampling import StructuredOutput
+    from v4ray.model.chat import parse_completion, parse_tool_calls, render_chat, tool_call_grammar
+
+    llm = _llm(tiny_ckpt("v4-tiny"), service_name)
+    tools = [{"type": "function", "function": {"name": "search", "description": "Search the catalogue",
+                                               "parameters": {"type": "object", "required": ["query"], "properties": {
+                                                   "query": {"type": "string", "maxLength": 12}}}}}]
+    system = {"role": "system", "content": "You are a shop assistant."}
+    prompts = [render_chat([system, {"role": "user", "content": q}], tools=tools)
+               for q in ("Do you sell red shoes?", "Where is my order 1234?")]
+    ids = [llm.tokenizer.encode(p, add_bos=False) for p in prompts]
+    shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    assert shared > 1000                                             # BOS, system text, the ## Tools section
+    grammar = StructuredOutput("grammar", tool_call_grammar(tools, parallel=False), param="tools")
+    params = SamplingParams(max_tokens=400, temperature=1.0, seed=0, structured=grammar)
+    first = llm.generate({"prompt_token_ids": ids[0]}, params)[0]
+    second = llm.generate({"prompt_token_ids": ids[1]}, params)[0]
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens == shared // 128 * 128
+    for out in (first, second):
+        _, content, block = parse_completion(out.outputs[0].text, thinking=False)
+        ((name, args),) = parse_tool_calls(block)
+        assert content == "" and name == "search" and isinstance(args["query"], str), json.dumps(args)
+
+
 def test_bytes_per_cached_token_equal_pool_arithmetic(tiny_ckpt, service_name):
     from v4ray import SamplingParams
 

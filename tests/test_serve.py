@@ -182,7 +182,12 @@ BAD_REQUESTS = [
                           "tools": [{"type": "function", "function": {"name": "no spaces"}}]}, 400,
      "tools[0].function.name"),
     ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
-                          "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+                          "tool_choice": "required"}, 400, "tool_choice"),
+    ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
+                          "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]},
+     400, "tools[0].function.parameters"),
+    ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
+                          "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "always"},
      400, "tool_choice"),
     ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
                           "tools": [{"type": "function", "function": {"name": "f"}}],
@@ -190,7 +195,22 @@ BAD_REQUESTS = [
     ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
                           "reasoning_effort": "ultra"}, 400, "reasoning_effort"),
     ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
-                          "response_format": {"type": "json_object"}}, 400, "response_format"),
+                          "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
+                          "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema"),
+    ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
+                          "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, 400,
+     "response_format.json_schema.name"),
+    ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
+                          "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": []}}},
+     400, "response_format.json_schema.schema"),
+    # a schema the grammar library cannot enforce (a pattern that is not a regular expression)
+    ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
+                          "response_format": {"type": "json_schema", "json_schema": {
+                              "name": "s", "schema": {"type": "string", "pattern": "(unclosed"}}}}, 400,
+     "response_format.json_schema.schema"),
+    ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"}],
+                          "response_format": {"type": "json_object"}, "ignore_eos": True}, 400, "ignore_eos"),
     ("chat/completions", {"model": "v4-tiny", "messages": [{"role": "user", "content": "x"},
                                                            {"role": "tool", "content": "r"}]}, 400,
      "messages[1].tool_call_id"),
@@ -215,6 +235,130 @@ def test_tools_and_tool_results_reach_the_v4_prompt(client):
                                        reasoning_effort="high")
     assert r.choices[0].finish_reason in ("length", "stop", "tool_calls") and r.usage.prompt_tokens > \
         with_tools.usage.prompt_tokens
+
+
+WEATHER_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+        "type": "object", "required": ["city"], "additionalProperties": False, "properties": {
+            "city": {"type": "string", "maxLength": 16},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}},
+    {"type": "function", "function": {"name": "get_time", "description": "Local time", "parameters": {
+        "type": "object", "required": ["utc_offset"], "properties": {
+            "utc_offset": {"type": "integer", "minimum": -12, "maximum": 14}}}}},
+]
+
+
+def _check_calls(calls):
+    import jsonschema
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in WEATHER_TOOLS}
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_openai_client_tool_call_forced_by_grammar_then_the_result_and_the_answer(client):
+    """The official client: tool_choice 'required' makes the tiny model call a tool (the grammar forces the DSML
+    block, whatever its random weights prefer), streamed and not (the same seed: the same call); the tool's result
+    goes back and the model answers. A named tool_choice calls that tool."""
+    ask = [{"role": "user", "content": "What is the weather in Paris, and what time is it there?"}]
+    kw = dict(model="v4-tiny", messages=ask, tools=WEATHER_TOOLS, tool_choice="required", parallel_tool_calls=False,
+              max_tokens=400, temperature=1.0, seed=11)
+    r = client.chat.completions.create(**kw)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    _check_calls(choice.message.tool_calls)
+    assert len(choice.message.tool_calls) == 1
+
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            for d in ch.delta.tool_calls or []:
+                c = calls.setdefault(d.index, {"id": None, "name": None, "arguments": ""})
+                if d.id:
+                    assert c["name"] is None and not c["arguments"]       # the name comes first
+                    c["id"], c["name"] = d.id, d.function.name
+                c["arguments"] += d.function.arguments or ""
+            assert not ch.delta.content                                    # no DSML leaks into the content
+            finish = ch.finish_reason or finish
+    assert finish == "tool_calls" and list(calls) == [0]
+    (call,) = choice.message.tool_calls
+    assert (calls[0]["name"], calls[0]["arguments"]) == (call.function.name, call.function.arguments)
+
+    history = ask + [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C; 14:05"}]
+    answer = client.chat.completions.create(model="v4-tiny", messages=history, tools=WEATHER_TOOLS,
+                                            tool_choice="none", max_tokens=8, temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.choices[0].message.tool_calls is None
+    assert answer.usage.prompt_tokens > r.usage.prompt_tokens            # the call and its result are in the prompt
+
+    named = client.chat.completions.create(**{**kw, "tool_choice": {"type": "function",
+                                                                    "function": {"name": "get_time"}}})
+    _check_calls(named.choices[0].message.tool_calls)
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_time"]
+
+
+JSON_SCHEMAS = [  # each bounded (string lengths, numbers, array sizes) so that a random model's output ends
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}}, "required": ["name"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                      "score": {"type": "number", "minimum": 0, "maximum": 1}},
+     "required": ["age", "score"], "additionalProperties": False},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                      "size": {"enum": [1, 2, 3]}}, "required": ["color", "size"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 5},
+                                               "minItems": 1, "maxItems": 3}},
+     "required": ["tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {
+        "id": {"type": "integer", "minimum": 1, "maximum": 9999},
+        "address": {"type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                                                     "country": {"enum": ["FR", "DE", "US"]}},
+                    "required": ["zip", "country"], "additionalProperties": False}},
+        "required": ["id", "address"], "additionalProperties": False}}, "required": ["user"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "note": {"type": ["string", "null"], "maxLength": 8}},
+     "required": ["ok", "note"], "additionalProperties": False},
+    {"type": "object", "properties": {"points": {"type": "array", "maxItems": 3, "items": {
+        "type": "object", "properties": {"x": {"type": "integer", "minimum": -10, "maximum": 10},
+                                         "y": {"type": "integer", "minimum": -10, "maximum": 10}},
+        "required": ["x", "y"], "additionalProperties": False}}}, "required": ["points"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"temperature": {"type": "number", "exclusiveMinimum": -50, "maximum": 60},
+                                      "unit": {"const": "C"}}, "required": ["temperature", "unit"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"kind": {"enum": ["a", "b"]}, "value": {"anyOf": [
+        {"type": "integer", "minimum": 0, "maximum": 9}, {"type": "string", "maxLength": 4}]},
+        "extra": {"type": "string", "maxLength": 3}}, "required": ["kind", "value"], "additionalProperties": False},
+    {"type": "array", "minItems": 2, "maxItems": 4, "items": {"type": "integer", "minimum": 0, "maximum": 100}},
+]
+
+
+def test_response_format_json_schema_validates_at_temperature_1(client):
+    """Ten schemas (nested objects, arrays, enums, required fields, bounded numbers, a pattern, anyOf, null):
+    every completion at temperature 1.0 parses and validates against its schema; streamed, the same seed gives
+    the same JSON."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jsonschema
+
+    def ask(i, schema):
+        fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}}
+        return client.chat.completions.create(model="v4-tiny", messages=[{"role": "user", "content": "JSON please"}],
+                                              response_format=fmt, max_tokens=400, temperature=1.0, seed=i)
+
+    with ThreadPoolExecutor(len(JSON_SCHEMAS)) as pool:
+        results = list(pool.map(ask, range(len(JSON_SCHEMAS)), JSON_SCHEMAS))
+    for schema, r in zip(JSON_SCHEMAS, results):
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    fmt = {"type": "json_schema", "json_schema": {"name": "s4", "schema": JSON_SCHEMAS[4], "strict": True}}
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model="v4-tiny", messages=[{"role": "user", "content": "JSON please"}], response_format=fmt,
+        max_tokens=400, temperature=1.0, seed=4, stream=True) if ch.choices)
+    assert streamed == results[4].choices[0].message.content
 
 
 @pytest.mark.parametrize("path,body,status,param", BAD_REQUESTS)
