@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -388,28 +389,60 @@ class PrefixHit:
 
 class PrefixCacheClient:
     """A router's handle on the service. Every call has a timeout; a dead or slow service counts as a miss
-    (requests recompute) and the handle is re-resolved on the next call."""
+    (requests recompute). After a failed call the router stops calling it — every lookup is a miss, every store is
+    skipped, at once — and a background thread probes the service every `retry_after_s` until it answers again:
+    a service on a host that died or is cut off costs one call timeout, not one per call or per retry
+    (docs/architecture.md §6)."""
 
-    def __init__(self, root: str, timeout_s: float = 30.0, name: str = SERVICE_NAME,
+    def __init__(self, root: str, timeout_s: float = 5.0, name: str = SERVICE_NAME,
                  namespace: str = SERVICE_NAMESPACE, budget_bytes: int = 1 << 30, spill_dir: str | None = None,
-                 spill_budget_bytes: int = SPILL_BUDGET_BYTES):
-        self.root, self.timeout_s = root, timeout_s
+                 spill_budget_bytes: int = SPILL_BUDGET_BYTES, retry_after_s: float = 5.0):
+        self.root, self.timeout_s, self.retry_after_s = root, timeout_s, retry_after_s
         self._name, self._namespace = name, namespace
         self._budget, self._spill, self._spill_budget = budget_bytes, spill_dir, spill_budget_bytes
         self._actor = None
+        self._prober: threading.Thread | None = None  # alive while the service is considered down
+        self.failures = 0
+
+    @property
+    def available(self) -> bool:
+        return self._prober is None
+
+    def _resolve(self):
+        return get_or_start_service(self._budget, self._spill, self._name, self._namespace, self._spill_budget)
 
     def _call(self, method: str, *args):
         import ray
 
+        if self._prober is not None:
+            return None
         try:
             if self._actor is None:
-                self._actor = get_or_start_service(self._budget, self._spill, self._name, self._namespace,
-                                                   self._spill_budget)
+                self._actor = self._resolve()
             return ray.get(getattr(self._actor, method).remote(*args), timeout=self.timeout_s)
         except (ray.exceptions.RayError, ValueError) as e:
-            log.warning("KV cache service %s failed (%s): treating as a miss", method, type(e).__name__)
+            log.warning("KV cache service %s failed (%s): treating as a miss; probing it every %.0f s", method,
+                        type(e).__name__, self.retry_after_s)
             self._actor = None
+            self.failures += 1
+            self._prober = threading.Thread(target=self._probe, name="kv-cache-probe", daemon=True)
+            self._prober.start()
             return None
+
+    def _probe(self) -> None:
+        """Until the service answers (a restarted one, or the same one reachable again), off the step's path."""
+        import ray
+
+        while True:
+            time.sleep(self.retry_after_s)
+            try:
+                actor = self._resolve()
+                ray.get(actor.stats.remote(), timeout=self.timeout_s)
+            except (ray.exceptions.RayError, ValueError):
+                continue
+            log.info("KV cache service answers again")
+            self._actor, self._prober = actor, None
+            return
 
     def lookup(self, token_ids: list[int], max_tokens: int) -> PrefixHit:
         """Longest stored prefix of `token_ids` of at most `max_tokens` tokens, fetched."""

@@ -330,8 +330,8 @@ def main() -> None:
     try:
         config = {"model": "v4-tiny", "model_cache_dir": str(hosts.dir / "models"), "dtype": "float32",
                   # a collective waits for the slowest rank's step; 30 s (and 512-token steps) leave room for slow
-                  # steps on 2 oversubscribed cores. With 5 s or 30 s alike, replacement replicas still failed
-                  # their first cross-host step after a fault (README: the open defect)
+                  # steps on 2 oversubscribed cores. (Replicas used to fail their collectives after a fault: their
+                  # routers waited 30 s on a KVCacheService whose host was gone; calls now end within 5 s.)
                   "num_replicas": 2, "num_routers": 1, "num_expert_shards": 1, "collective_timeout_s": 30.0,
                   "max_num_batched_tokens": 512,
                   "max_model_len": 1024, "request_timeout_s": 60, "enable_prefix_caching": True,
@@ -363,6 +363,19 @@ serve.run(build_app({config!r}), name={APP!r}, route_prefix="/", blocking=False)
 
         pool = request_pool()
         refs = asyncio.run(references(url, pool))
+        service_host = None   # where the shared KVCacheService lives: its host's death or cut-off stalls its callers
+        for _ in range(30):
+            out = hosts.driver(f"""
+import ray
+from ray._private.state import actors   # the GCS's actor table: these hosts run no dashboard for the state API
+ray.init(log_to_driver=False)
+print([a["Address"]["IPAddress"] for a in actors().values() if a["Name"] == {SERVICE!r} and a["State"] == "ALIVE"])
+""", timeout_s=90).stdout.strip().splitlines()[-1]
+            if out != "[]":
+                service_host = out.strip("[]'")
+                break
+            time.sleep(2.0)   # the routers start it at their first prefix lookup
+        print(f"KVCacheService on {service_host}", flush=True)
         capacity = asyncio.run(closed_loop(url, pool, refs, args.calibrate_concurrency, args.calibrate_s))
         rate = args.load * capacity
         print(f"capacity {capacity:.2f} req/s at concurrency {args.calibrate_concurrency}; soak at {rate:.2f} req/s",
@@ -401,9 +414,18 @@ serve.run(build_app({config!r}), name={APP!r}, route_prefix="/", blocking=False)
         asyncio.run(open_loop(url, pool, refs, rate, args.duration, faults, log))
         print(f"soak sent its last request; all ended after {time.time() - wall0:.0f} s", flush=True)
 
-        time.sleep(3 * STATS_PERIOD_S)
-        after = poller.latest(2, timeout_s=180)
-        levels_before, levels_after = pool_levels(before), pool_levels(after)
+        # A sample is the replicas' levels when the poller asked, which lags while a replica stalls: wait (up to
+        # a minute) for the levels to return to the baseline, and report how long that took.
+        levels_before, drained_at = pool_levels(before), time.monotonic()
+        while True:
+            time.sleep(STATS_PERIOD_S)
+            after = poller.latest(2, timeout_s=180)
+            levels_after = pool_levels(after)
+            back_after_s = time.monotonic() - drained_at
+            if levels_after == levels_before or back_after_s > 60:
+                break
+        print(f"pools {'back to' if levels_after == levels_before else 'NOT back to'} their levels before the "
+              f"soak {back_after_s:.0f} s after the last request ended", flush=True)
         rows = log.rows
         phases = [("before", 0.0, args.kill_at), ("host dead", args.kill_at, args.revive_at),
                   ("host back", args.revive_at, args.cut_at), ("partition", args.cut_at, args.cut_at + args.cut_s),
@@ -424,10 +446,12 @@ serve.run(build_app({config!r}), name={APP!r}, route_prefix="/", blocking=False)
         png = plot(rows, [s for s in poller.samples if s["wall"] >= wall0 - 5], wall0, marks, args.duration)
         path = write("soak", {
             "args": vars(args), "hosts": [h.address for h in hosts.hosts], "replicas_before": placement,
+            "kv_cache_service_host": service_host,
             "replicas_after": {rid: r["address"] for rid, r in after.items()},
             "capacity_req_s": round(capacity, 2), "rate_req_s": round(rate, 2), "events": events,
             "totals": totals, "phases": windows, "pool_levels": {"before": levels_before, "after": levels_after},
-            "pools_back_to_baseline": levels_after == levels_before, "lost_or_wrong": bad,
+            "pools_back_to_baseline": levels_after == levels_before,
+            "pools_back_after_s": round(back_after_s, 1), "lost_or_wrong": bad,
             "wall_s": round(time.monotonic() - began, 1)})
         print(f"wrote {path}" + (f" and {png}" if png else ""))
     finally:

@@ -15,6 +15,9 @@ from v4ray.model.kv_format import PREFIX_UNIT
 from .placement import bundle_totals, device_problem, rank_device_type
 
 
+PREFIX_CALL_TIMEOUT_S = 5.0  # a KVCacheService call at most (lookups and stores move MBs: well under a second)
+
+
 def prefix_cache_spec(config: EngineConfig, path: Path, dtype: torch.dtype) -> dict:
     """PrefixCacheClient arguments: the root key covers the checkpoint's identity (every weight byte, config,
     tokenizer), the dtype and the cache layout, so no other model or layout can hit these entries."""
@@ -24,8 +27,11 @@ def prefix_cache_spec(config: EngineConfig, path: Path, dtype: torch.dtype) -> d
     stored = config.kv_cache_dtype if config.kv_cache_dtype != "auto" else "fp32" if dtype == torch.float32 else "bf16"
     layout = f"kv={stored}|unit={PREFIX_UNIT}"
     identity = model_identity(path, dtype=dtype_name(dtype), layout=layout)
+    # The service is called inside a replica's step (lookups while scheduling, stores after the forward) while its
+    # expert shards already wait in the step's collective: a call must end well within the collective's timeout,
+    # or a slow or unreachable service fails the whole replica instead of costing cache hits.
     return {"root": root_key(identity, layout), "budget_bytes": config.prefix_cache_bytes,
-            "name": config.kv_cache_service}
+            "name": config.kv_cache_service, "timeout_s": min(PREFIX_CALL_TIMEOUT_S, config.collective_timeout_s / 4)}
 
 
 def engine_device(config: EngineConfig) -> torch.device:

@@ -27,9 +27,9 @@ from v4ray.model.tokenizer import V4Tokenizer
 from v4ray.model.chat import CALLS_START, split_reasoning
 from v4ray.engine.sampling import RequestOutputKind
 
-from .protocol import (DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, Parsed, chat_logprobs, chat_message,
-                       check_fields, completion_logprobs, final_body, parse_json, parse_request, sse, tool_calls_of,
-                       usage_counts)
+from .protocol import (DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, Parsed, ToolCallStream, chat_logprobs,
+                       chat_message, check_fields, completion_logprobs, final_body, parse_json, parse_request, sse,
+                       tool_calls_of, usage_counts)
 
 log = logging.getLogger("v4ray.serve")
 # A live replica answers `stats` in milliseconds (its engine steps in another thread); none answering within this
@@ -332,6 +332,7 @@ class OpenAIIngress:
         n = p.params.n
         text_sent, tokens_sent = [0] * n, [0] * n
         full_text = [""] * n  # thinking mode splits reasoning from content on the whole text
+        calls = [ToolCallStream(p.request_id, i) for i in range(n)] if p.forced_tools else None
         cached = 0
         base = {"id": f"{'chatcmpl' if p.kind == 'chat' else 'cmpl'}-{p.request_id}",
                 "object": "chat.completion.chunk" if p.kind == "chat" else "text_completion",
@@ -360,7 +361,14 @@ class OpenAIIngress:
                         choice["logprobs"] = (chat_logprobs(c, self.tokenizer, p.params.logprobs or 0)
                                               if p.chat_logprobs else None)
                         full_text[i] += c.text
-                        if c.finish_reason and p.tools:   # the calls, once the block is whole and valid
+                        if calls is not None:   # a forced call: each piece as soon as it is complete
+                            content = split_reasoning(full_text[i])[1] if p.thinking else full_text[i]
+                            pieces = calls[i].feed(content)
+                            if pieces:
+                                choice["delta"]["tool_calls"] = pieces
+                            if c.finish_reason == "stop" and calls[i].calls:
+                                choice["finish_reason"] = "tool_calls"
+                        elif c.finish_reason and p.tools:   # the calls, once the block is whole and valid
                             msg, called = chat_message(full_text[i], p.thinking, p, i)
                             if called:
                                 choice["delta"]["tool_calls"] = [
@@ -421,7 +429,7 @@ class OpenAIIngress:
         if p.tools:
             at = content.find(CALLS_START)
             if at >= 0:
-                if finished and tool_calls_of(content[at + 2:], p.tools, True, "")[0] is None:
+                if finished and not p.forced_tools and tool_calls_of(content[at + 2:], p.tools, True, "")[0] is None:
                     return reasoning or "", content
                 return reasoning or "", content[:at]
             if not finished:

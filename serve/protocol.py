@@ -13,8 +13,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from v4ray.model.chat import (END_THINK, REASONING_EFFORTS, ChatFormatError, ToolCallParseError, parse_completion,
-                              parse_tool_calls, render_chat, tool_call_grammar)
+from v4ray.model.chat import (CALLS_START, END_THINK, REASONING_EFFORTS, ChatFormatError, ToolCallParseError,
+                              parse_completion, parse_tool_calls, render_chat, tool_call_grammar)
 from v4ray.engine.json_input import JSONInputError, loads_strict, lone_surrogate_path, printable
 from v4ray.engine.outputs import RequestOutput
 from v4ray.engine.grammar import check_grammar
@@ -101,6 +101,7 @@ class Parsed:
     chat_logprobs: bool = False
     tools: list[dict] | None = None      # the request's function tools, when their calls are parsed from the output
     parallel_tool_calls: bool = True
+    forced_tools: bool = False           # tool_choice 'required' or named: the output is a DSML block (grammar)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
 
 
@@ -229,6 +230,7 @@ def parse_request(kind: str, body: dict, tokenizer: V4Tokenizer, max_model_len: 
                  thinking, chat_logprobs)
     if kind == "chat":
         out.tools, out.parallel_tool_calls = parsed_tools, parallel
+        out.forced_tools = bool(tools) and tool_choice not in ("auto", "none")
     return out
 
 
@@ -444,6 +446,54 @@ def tool_calls_of(block: str | None, tools: list[dict] | None, parallel: bool, r
     return [{"id": f"call_{request_id[:12]}_{index}_{k}", "type": "function",
              "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
             for k, (name, args) in enumerate(calls)], None
+
+
+_STREAM_INVOKE = re.compile(r'<｜DSML｜invoke name="([^"]*)">\n')
+_STREAM_PARAM = re.compile(r'<｜DSML｜parameter name="([^"]*)" string="(true|false)">(.*?)</｜DSML｜parameter>\n', re.S)
+_STREAM_OPEN, _STREAM_END_INVOKE = CALLS_START + "\n", "</｜DSML｜invoke>"
+
+
+class ToolCallStream:
+    """OpenAI `delta.tool_calls` entries of a forced call's DSML block while it is generated (the grammar fixes
+    its structure, so every complete piece can go out at once): a call's id and name when its invoke opens, then
+    one argument fragment per complete parameter and the closing brace. The fragments of a call join to exactly
+    the non-streamed `arguments` (json.dumps of the arguments), and the ids are the non-streamed ones."""
+
+    def __init__(self, request_id: str, index: int):
+        self.request_id, self.index = request_id, index
+        self.pos = 0          # how much of the content has been turned into deltas
+        self.calls = 0        # invokes opened so far
+        self.params = 0       # parameters of the open invoke sent so far
+
+    def feed(self, content: str) -> list[dict]:
+        """The entries that the content so far completes (content: the whole completion's content)."""
+        out = []
+        while True:
+            rest = content[self.pos:]
+            if self.pos == 0:
+                if not rest.startswith(_STREAM_OPEN):
+                    return out
+                self.pos = len(_STREAM_OPEN)
+            elif m := _STREAM_INVOKE.match(rest):
+                k, self.calls, self.params = self.calls, self.calls + 1, 0
+                out.append({"index": k, "id": f"call_{self.request_id[:12]}_{self.index}_{k}", "type": "function",
+                            "function": {"name": m.group(1), "arguments": ""}})
+                self.pos += m.end()
+            elif m := _STREAM_PARAM.match(rest):
+                name, is_string, raw = m.groups()
+                value = raw if is_string == "true" else json.loads(raw)
+                piece = f"{'{' if self.params == 0 else ', '}{json.dumps(name, ensure_ascii=False)}: " \
+                        f"{json.dumps(value, ensure_ascii=False)}"
+                out.append({"index": self.calls - 1, "function": {"arguments": piece}})
+                self.params += 1
+                self.pos += m.end()
+            elif rest.startswith(_STREAM_END_INVOKE):
+                out.append({"index": self.calls - 1, "function": {"arguments": "}" if self.params else "{}"}})
+                self.pos += len(_STREAM_END_INVOKE)
+            elif rest.startswith("\n"):   # between calls, before the block's close, or an empty parameter list
+                self.pos += 1
+            else:
+                return out
 
 
 def chat_message(text: str, thinking: bool, p: "Parsed | None" = None, index: int = 0) -> tuple[dict, bool]:

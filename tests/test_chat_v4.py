@@ -128,3 +128,28 @@ def test_the_api_turns_a_dsml_completion_into_tool_calls_and_streams_them_held_b
         shown += OpenAIIngress._chat_delta(p, before, piece, finished=k + 5 >= len(wrong)).get("content", "")
         before += piece
     assert shown == wrong
+
+
+@pytest.mark.parametrize("step", [1, 5, 17, 10_000])
+def test_forced_calls_stream_piece_by_piece_and_join_to_the_final_calls(step):
+    """serve/protocol.py ToolCallStream: under a forced tool call, the stream sends each call's id and name as its
+    invoke opens, then an argument fragment per parameter and the closing brace; whatever the chunking, the
+    fragments join to exactly the non-streamed calls."""
+    from v4ray.serve.protocol import ToolCallStream, tool_calls_of
+
+    tools = [{"type": "function", "function": {"name": n}} for n in ("lookup", "ping", "add")]
+    calls = [("lookup", {"q": "x </y>\nz", "n": 2, "deep": {"a": [1, None, "é"]}}), ("ping", {}), ("add", {"a": -1})]
+    text = "\n\n" + dsml_calls(calls)
+    expect, _ = tool_calls_of(text[2:], tools, True, "req123456789abc", 1)
+    stream, got, order = ToolCallStream("req123456789abc", 1), {}, []
+    for k in range(0, len(text), step):
+        for d in stream.feed(text[:k + step]):
+            order.append((d["index"], "id" in d))
+            c = got.setdefault(d["index"], {"id": None, "name": None, "arguments": ""})
+            if "id" in d:
+                assert c["id"] is None and c["arguments"] == ""              # the name comes first, once
+                c["id"], c["name"] = d["id"], d["function"]["name"]
+            c["arguments"] += d["function"]["arguments"]
+    assert [(c["id"], c["name"], c["arguments"]) for _, c in sorted(got.items())] == \
+        [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in expect]
+    assert sum(1 for i, is_name in order if i == 0 and not is_name) == 4       # 3 parameters and the brace

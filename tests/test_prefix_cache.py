@@ -173,6 +173,40 @@ def test_service_restart_loses_only_the_cache(tiny_ckpt, service_name, ray_sessi
         assert time.time() < deadline
 
 
+def test_a_stalled_service_costs_one_timeout_then_misses_until_it_answers(ray_session, service_name):
+    """A service that stops answering (SIGSTOP: a host cut off looks the same to the caller) costs one call its
+    timeout; the calls after it are misses at once while a background probe waits for the service, so a router's
+    step is held at most one timeout per outage; once the service answers again the client uses it again."""
+    from v4ray.actors.kv_cache_service import PrefixCacheClient
+
+    ray_session.get(get_or_start_service(name=service_name).stats.remote())   # started (that takes > 1 s)
+    client = PrefixCacheClient("33" * 32, timeout_s=1.0, name=service_name, retry_after_s=0.5)
+    tokens = list(range(UNIT_TOKENS))
+    assert client.store(tokens, lambda idx: [np.full(64, 7, dtype=np.uint8) for _ in idx], np.zeros(8, np.uint8))
+    assert client.lookup(tokens + [1], UNIT_TOKENS).num_tokens == UNIT_TOKENS
+    actor = ray_session.get_actor(service_name, namespace="v4ray")
+    pid = ray_session.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        assert client.lookup(tokens + [1], UNIT_TOKENS).num_tokens == 0          # the one timeout
+        assert 0.9 <= time.monotonic() - t < 3.0
+        t = time.monotonic()
+        while time.monotonic() - t < 4.0:                                       # then misses at once, for as long
+            s = time.monotonic()                                                # as the service is silent
+            assert client.lookup(tokens + [1], UNIT_TOKENS).num_tokens == 0
+            assert time.monotonic() - s < 0.1
+            time.sleep(0.05)
+        assert client.failures == 1 and not client.available
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while not client.available:                                                  # the probe sees it answer
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert client.lookup(tokens + [1], UNIT_TOKENS).num_tokens == UNIT_TOKENS      # back in use
+
+
 def test_caller_killed_mid_transfer_leaves_no_partial_entry(ray_session, service_name):
     """A writer dies while storing large prefixes: every entry the service holds is complete."""
     svc = get_or_start_service(budget_bytes=1 << 30, name=service_name)

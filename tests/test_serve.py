@@ -272,7 +272,7 @@ def test_openai_client_tool_call_forced_by_grammar_then_the_result_and_the_answe
     assert len(choice.message.tool_calls) == 1
 
     calls: dict[int, dict] = {}
-    finish = None
+    finish, fragments = None, 0
     for chunk in client.chat.completions.create(**kw, stream=True):
         for ch in chunk.choices:
             for d in ch.delta.tool_calls or []:
@@ -280,10 +280,14 @@ def test_openai_client_tool_call_forced_by_grammar_then_the_result_and_the_answe
                 if d.id:
                     assert c["name"] is None and not c["arguments"]       # the name comes first
                     c["id"], c["name"] = d.id, d.function.name
+                elif d.function.arguments:
+                    fragments += 1
                 c["arguments"] += d.function.arguments or ""
             assert not ch.delta.content                                    # no DSML leaks into the content
+            assert finish is None or not ch.delta.tool_calls
             finish = ch.finish_reason or finish
     assert finish == "tool_calls" and list(calls) == [0]
+    assert fragments >= 2            # streamed as generated: a fragment per parameter, then the closing brace
     (call,) = choice.message.tool_calls
     assert (calls[0]["name"], calls[0]["arguments"]) == (call.function.name, call.function.arguments)
 
