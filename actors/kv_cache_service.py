@@ -368,14 +368,18 @@ class KVCacheService:
 
 
 def get_or_start_service(budget_bytes: int = 1 << 30, spill_dir: str | None = None, name: str = SERVICE_NAME,
-                         namespace: str = SERVICE_NAMESPACE, spill_budget_bytes: int = SPILL_BUDGET_BYTES):
+                         namespace: str = SERVICE_NAMESPACE, spill_budget_bytes: int = SPILL_BUDGET_BYTES,
+                         resources: dict[str, float] | None = None):
     """The cluster's named service actor, started on first use (restarted by Ray if it dies: its memory is empty
-    again, its spill directory is indexed again)."""
+    again, its spill directory is indexed again). `resources`: custom Ray resources it asks for where it starts
+    (and restarts), e.g. one only the head node declares. It is never placed in the caller's placement group:
+    a Serve replica captures its child actors in its own, and a service started there would live and die with
+    that one replica."""
     import ray
 
     actor = ray.remote(KVCacheService).options(
         name=name, namespace=namespace, get_if_exists=True, lifetime="detached", max_restarts=-1,
-        num_cpus=0, max_concurrency=1)
+        num_cpus=0, max_concurrency=1, resources=dict(resources or {}), scheduling_strategy="DEFAULT")
     return actor.remote(budget_bytes, spill_dir, spill_budget_bytes)
 
 
@@ -396,8 +400,10 @@ class PrefixCacheClient:
 
     def __init__(self, root: str, timeout_s: float = 5.0, name: str = SERVICE_NAME,
                  namespace: str = SERVICE_NAMESPACE, budget_bytes: int = 1 << 30, spill_dir: str | None = None,
-                 spill_budget_bytes: int = SPILL_BUDGET_BYTES, retry_after_s: float = 5.0):
+                 spill_budget_bytes: int = SPILL_BUDGET_BYTES, retry_after_s: float = 5.0,
+                 resources: dict[str, float] | None = None):
         self.root, self.timeout_s, self.retry_after_s = root, timeout_s, retry_after_s
+        self._resources = dict(resources or {})
         self._name, self._namespace = name, namespace
         self._budget, self._spill, self._spill_budget = budget_bytes, spill_dir, spill_budget_bytes
         self._actor = None
@@ -409,7 +415,8 @@ class PrefixCacheClient:
         return self._prober is None
 
     def _resolve(self):
-        return get_or_start_service(self._budget, self._spill, self._name, self._namespace, self._spill_budget)
+        return get_or_start_service(self._budget, self._spill, self._name, self._namespace, self._spill_budget,
+                                    self._resources)
 
     def _call(self, method: str, *args):
         import ray
@@ -421,8 +428,9 @@ class PrefixCacheClient:
                 self._actor = self._resolve()
             return ray.get(getattr(self._actor, method).remote(*args), timeout=self.timeout_s)
         except (ray.exceptions.RayError, ValueError) as e:
-            log.warning("KV cache service %s failed (%s): treating as a miss; probing it every %.0f s", method,
-                        type(e).__name__, self.retry_after_s)
+            log.warning("KV cache service %s failed (%s: %s): treating as a miss; probing it every %.0f s", method,
+                        type(e).__name__, str(e).strip().splitlines()[-1][:300] if str(e).strip() else "",
+                        self.retry_after_s)
             self._actor = None
             self.failures += 1
             self._prober = threading.Thread(target=self._probe, name="kv-cache-probe", daemon=True)

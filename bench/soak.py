@@ -198,6 +198,7 @@ while True:
             s = h.stats.remote().result(timeout_s=3)
             seen[s["replica"]] = {k: s.get(k) for k in ("waiting", "running", "kv_blocks", "kv_free_blocks",
                                                          "requests_in_flight", "address", "dead")}
+            seen[s["replica"]]["ranks"] = [f"{r['role']}@{r['address']}" for r in s.get("ranks") or []]
         except Exception as e:
             seen.setdefault("error", type(e).__name__)
     print(json.dumps({"wall": time.time(), "replicas": seen}), flush=True)
@@ -359,7 +360,8 @@ serve.run(build_app({config!r}), name={APP!r}, route_prefix="/", blocking=False)
         poller = StatsPoller(hosts)
         before = poller.latest(2, timeout_s=120)
         placement = {rid: r["address"] for rid, r in before.items()}
-        print(f"ready after {time.monotonic() - began:.0f} s; replicas on {placement}", flush=True)
+        print(f"ready after {time.monotonic() - began:.0f} s; replicas on {placement}, their ranks on "
+              f"{ {rid: r.get('ranks') for rid, r in before.items()} }", flush=True)
 
         pool = request_pool()
         refs = asyncio.run(references(url, pool))
@@ -425,7 +427,8 @@ print([a["Address"]["IPAddress"] for a in actors().values() if a["Name"] == {SER
             if levels_after == levels_before or back_after_s > 60:
                 break
         print(f"pools {'back to' if levels_after == levels_before else 'NOT back to'} their levels before the "
-              f"soak {back_after_s:.0f} s after the last request ended", flush=True)
+              f"soak {back_after_s:.0f} s after the last request ended; replicas on "
+              f"{ {rid: (r['address'], r.get('ranks')) for rid, r in after.items()} }", flush=True)
         rows = log.rows
         phases = [("before", 0.0, args.kill_at), ("host dead", args.kill_at, args.revive_at),
                   ("host back", args.revive_at, args.cut_at), ("partition", args.cut_at, args.cut_at + args.cut_s),
@@ -448,6 +451,8 @@ print([a["Address"]["IPAddress"] for a in actors().values() if a["Name"] == {SER
             "args": vars(args), "hosts": [h.address for h in hosts.hosts], "replicas_before": placement,
             "kv_cache_service_host": service_host,
             "replicas_after": {rid: r["address"] for rid, r in after.items()},
+            "ranks_before": {rid: r.get("ranks") for rid, r in before.items()},
+            "ranks_after": {rid: r.get("ranks") for rid, r in after.items()},
             "capacity_req_s": round(capacity, 2), "rate_req_s": round(rate, 2), "events": events,
             "totals": totals, "phases": windows, "pool_levels": {"before": levels_before, "after": levels_after},
             "pools_back_to_baseline": levels_after == levels_before,

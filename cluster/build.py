@@ -31,7 +31,8 @@ def prefix_cache_spec(config: EngineConfig, path: Path, dtype: torch.dtype) -> d
     # expert shards already wait in the step's collective: a call must end well within the collective's timeout,
     # or a slow or unreachable service fails the whole replica instead of costing cache hits.
     return {"root": root_key(identity, layout), "budget_bytes": config.prefix_cache_bytes,
-            "name": config.kv_cache_service, "timeout_s": min(PREFIX_CALL_TIMEOUT_S, config.collective_timeout_s / 4)}
+            "name": config.kv_cache_service, "timeout_s": min(PREFIX_CALL_TIMEOUT_S, config.collective_timeout_s / 4),
+            "resources": dict(config.kv_cache_service_resources)}
 
 
 def engine_device(config: EngineConfig) -> torch.device:

@@ -52,6 +52,10 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = Field(False, description="Reuse cached prompt prefixes via the KVCacheService.")
     prefix_cache_bytes: int = Field(1 << 30, gt=0, description="Memory budget of the KVCacheService.")
     kv_cache_service: str = Field(KV_CACHE_SERVICE, description="Name of the KVCacheService actor.")
+    kv_cache_service_resources: dict[str, float] = Field(
+        {}, description="Ray resources the KVCacheService asks for when it starts (it reserves no CPU), e.g. a custom "
+                        "resource only the head node declares: a service on a host that dies costs every replica "
+                        "its cache hits until Ray restarts it elsewhere. Empty: any node.")
     collective_timeout_s: float = Field(60.0, gt=0, description="Timeout of every all-to-all collective.")
 
     @field_validator("dtype")
@@ -81,6 +85,10 @@ class EngineConfig(BaseModel):
     def _layout(self):
         if self.num_routers > 1 and self.num_expert_shards == 0:
             raise ValueError("num_routers > 1 needs num_expert_shards >= 1 (a distributed replica)")
+        for k, v in self.kv_cache_service_resources.items():
+            if k in ("CPU", "GPU", "memory") or not 0 <= v < float("inf"):
+                raise ValueError(f"kv_cache_service_resources: {k}={v} is not allowed; name custom resources with "
+                                 f"finite amounts >= 0 (the service reserves no CPU or GPU)")
         return self
 
     def engine_fields(self) -> dict:

@@ -49,3 +49,19 @@ def test_kv_cache_dtype_reaches_the_cache(tiny_ckpt):
     assert LLM(model=ckpt, kv_cache_dtype="fp8").engine.runner.cache.kv_format == "fp8"
     assert LLM(model=ckpt, dtype="float32").engine.runner.cache.kv_format == "fp32"   # auto: the compute dtype's
     assert ServeConfig(model=ckpt, kv_cache_dtype="bf16").engine_config().kv_cache_dtype == "bf16"
+
+
+def test_pinning_resources_name_custom_resources_only():
+    """kv_cache_service_resources (EngineConfig) and ingress_resources (ServeConfig) pin actors that reserve no
+    CPU: only custom resources with finite amounts >= 0 are accepted, and the error names the field."""
+    import pytest
+    from pydantic import ValidationError
+
+    from v4ray.serve.config import ServeConfig
+
+    assert EngineConfig(model="m", kv_cache_service_resources={"head": 0.01}).kv_cache_service_resources == \
+        {"head": 0.01}
+    for field, cls in (("kv_cache_service_resources", EngineConfig), ("ingress_resources", ServeConfig)):
+        for bad in ({"CPU": 1.0}, {"GPU": 0.5}, {"head": float("inf")}, {"head": -1.0}):
+            with pytest.raises(ValidationError, match=field):
+                cls(model="m", **{field: bad})

@@ -294,15 +294,16 @@ def test_a_worker_host_fault_mid_generation_and_the_service_heals(hosts, fault):
 
 @pytest.mark.timeout(400)
 def test_the_kv_cache_service_killed_mid_load_costs_hits_not_answers(hosts):
-    """Requests sharing a long prefix run 4 at a time while the KVCacheService (a detached actor somewhere in the
-    cluster) is killed: every request still answers 200 with the text it gave before the fault (a lost prefix is a
-    miss, recomputed), /ready stays 200, and once Ray has restarted the service a stored prefix is a hit again."""
+    """Requests sharing a long prefix run 4 at a time while the KVCacheService (a detached actor, pinned to host 2
+    by `kv_cache_service_resources`) is killed: every request still answers 200 with the text it gave before the
+    fault (a lost prefix is a miss, recomputed), /ready stays 200, and once Ray has restarted the service (on host 2
+    again) a stored prefix is a hit again."""
     import requests
     from concurrent.futures import ThreadPoolExecutor
 
     service = "v4t-kv-chaos"
     url = _deploy(hosts, "kvchaos", num_expert_shards=0, enable_prefix_caching=True,
-                  kv_cache_service=service)
+                  kv_cache_service=service, kv_cache_service_resources={"v4ray_host_2": 0.01})
     prefix = [16 + (7 * i) % 256 for i in range(2 * 128)]
     prompts = [prefix + [16 + k, 17 + k] for k in range(16)]
 
@@ -331,6 +332,13 @@ def test_the_kv_cache_service_killed_mid_load_costs_hits_not_answers(hosts):
                 break
             assert time.monotonic() < deadline, "the restarted KVCacheService never served a hit"
             time.sleep(1.0)
+        where = hosts.driver(f"""
+from ray._private.state import actors
+import ray
+ray.init(log_to_driver=False)
+print([a["Address"]["IPAddress"] for a in actors().values() if a["Name"] == {service!r} and a["State"] == "ALIVE"])
+""", timeout_s=60).stdout.strip().splitlines()[-1]
+        assert where == str([hosts.hosts[2].address])   # kv_cache_service_resources placed it, and its restart
     finally:
         hosts.driver("import ray\nfrom ray import serve\nray.init(log_to_driver=False)\nserve.shutdown()\n"
                      f"ray.kill(ray.get_actor({service!r}, namespace='v4ray'), no_restart=True)",
