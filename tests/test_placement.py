@@ -313,12 +313,13 @@ def _run(cmd: list[str], timeout_s: float) -> tuple[int, str, float]:
 
 
 def test_llm_with_more_ranks_than_cores_generates_on_its_own_ray(tiny_ckpt):
-    """2 routers + 3 shards ask for 5 CPUs; the local Ray LLM starts on this 2-core machine is sized for them."""
+    """2 routers + 3 shards ask for 5 CPUs; the local Ray LLM starts on this 2-core machine is sized for them.
+    (ignore_eos: an unseeded draw from the random tiny model may end at eos before max_tokens.)"""
     script = textwrap.dedent(f"""
         import json, ray
         from v4ray import LLM, SamplingParams
         with LLM(model={str(tiny_ckpt("v4-tiny"))!r}, dtype="float32", num_routers=2, num_expert_shards=3) as llm:
-            out = llm.generate(["hello", "expert parallel"], SamplingParams(max_tokens=5))
+            out = llm.generate(["hello", "expert parallel"], SamplingParams(max_tokens=5, ignore_eos=True))
             print(json.dumps({{"cpus": ray.cluster_resources()["CPU"],
                                "tokens": [len(o.outputs[0].token_ids) for o in out]}}))
         ray.shutdown()
