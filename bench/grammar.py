@@ -81,7 +81,7 @@ def random_walks(tok, schemas: list[dict], batch: int, seed: int = 0) -> tuple[l
     many of them parse and validate (jsonschema)."""
     import jsonschema
     import llguidance
-    from v4ray.engine.grammar import JSON_OPTIONS
+    from v4ray.model.chat import JSON_STYLE
 
     vocab, eos = tok.get_vocab_size(), tok.token_to_id("<eos>")
     lltok = llguidance.LLTokenizer(tok.to_str(), n_vocab=vocab, eos_token=eos)
@@ -90,7 +90,7 @@ def random_walks(tok, schemas: list[dict], batch: int, seed: int = 0) -> tuple[l
     for i in range(batch):
         schema = schemas[i % len(schemas)]
         m = llguidance.LLMatcher(lltok, llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
-                                                                                      defaults=JSON_OPTIONS))
+                                                                                      defaults=JSON_STYLE))
         ids: list[int] = []
         while not m.is_stopped():
             bitmask = torch.frombuffer(bytearray(m.compute_bitmask()), dtype=torch.int32)
@@ -117,7 +117,7 @@ def replay(lib: str, tok, schemas: list[dict], traces: list[list[int]]) -> dict:
     compile_ms = []
     if lib == "llguidance":
         import llguidance
-        from v4ray.engine.grammar import JSON_OPTIONS
+        from v4ray.model.chat import JSON_STYLE
 
         lltok = llguidance.LLTokenizer(tok.to_str(), n_vocab=vocab, eos_token=eos)
         executor = llguidance.LLExecutor()
@@ -125,7 +125,7 @@ def replay(lib: str, tok, schemas: list[dict], traces: list[list[int]]) -> dict:
         for schema in schemas:
             t = time.perf_counter()
             m = llguidance.LLMatcher(lltok, llguidance.LLMatcher.grammar_from_json_schema(
-                json.dumps(schema), defaults=JSON_OPTIONS), log_level=0)
+                json.dumps(schema), defaults=JSON_STYLE), log_level=0)
             m.compute_bitmask()  # the first mask finishes the lazy parts of the compile
             compile_ms.append((time.perf_counter() - t) * 1e3)
             compiled.append(m)

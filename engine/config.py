@@ -14,6 +14,15 @@ KV_CACHE_DTYPES = ("auto", "fp8", "bf16", "fp32")
 KV_CACHE_SERVICE = "v4ray-kv-cache"
 
 
+def check_custom_resources(field: str, resources: dict[str, float], who: str) -> None:
+    """Resources that pin an actor reserving no CPU (the KVCacheService, the ingress): custom names only, finite
+    amounts >= 0."""
+    for k, v in resources.items():
+        if k in ("CPU", "GPU", "memory") or not 0 <= v < float("inf"):
+            raise ValueError(f"{field}: {k}={v} is not allowed; name custom resources with finite amounts >= 0 "
+                             f"({who} reserves no CPU or GPU)")
+
+
 class EngineConfig(BaseModel):
     """Model, dtype, layout, cache and limits of one engine (a model replica)."""
 
@@ -85,10 +94,7 @@ class EngineConfig(BaseModel):
     def _layout(self):
         if self.num_routers > 1 and self.num_expert_shards == 0:
             raise ValueError("num_routers > 1 needs num_expert_shards >= 1 (a distributed replica)")
-        for k, v in self.kv_cache_service_resources.items():
-            if k in ("CPU", "GPU", "memory") or not 0 <= v < float("inf"):
-                raise ValueError(f"kv_cache_service_resources: {k}={v} is not allowed; name custom resources with "
-                                 f"finite amounts >= 0 (the service reserves no CPU or GPU)")
+        check_custom_resources("kv_cache_service_resources", self.kv_cache_service_resources, "the service")
         return self
 
     def engine_fields(self) -> dict:

@@ -159,8 +159,9 @@ class EngineCore:
                     s.seq.sample(batch, i)
                 except Exception as e:  # noqa: BLE001
                     self._isolate(s.request_id, e, failed, touched)
-        constrained = [(s.seq.grammar, i) for i, (s, _) in enumerate(sampled)
-                       if s.request_id in self.requests and s.seq.constrained]
+        constrained = [] if self._grammars is None else [  # no structured request yet: nothing to look at
+            (s.seq.grammar, i) for i, (s, _) in enumerate(sampled)
+            if s.request_id in self.requests and s.seq.constrained]
         if constrained:  # every grammar's mask at once, one upload
             batch.constrain(self.grammars.fill(constrained, len(sampled)).to(self.device, non_blocking=True))
         asked = [s.seq.params.logprobs for s, _ in sampled

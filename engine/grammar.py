@@ -20,11 +20,10 @@ from collections import OrderedDict
 
 import torch
 
+from v4ray.model.chat import JSON_STYLE
+
 from .sampling import SamplingParamError, StructuredOutput
 
-# JSON the model writes: no free whitespace (a model that may emit any amount of it can loop in it until
-# max_tokens, leaving JSON that does not parse); the separators OpenAI's models and json.dumps use.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 GRAMMAR_CACHE_SIZE = 256  # compiled grammars kept, least recently used dropped
 
 
@@ -36,7 +35,7 @@ def grammar_text(structured: StructuredOutput) -> str:
         return structured.spec
     schema = structured.spec if structured.kind == "json_schema" else json.dumps({"type": "object"})
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
     except ValueError as e:
         raise SamplingParamError(structured.param, f"{structured.param}: the JSON schema is not a JSON object: "
                                                    f"{e}") from None
@@ -71,7 +70,6 @@ class GrammarBackend:
         import llguidance
 
         self._llg = llguidance
-        self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos_token_id)
         self.executor = llguidance.LLExecutor(threads) if parallel else None

@@ -92,15 +92,32 @@ def message_text(content, param: str) -> str:
 
 # ---- tool calls as DSML -------------------------------------------------------------------------------------
 
+PARAM_CLOSE, INVOKE_CLOSE = f"</{DSML}parameter>", f"</{DSML}invoke>"
+INVOKE_OPEN = re.compile(rf'<{DSML}invoke name="([^"]*)">\n')
+PARAM = re.compile(rf'<{DSML}parameter name="([^"]*)" string="(true|false)">(.*?){PARAM_CLOSE}', re.S)
+
+
+def invoke_open(name: str) -> str:
+    return f'<{DSML}invoke name="{name}">\n'
+
+
+def param_open(name: str, as_text: bool) -> str:
+    return f'<{DSML}parameter name="{name}" string="{"true" if as_text else "false"}">'
+
+
+def param_value(is_string: str, raw: str):
+    """A parameter's value: string="true" text as it is, anything else JSON (ValueError when it is not)."""
+    return raw if is_string == "true" else json.loads(raw)
+
+
 def dsml_calls(calls: list[tuple[str, dict]]) -> str:
     """[(name, arguments)] -> the DSML tool-calls block: strings as they are (string="true"), anything else as
     JSON (string="false"); one parameter per line, one invoke per call."""
     invokes = []
     for name, args in calls:
-        params = "\n".join(
-            f'<{DSML}parameter name="{k}" string="true">{v}</{DSML}parameter>' if isinstance(v, str)
-            else f'<{DSML}parameter name="{k}" string="false">{_json(v)}</{DSML}parameter>' for k, v in args.items())
-        invokes.append(f'<{DSML}invoke name="{name}">\n{params}\n</{DSML}invoke>')
+        params = "\n".join(param_open(k, isinstance(v, str)) + (v if isinstance(v, str) else _json(v)) + PARAM_CLOSE
+                           for k, v in args.items())
+        invokes.append(f"{invoke_open(name)}{params}\n{INVOKE_CLOSE}")
     return f"{CALLS_OPEN}\n" + "\n".join(invokes) + f"\n{CALLS_CLOSE}"
 
 
@@ -256,8 +273,10 @@ def render_chat(messages, thinking: bool = False, tools: list | None = None, res
 
 # ---- the grammar of a forced tool call ----------------------------------------------------------------------
 
-# JSON the model writes inside string="false" parameters: compact, no free whitespace (engine/grammar.py).
-_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# JSON that constrained output writes (response formats, string="false" parameters; llguidance's options): no free
+# whitespace (a model that may emit any amount of it can loop in it until max_tokens, leaving JSON that does not
+# parse), and the separators OpenAI's models and json.dumps use.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def _lark(text: str) -> str:
@@ -285,8 +304,7 @@ def tool_call_grammar(tools: list[dict], name: str | None = None, parallel: bool
             rule, value = f"p_{t}_{k}", f"v_{t}_{k}"
             enum = sub.get("enum")
             as_text = sub.get("type") == "string" or bool(enum and all(isinstance(v, str) for v in enum))
-            head = _lark(f'<{DSML}parameter name="{prop}" string="{str(as_text).lower()}">')
-            close = f"</{DSML}parameter>"
+            head, close = _lark(param_open(prop, as_text)), PARAM_CLOSE
             if as_text and not enum:   # text up to the parameter's close tag (lazy: the first close ends it)
                 limit = sub.get("maxLength")
                 length = f"{{0,{limit}}}" if isinstance(limit, int) and not isinstance(limit, bool) else "*"
@@ -296,14 +314,13 @@ def tool_call_grammar(tools: list[dict], name: str | None = None, parallel: bool
                 if as_text:
                     rules.append(f"{value}: " + " | ".join(_lark(v) for v in enum))
                 else:
-                    value_schema = json.dumps({**sub, "x-guidance": _JSON_STYLE}, ensure_ascii=False)
+                    value_schema = json.dumps({**sub, "x-guidance": JSON_STYLE}, ensure_ascii=False)
                     rules.append(f"{value}: %json {value_schema}")
             items.append(rule if prop in required else f"{rule}?")
         body = " ".join(items)
         if not required & set(props):   # no parameter given: the block has an empty line
             body = f"({body} | {nl})" if items else nl
-        opener = _lark(f'<{DSML}invoke name="{fn["name"]}">\n')
-        rules.append(f"invoke_{t}: {opener} {body} {_lark(f'</{DSML}invoke>')}")
+        rules.append(f"invoke_{t}: {_lark(invoke_open(fn['name']))} {body} {_lark(INVOKE_CLOSE)}")
         invokes.append(f"invoke_{t}")
     if not invokes:
         raise ValueError(f"no tool named {name!r}")
@@ -316,8 +333,7 @@ def tool_call_grammar(tools: list[dict], name: str | None = None, parallel: bool
 
 # ---- completion -> message ----------------------------------------------------------------------------------
 
-_INVOKE = re.compile(rf'<{DSML}invoke name="([^"]*)">\n(.*?)\n?</{DSML}invoke>', re.S)
-_PARAM = re.compile(rf'<{DSML}parameter name="([^"]*)" string="(true|false)">(.*?)</{DSML}parameter>', re.S)
+_INVOKE = re.compile(rf'<{DSML}invoke name="([^"]*)">\n(.*?)\n?{INVOKE_CLOSE}', re.S)
 
 
 class ToolCallParseError(ValueError):
@@ -337,21 +353,18 @@ def parse_tool_calls(block: str) -> list[tuple[str, dict]]:
         end = m.end()
         args: dict = {}
         pend = 0
-        for p in _PARAM.finditer(m.group(2)):
+        for p in PARAM.finditer(m.group(2)):
             if m.group(2)[pend:p.start()].strip():
                 raise ToolCallParseError(f"unexpected text in invoke {m.group(1)!r}")
             pend = p.end()
             name, is_string, raw = p.groups()
             if name in args:
                 raise ToolCallParseError(f"parameter {name!r} given twice in invoke {m.group(1)!r}")
-            if is_string == "true":
-                args[name] = raw
-            else:
-                try:
-                    args[name] = json.loads(raw)
-                except ValueError:
-                    raise ToolCallParseError(f"parameter {name!r} of {m.group(1)!r} is marked JSON but is not: "
-                                             f"{raw[:80]!r}") from None
+            try:
+                args[name] = param_value(is_string, raw)
+            except ValueError:
+                raise ToolCallParseError(f"parameter {name!r} of {m.group(1)!r} is marked JSON but is not: "
+                                         f"{raw[:80]!r}") from None
         if m.group(2)[pend:].strip():
             raise ToolCallParseError(f"unexpected text in invoke {m.group(1)!r}")
         calls.append((m.group(1), args))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ConfigDict, Field, model_validator
 
-from v4ray.engine.config import EngineConfig
+from v4ray.engine.config import EngineConfig, check_custom_resources
 
 ENV_API_KEY = "V4RAY_API_KEY"
 ENV_CACHE_DIR = "V4RAY_CACHE_DIR"
@@ -59,10 +59,7 @@ class ServeConfig(EngineConfig):
         if 0 < self.prefix_affinity_tokens < PREFIX_UNIT:
             raise ValueError(f"prefix_affinity_tokens must be 0 (off) or at least {PREFIX_UNIT} (one cached prefix "
                              f"unit), got {self.prefix_affinity_tokens}")
-        for k, v in self.ingress_resources.items():
-            if k in ("CPU", "GPU", "memory") or not 0 <= v < float("inf"):
-                raise ValueError(f"ingress_resources: {k}={v} is not allowed; name custom resources with finite "
-                                 f"amounts >= 0 (the ingress reserves no CPU or GPU)")
+        check_custom_resources("ingress_resources", self.ingress_resources, "the ingress")
         if self.autoscaling_config is not None and self.num_replicas != 1:
             raise ValueError("set either num_replicas or autoscaling_config (its min_replicas / max_replicas), not both")
         return self

@@ -13,8 +13,9 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from v4ray.model.chat import (CALLS_START, END_THINK, REASONING_EFFORTS, ChatFormatError, ToolCallParseError,
-                              parse_completion, parse_tool_calls, render_chat, tool_call_grammar)
+from v4ray.model.chat import (CALLS_START, END_THINK, INVOKE_CLOSE, INVOKE_OPEN, PARAM, REASONING_EFFORTS,
+                              ChatFormatError, ToolCallParseError, param_value, parse_completion, parse_tool_calls,
+                              render_chat, tool_call_grammar)
 from v4ray.engine.json_input import JSONInputError, loads_strict, lone_surrogate_path, printable
 from v4ray.engine.outputs import RequestOutput
 from v4ray.engine.grammar import check_grammar
@@ -328,20 +329,19 @@ def structured_output(tools: list[dict] | None, tool_choice: str, parallel: bool
     A grammar the library cannot compile is a 400 naming its field."""
     if tools and tool_choice not in ("auto", "none"):
         name = None if tool_choice == "required" else tool_choice
-        structured = StructuredOutput("grammar", tool_call_grammar(tools, name, parallel), param="tools")
+        kind, spec, param = "grammar", tool_call_grammar(tools, name, parallel), "tools"
     elif response_format is not None and response_format["type"] == "json_object":
-        structured = StructuredOutput("json_object", param="response_format")
+        kind, spec, param = "json_object", "", "response_format"
     elif response_format is not None:
-        structured = StructuredOutput("json_schema", json.dumps(response_format["json_schema"]["schema"]),
-                                      param="response_format.json_schema.schema")
+        kind, spec = "json_schema", json.dumps(response_format["json_schema"]["schema"])
+        param = "response_format.json_schema.schema"
     else:
         return None
-    if thinking:
-        after = tokenizer.token_id(END_THINK)
-        if after is None:
-            raise bad(structured.param, f"structured output in thinking mode needs {END_THINK!r} to be one token of "
-                                        f"this tokenizer; turn thinking off")
-        structured = StructuredOutput(structured.kind, structured.spec, structured.param, after)
+    after = tokenizer.token_id(END_THINK) if thinking else None
+    if thinking and after is None:
+        raise bad(param, f"structured output in thinking mode needs {END_THINK!r} to be one token of this tokenizer; "
+                         f"turn thinking off")
+    structured = StructuredOutput(kind, spec, param, after)
     try:
         check_grammar(structured)
     except SamplingParamError as e:
@@ -422,6 +422,11 @@ def arguments_problem(args: dict, schema: dict | None) -> str | None:
     return f"{where + ': ' if where else ''}{error.message[:300]}"
 
 
+def call_id(request_id: str, index: int, k: int) -> str:
+    """The id of call k of choice `index` (the same streamed and not)."""
+    return f"call_{request_id[:12]}_{index}_{k}"
+
+
 def tool_calls_of(block: str | None, tools: list[dict] | None, parallel: bool, request_id: str,
                   index: int = 0) -> tuple[list[dict] | None, str | None]:
     """A completion's DSML block -> (OpenAI tool_calls, None), or (None, why) when it does not parse, calls an
@@ -443,14 +448,11 @@ def tool_calls_of(block: str | None, tools: list[dict] | None, parallel: bool, r
             return None, f"the arguments of {name!r} do not match its parameters: {problem}"
     if not parallel:
         calls = calls[:1]
-    return [{"id": f"call_{request_id[:12]}_{index}_{k}", "type": "function",
+    return [{"id": call_id(request_id, index, k), "type": "function",
              "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
             for k, (name, args) in enumerate(calls)], None
 
 
-_STREAM_INVOKE = re.compile(r'<｜DSML｜invoke name="([^"]*)">\n')
-_STREAM_PARAM = re.compile(r'<｜DSML｜parameter name="([^"]*)" string="(true|false)">(.*?)</｜DSML｜parameter>\n', re.S)
-_STREAM_OPEN, _STREAM_END_INVOKE = CALLS_START + "\n", "</｜DSML｜invoke>"
 
 
 class ToolCallStream:
@@ -471,25 +473,25 @@ class ToolCallStream:
         while True:
             rest = content[self.pos:]
             if self.pos == 0:
-                if not rest.startswith(_STREAM_OPEN):
+                if not rest.startswith(CALLS_START + "\n"):
                     return out
-                self.pos = len(_STREAM_OPEN)
-            elif m := _STREAM_INVOKE.match(rest):
+                self.pos = len(CALLS_START) + 1
+            elif m := INVOKE_OPEN.match(rest):
                 k, self.calls, self.params = self.calls, self.calls + 1, 0
-                out.append({"index": k, "id": f"call_{self.request_id[:12]}_{self.index}_{k}", "type": "function",
+                out.append({"index": k, "id": call_id(self.request_id, self.index, k), "type": "function",
                             "function": {"name": m.group(1), "arguments": ""}})
                 self.pos += m.end()
-            elif m := _STREAM_PARAM.match(rest):
+            elif m := PARAM.match(rest):
                 name, is_string, raw = m.groups()
-                value = raw if is_string == "true" else json.loads(raw)
+                value = param_value(is_string, raw)
                 piece = f"{'{' if self.params == 0 else ', '}{json.dumps(name, ensure_ascii=False)}: " \
                         f"{json.dumps(value, ensure_ascii=False)}"
                 out.append({"index": self.calls - 1, "function": {"arguments": piece}})
                 self.params += 1
                 self.pos += m.end()
-            elif rest.startswith(_STREAM_END_INVOKE):
+            elif rest.startswith(INVOKE_CLOSE):
                 out.append({"index": self.calls - 1, "function": {"arguments": "}" if self.params else "{}"}})
-                self.pos += len(_STREAM_END_INVOKE)
+                self.pos += len(INVOKE_CLOSE)
             elif rest.startswith("\n"):   # between calls, before the block's close, or an empty parameter list
                 self.pos += 1
             else:
