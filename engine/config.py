@@ -40,7 +40,9 @@ class EngineConfig(BaseModel):
     gpus_per_shard: float = Field(0, ge=0, description="GPUs each ExpertShard actor reserves; > 0 runs it on CUDA.")
     enforce_eager: bool = Field(False, description="Run every step eagerly. Default: a step's decode rows run "
                                                   "one fixed-shape step, compiled at start-up on the CPU (torch.compile) "
-                                                  "or captured per batch bucket as a CUDA graph on a GPU.")
+                                                  "or captured per batch bucket as a CUDA graph on a GPU; on the CPU "
+                                                  "the prompt chunks' mHC, projections, MoE and attention run as "
+                                                  "compiled regions too.")
     keep_quantized: bool = Field(False, description="Keep FP8/FP4 weights as stored (dequantized per use).")
     num_routers: int = Field(1, ge=1, description="Router actors of a distributed replica (attention side).")
     num_expert_shards: int = Field(0, ge=0, description="ExpertShard actors; 0 runs the model in one process "

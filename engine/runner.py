@@ -13,7 +13,8 @@ import logging
 import torch
 
 from v4ray.model.kv_cache import PREFIX_UNIT, CacheFullError, PagedKVCache, PrefixIO, SeqCache, StepBatch
-from v4ray.model.v4 import V4Model
+from v4ray.kernels.backend import kernel_backend
+from v4ray.model.v4 import EAGER_REGIONS, StepRegions, V4Model
 
 from .graphs import DecodeGraphs, static_decode_problem
 
@@ -40,6 +41,13 @@ class ModelRunner:
         self.io = PrefixIO(self.cache) if prefix_cache is not None else None
         self.seqs: dict[str, SeqCache] = {}
         self.graphs: DecodeGraphs | None = None
+        # the variable-shape step's mHC and prefill attention: compiled with the decode step on the torch backend
+        # (CUDA runs them as Triton kernels); on the model itself, so a model shared by runners takes the last one's
+        compile_regions = (decode_step == "compiled" and kernel_backend(model.device) == "torch"
+                           and not torch._dynamo.config.disable)
+        model.use_regions(StepRegions(compile_=True) if compile_regions else EAGER_REGIONS)
+        if compile_regions:
+            model.regions.warm_up(model)
         if decode_step != "eager":
             problem = static_decode_problem(model)
             if problem:

@@ -385,7 +385,10 @@ class StepBatch:
         """Row index of each chunk's last token (where the next token is predicted)."""
         return torch.tensor([a + n - 1 for _, a, n in self.chunks])
 
-    PREFILL_GROUP_ROWS = 512  # short prompt chunks share one dense attention call up to this many rows
+    # Short prompt chunks share one dense attention call while its query x key block stays this small: every query
+    # scores every key of its group (masked outside its own sequence), so grouping trades masked-away work for
+    # fewer calls. Two 128-token prompts alone cost 2 x 128 x 128 scores, together 256 x 256.
+    PREFILL_GROUP_SCORES = 128 * 256
 
     @property
     def decode_group(self) -> tuple[int, ...]:
@@ -396,17 +399,19 @@ class StepBatch:
 
     @property
     def prefill_groups(self) -> list[tuple[int, ...]]:
-        """Multi-token chunks, packed into dense attention calls of at most PREFILL_GROUP_ROWS rows."""
+        """Multi-token chunks, packed into dense attention calls of at most PREFILL_GROUP_SCORES scores (or one chunk)."""
         if "prefill" not in self._layouts:
-            groups, cur, rows = [], [], 0
-            for i, (_, _, n) in enumerate(self.chunks):
+            window = self.cache.cfg.sliding_window
+            groups, cur, rows, keys = [], [], 0, 0
+            for i, (seq, _, n) in enumerate(self.chunks):
                 if n == 1:
                     continue
-                if cur and rows + n > self.PREFILL_GROUP_ROWS:
+                k = min(seq.num_tokens, window - 1) + n                     # its window keys: ring rows + its own
+                if cur and (rows + n) * (keys + k) > self.PREFILL_GROUP_SCORES:
                     groups.append(tuple(cur))
-                    cur, rows = [], 0
+                    cur, rows, keys = [], 0, 0
                 cur.append(i)
-                rows += n
+                rows, keys = rows + n, keys + k
             if cur:
                 groups.append(tuple(cur))
             self._layouts["prefill"] = groups

@@ -49,8 +49,12 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", _meta(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        return (self.weight * (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps))).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    return (weight * (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps))).to(x.dtype)
 
 
 def unweighted_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -109,6 +113,92 @@ def hc_expand(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.
     """X'_k = post_k y + sum_j comb[j, k] X_j (comb applied transposed), mixed in fp32."""
     mixed = post[..., None] * y.float()[:, None, :] + torch.matmul(comb.transpose(-1, -2), x.float())
     return mixed.to(x.dtype)
+
+
+def hc_enter(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_weight: torch.Tensor,
+             norm_eps: float, hc_eps: float, sinkhorn_iters: int):
+    """A sublayer's way in: the mHC weights of the streams x [N, n, D], their collapse, the sublayer's input norm.
+    -> (u [N, D], post [N, n], comb [N, n, n])."""
+    pre, post, comb = mhc_weights(x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters)
+    return rms_norm(hc_collapse(x, pre), norm_weight, norm_eps), post, comb
+
+
+class StepRegions:
+    """The variable-shape (`StepBatch`) step's pieces around its data-dependent attention: the way into the attention
+    sublayer (mHC weights, collapse, norm, projections, RoPE), the way out (inverse RoPE, output projections, mHC
+    expansion), a prefill group's attention, and the whole MoE sublayer where its experts run here, grouped on the
+    device. Plain functions in `EAGER_REGIONS` (the reference); `StepRegions(compile_=True)` makes each an inductor
+    graph with its row counts symbolic (docs/architecture.md §12): on the torch backend these pieces are hundreds of
+    small ops per layer, where a batch of prompts spent most of its prefill. A graph serves every layer of a kind (the
+    block is an argument, its weights graph inputs). The fixed-shape decode step runs the plain functions inside its
+    own whole-step graph."""
+
+    # per positional argument, the dimensions that vary from call to call (rows, keys); None: not a tensor
+    VARYING = {"attn_enter": (None, (0,), (0,)), "attn_leave": (None, (0,), (0,), (0,), (0,), (0,), (0,)),
+               "ffn": (None, (0,), (0,)), "attention": ((0,), (0,), (0, 1))}
+
+    def __init__(self, compile_: bool = False):
+        self.compiled = compile_
+        for name, fn in (("attn_enter", attn_enter), ("attn_leave", attn_leave), ("ffn", ffn_sublayer),
+                         ("attention", sink_attention)):
+            setattr(self, name, _symbolic(fn, self.VARYING[name]) if compile_ else fn)
+
+    def ffn_for(self, block: "Block", x: torch.Tensor):
+        """The MoE sublayer's function: compiled only where its routed experts run here, grouped (an exchange with
+        expert shards, or a per-expert loop over weights kept quantized, reads the host)."""
+        return self.ffn if self.compiled and block.ffn.uses_grouped(x) else EAGER_REGIONS.ffn
+
+    @torch.no_grad()  # as the step runs (grad mode is part of a graph's guards)
+    def warm_up(self, model: "V4Model") -> None:
+        """Compile every piece for every layer kind before the first request, on zeros: one call with 3 rows (a
+        symbolic size from then on) and one with 1 (a size of 1 is a graph of its own), the attention with a key
+        count unlike its row count, so that no two symbolic sizes are traced as equal (a guard that recompiles)."""
+        c = model.cfg
+        zeros = lambda *shape, dtype=model.dtype: torch.zeros(*shape, dtype=dtype, device=model.device)
+        for rows in (3, 1):
+            x, ids = zeros(rows, c.hc_mult, c.hidden_size), zeros(rows, dtype=torch.long)
+            for block in model.layers:
+                if self.compiled and block.ffn.uses_grouped(x):
+                    block.ffn.stacked_experts()  # built once, eagerly: not inside a trace
+                (u, c_q, q, kv, cos, sin), post, comb = self.attn_enter(block, x, ids)
+                self.attn_leave(block, x, q, cos, sin, post, comb)
+                self.ffn_for(block, x)(block, x, ids, False)
+        q, keys, bias = zeros(3, c.num_attention_heads, c.head_dim), zeros(5, c.head_dim), zeros(3, 5, dtype=torch.float32)
+        self.attention(q, keys, bias, model.layers[0].attn.attn_sink, c.head_dim ** -0.5)
+
+
+def _symbolic(fn, varying):
+    """torch.compile(fn, fullgraph=True) with the `varying` dimensions of its tensor arguments symbolic from the first
+    call (the others stay fixed; a size of 0 or 1 gets its own graph)."""
+    compiled = torch.compile(fn, fullgraph=True)
+
+    def call(*args):
+        for t, dims in zip(args, varying):
+            for d in dims or ():
+                torch._dynamo.maybe_mark_dynamic(t, d)
+        return compiled(*args)
+    return call
+
+
+def attn_enter(block: "Block", x: torch.Tensor, positions: torch.Tensor):
+    """x [N, n, D] streams -> ((u, c_q, q, kv, cos, sin) of `Attention.project`, post, comb)."""
+    u, post, comb = block.enter("attn", x)
+    return (u, *block.attn.project(u, positions)), post, comb
+
+
+def attn_leave(block: "Block", x: torch.Tensor, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """The attention output o [N, H, d] back into the streams x [N, n, D]."""
+    return hc_expand(x, block.attn.output(o, cos, sin), post, comb)
+
+
+def ffn_sublayer(block: "Block", x: torch.Tensor, token_ids: torch.Tensor, static: bool) -> torch.Tensor:
+    """The whole MoE sublayer on the streams x [N, n, D] (`MoE.forward`'s static: a fixed-shape step's call)."""
+    u, post, comb = block.enter("ffn", x)
+    return hc_expand(x, block.ffn(u, token_ids, static), post, comb)
+
+
+EAGER_REGIONS = StepRegions()
 
 
 # ---- attention ------------------------------------------------------------------------------------------
@@ -193,6 +283,8 @@ class FreshEntries:
 
 
 class Attention(nn.Module):
+    regions = EAGER_REGIONS  # the StepBatch path's pieces (V4Model.use_regions)
+
     def __init__(self, cfg: V4Config, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
@@ -220,20 +312,28 @@ class Attention(nn.Module):
         Without `step`: the full causal forward of one sequence (positions 0..N-1), recomputing everything —
         the plain reference. With `step`: N is the concatenation of each sequence's chunk of new tokens; the
         chunks read and extend their cached state in `cache` (paged prefill and decode)."""
-        c_q, q, kv, cos, sin = self._project(u, positions)
+        c_q, q, kv, cos, sin = self.project(u, positions)
+        return self.output(self.attend(u, c_q, q, kv, positions, step, cache), cos, sin)
+
+    def attend(self, u, c_q, q, kv, positions, step: "StepBatch | None", cache: "LayerCache | None") -> torch.Tensor:
+        """The attention of the projected queries -> [N, H, d] (RoPE still applied): the full reference without
+        `step`, the fixed-shape decode step, or a `StepBatch`'s chunks over the paged cache."""
         if step is None:
-            o = self._attend(q, kv, positions, self._full_entries(u, c_q, positions), positions)
-        elif isinstance(step, DecodeBatch):
-            o = self._attend_static(u, c_q, q, kv, positions, step, cache)
-        else:
-            o = self._attend_cached(u, c_q, q, kv, positions, step, cache)
+            return self._attend(q, kv, positions, self._full_entries(u, c_q, positions), positions)
+        if isinstance(step, DecodeBatch):
+            return self._attend_static(u, c_q, q, kv, positions, step, cache)
+        return self._attend_cached(u, c_q, q, kv, positions, step, cache)
+
+    def output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Inverse RoPE, grouped low-rank output projection: o [N, H, d] -> [N, D]."""
         o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)
         G = self.cfg.o_groups
         wo_a = self.wo_a.weight if self.wo_a.fmt is None else self.wo_a.qweight().dequantize(o.dtype)
         z = torch.einsum("tgi,goi->tgo", o.reshape(o.shape[0], G, -1), wo_a.view(G, -1, wo_a.shape[-1]))
         return self.wo_b(z.flatten(1))
 
-    def _project(self, u: torch.Tensor, positions: torch.Tensor):
+    def project(self, u: torch.Tensor, positions: torch.Tensor):
+        """u [N, D] -> c_q [N, q_lora], q [N, H, d], kv [N, d] (normed, RoPE applied), cos, sin."""
         N, H, d = u.shape[0], self.n_heads, self.head_dim
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         c_q = self.q_norm(self.wq_a(u))                                     # [N, q_lora]
@@ -326,7 +426,7 @@ class Attention(nn.Module):
                                                        ent.bias)
                 keys = torch.cat([keys, entries.to(keys.dtype)])
                 bias = torch.cat([bias, entry_bias], dim=1)
-            out[r] = sink_attention(q[r], keys.to(q.dtype), bias, self.attn_sink, self.head_dim ** -0.5)
+            out[r] = self.regions.attention(q[r], keys.to(q.dtype), bias, self.attn_sink, self.head_dim ** -0.5)
         writes = step.ring_writes(self.window)                              # after every read
         lc.write_main(lc.swa, writes.slots, writes.rows, kv[writes.src])
         return out
@@ -603,6 +703,8 @@ class MoE(nn.Module):
 # ---- block and model ------------------------------------------------------------------------------------
 
 class Block(nn.Module):
+    regions = EAGER_REGIONS  # the StepBatch path's pieces (V4Model.use_regions)
+
     def __init__(self, cfg: V4Config, layer: int, expert_range: tuple[int, int],
                  expert_backend: ExpertBackend | None = None):
         super().__init__()
@@ -617,20 +719,20 @@ class Block(nn.Module):
             self.register_buffer(f"hc_{site}_base", _meta((2 + n) * n))
             self.register_buffer(f"hc_{site}_scale", _meta(3))
 
-    def _hc(self, site: str, x: torch.Tensor):
-        c = self.cfg
-        return mhc_weights(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
-                           getattr(self, f"hc_{site}_scale"), c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters)
+    def enter(self, site: str, x: torch.Tensor):
+        """The way into sublayer `site` ("attn", "ffn"): x [N, n, D] -> (u [N, D], post, comb)."""
+        c, norm = self.cfg, getattr(self, f"{site}_norm")
+        return hc_enter(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
+                        getattr(self, f"hc_{site}_scale"), norm.weight, c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor,
                 step: StepBatch | None = None, cache: LayerCache | None = None) -> torch.Tensor:
         """x [N, n, D] residual streams of N tokens (one whole sequence, or a step's chunks)."""
-        pre, post, comb = self._hc("attn", x)
-        y = self.attn(self.attn_norm(hc_collapse(x, pre)), positions, step, cache)
-        x = hc_expand(x, y, post, comb)
-        pre, post, comb = self._hc("ffn", x)
-        y = self.ffn(self.ffn_norm(hc_collapse(x, pre)), token_ids, isinstance(step, DecodeBatch))
-        return hc_expand(x, y, post, comb)
+        fns = self.regions if isinstance(step, StepBatch) else EAGER_REGIONS
+        (u, c_q, q, kv, cos, sin), post, comb = fns.attn_enter(self, x, positions)
+        o = self.attn.attend(u, c_q, q, kv, positions, step, cache)
+        x = fns.attn_leave(self, x, o, cos, sin, post, comb)
+        return fns.ffn_for(self, x)(self, x, token_ids, isinstance(step, DecodeBatch))
 
 
 class V4Model(nn.Module):
@@ -663,6 +765,14 @@ class V4Model(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_weight.device
+
+    regions = EAGER_REGIONS
+
+    def use_regions(self, regions: StepRegions) -> None:
+        """The pieces the variable-shape (`StepBatch`) step runs its mHC and prefill attention with."""
+        self.regions = regions
+        for block in self.layers:
+            block.regions = block.attn.regions = regions
 
     @property
     def experts_remote(self) -> bool:

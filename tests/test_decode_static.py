@@ -215,11 +215,15 @@ def test_the_compiled_engine_generates_what_the_eager_engine_does(tiny_ckpt):
         counters.clear()
         core = _engine(ckpt, "compiled")
         assert core.runner.graphs is not None and core.runner.graphs.compiled
+        assert core.runner.model.regions.compiled
+        # the decode step's B = 1 and B >= 2, and the StepBatch regions (attention in and out, the MoE sublayer of
+        # hash and top-k layers, at 1 row and at any count; the prefill attention): all compiled at start-up
+        assert counters["stats"]["unique_graphs"] == 2 + 4 * 2 + 1, dict(counters["stats"])
         compiled = _drain(core, greedy)
         first, second = _drain(core, seeded), _drain(core, [(f"again-{r}", p, s) for r, p, s in seeded])
         assert len({b for b, _ in core.runner.graphs.inputs}) >= 5, list(core.runner.graphs.inputs)
         assert {b for b, _ in core.runner.graphs.inputs} >= {1, 2}
-        assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # B = 1 and every B >= 2
+        assert counters["stats"]["unique_graphs"] == 2 + 4 * 2 + 1, dict(counters["stats"])  # nothing compiled later
     for rid, _, _ in greedy:
         ref, got = eager[rid], compiled[rid]
         for t, (a, b) in enumerate(zip(ref.token_ids, got.token_ids)):
@@ -232,6 +236,45 @@ def test_the_compiled_engine_generates_what_the_eager_engine_does(tiny_ckpt):
             assert len(ref.token_ids) == len(got.token_ids)
     for rid, _, _ in seeded:
         assert first[rid].token_ids == second[f"again-{rid}"].token_ids, rid
+
+
+@pytest.mark.timeout(600)  # a cold compile of the regions: about 45 s on 2 cores
+def test_compiled_step_regions_prefill_as_the_plain_ones(models):
+    """The StepBatch step with its regions compiled (mHC, projections, MoE sublayer, prefill attention as inductor
+    graphs, row counts symbolic): the logits of prompt batches of every shape (one prompt, several sharing an
+    attention group, chunks continuing cached sequences, a decode row beside them) equal the plain regions' within
+    LOGIT_TOL (inductor fuses and reorders fp32 sums: ulp-level drift), with no compile after the warm-up."""
+    from v4ray.model.v4 import EAGER_REGIONS, StepRegions
+
+    model = models["v4-tiny"]
+    lens = [3, 40, 130, 7, 300]
+    plans = [[(0, 0, 3)], [(1, 0, 40), (2, 0, 100), (3, 0, 7)], [(2, 100, 30), (4, 0, 200), (1, 40, 1)],
+             [(4, 200, 100), (0, 3, 1), (3, 7, 1)]]  # (sequence, first token, tokens) chunks per step
+    prompts = [parity_prompt(n + 1, seed=40 + i).tolist() for i, n in enumerate(lens)]
+    out = {}
+    for name in ("plain", "compiled"):
+        with torch._dynamo.config.patch(disable=False):
+            regions = EAGER_REGIONS if name == "plain" else StepRegions(compile_=True)
+            if regions.compiled:
+                torch._dynamo.reset()
+                counters.clear()
+                regions.warm_up(model)
+                assert counters["stats"]["unique_graphs"] == 4 * 2 + 1, dict(counters["stats"])  # compiled, not skipped
+                counters.clear()
+            model.use_regions(regions)
+            try:
+                cache = PagedKVCache(model.cfg, 16, 8)
+                seqs = [cache.allocate(n + 1) for n in lens]
+                out[name] = [model.step([t for i, a, n in plan for t in prompts[i][a:a + n]],
+                                        StepBatch.build(cache, [seqs[i] for i, _, _ in plan], [n for *_, n in plan]))
+                             for plan in plans]
+            finally:
+                model.use_regions(EAGER_REGIONS)
+            if regions.compiled:
+                assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+    for i, (ref, got) in enumerate(zip(out["plain"], out["compiled"])):
+        assert ref.shape == got.shape and (ref - got).abs().max() <= LOGIT_TOL, f"step {i}: {(ref - got).abs().max()}"
+        _greedy_agree(ref, got, f"step {i}")
 
 
 def test_a_step_with_prompt_chunks_runs_its_decodes_fixed_shape_beside_an_eager_prefill(models):
