@@ -48,7 +48,11 @@ class ExpertShard:
     def ping(self) -> bool:
         return True
 
-    def step(self) -> int:
+    def step(self, active: bool = True) -> int:
+        """Serve one lockstep step (every MoE layer's exchange); active False: the routers hold no request, the
+        step has no exchange."""
+        if not active:
+            return 0
         self.steps += 1
         return self.server.serve_step()
 

@@ -84,8 +84,11 @@ class Router:
     def abort(self, request_id: str) -> bool:
         return self.core.abort(request_id)
 
-    def engine_step(self) -> tuple[list, bool]:
-        """One lockstep step of this router's engine: schedule, run (or take part idly), sample."""
+    def engine_step(self, active: bool = True) -> tuple[list, bool]:
+        """One lockstep step of this router's engine: schedule, run (or take part idly), sample. active False: no
+        router of the replica holds a request (the driver knows), so no rank enters a layer's exchange."""
+        if not active:
+            return [], False
         t0 = time.perf_counter()
         ran = self.core.num_steps
         outs = self.core.step()

@@ -17,6 +17,7 @@ without `shutdown()` is released by a finalizer when it is garbage-collected.
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,23 +49,39 @@ class _Placed:
     def __init__(self):
         self.actors: list = []
         self.pg = None
+        self.graph = None   # the compiled step (ray.dag.CompiledDAG), once built
 
     def release(self) -> None:
-        """Kill the actors and remove the placement group; idempotent, never raises (Ray may be gone)."""
+        """Kill the actors, tear the compiled step down and remove the placement group; idempotent, never raises
+        (Ray may be gone). The actors go first: a rank that hangs inside a step would hold a teardown up."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        actors, pg, self.actors, self.pg = self.actors, self.pg, [], None
+        actors, pg, graph, self.actors, self.pg, self.graph = self.actors, self.pg, self.graph, [], None, None
         for a in actors:
             try:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already dead, or Ray shut down
                 pass
+        if graph is not None:   # on a thread: a rank on a host cut off holds a teardown until Ray gives the host up
+            t = threading.Thread(target=_teardown_quietly, args=(graph,), name="v4ray-step-graph-teardown", daemon=True)
+            t.start()
+            t.join(GRAPH_TEARDOWN_WAIT_S)
         if pg is not None:
             try:
                 remove_placement_group(pg)
             except Exception:  # noqa: BLE001
                 pass
+
+
+GRAPH_TEARDOWN_WAIT_S = 5.0   # how long a release waits for the step graph's teardown before leaving it to a thread
+
+
+def _teardown_quietly(graph) -> None:
+    try:
+        graph.teardown()
+    except Exception:  # noqa: BLE001 - its actors are gone: nothing left to release
+        pass
 
 
 _ENGINE_FIELDS = frozenset(EngineConfig.model_fields)
@@ -190,6 +207,8 @@ class Replica:
                                                 "rendezvous")
             self.start_info = self._get([a.start.remote(self.rendezvous_address) for a in self.ranks],
                                         c.start_timeout_s, "start")
+            if c.replica_control == "compiled_graph":
+                self._compile_step()
         except BaseException:
             self.shutdown()
             raise
@@ -244,9 +263,45 @@ class Replica:
                 shard_dtype, c.collective_timeout_s, device=c.device))
             self._placed.actors.append(self.shards[-1])
 
+    def run_step(self, active: bool) -> list:
+        """One lockstep step of every rank (the compiled step, or a Ray task per rank) -> the routers' (outputs,
+        has work), then the shards' results, in rank order."""
+        import ray
+
+        c = self.config
+        if self.failed:
+            raise ReplicaError(f"replica already failed ({self.failed}); shut it down and build a new one")
+        if self._placed.graph is None:
+            return self._get([a.engine_step.remote(active) for a in self.routers] +
+                             [s.step.remote(active) for s in self.shards], c.step_timeout_s, "step")
+        try:
+            ref = self._placed.graph.execute(active)
+        except ray.exceptions.RayError as e:   # a channel closed: a rank's graph thread is gone
+            self.failed = self._diagnose("step", e)
+            raise ReplicaError(self.failed) from e
+        return self._get(ref, c.step_timeout_s, "step")
+
     @property
     def ranks(self) -> list:
         return self.routers + self.shards
+
+    def _compile_step(self) -> None:
+        """The step as a Ray Compiled Graph (docs/architecture.md §4), built at start: the driver writes the step's
+        input (whether any router holds a request) into one shared-memory channel per rank, each rank's step runs
+        on its actor's graph thread as soon as it reads it, and the results come back the same way — one round trip
+        instead of a Ray task per rank. Only this process may execute it (the engine's step thread does).
+        Requests, aborts, pings and stats stay ordinary actor calls, served beside it."""
+        import ray
+        from ray.dag import InputNode, MultiOutputNode
+
+        with InputNode() as active:
+            dag = MultiOutputNode([a.engine_step.bind(active) for a in self.routers] +
+                                  [s.step.bind(active) for s in self.shards])
+        try:
+            self._placed.graph = dag.experimental_compile(_submit_timeout=self.config.step_timeout_s)
+        except ray.exceptions.RayError as e:   # a rank died since it started
+            self.failed = self._diagnose("compiling the step graph", e)
+            raise ReplicaError(self.failed) from e
 
     def role(self, rank: int) -> str:
         r = self.config.num_routers
@@ -360,9 +415,9 @@ class ReplicaEngine:
         r._get([a.ping.remote() for a in r.ranks], min(timeout_s, r.config.step_timeout_s), "health check")
 
     def step(self) -> list:
+        """One lockstep step of every rank. No request on any router: an empty step (no rank enters an exchange)."""
         r = self.replica
-        refs = [a.engine_step.remote() for a in r.routers] + [s.step.remote() for s in r.shards]
-        results = r._get(refs, r.config.step_timeout_s, "step")
+        results = r.run_step(active=bool(self.request_router))
         outs = [o for outs, _ in results[:len(r.routers)] for o in outs]
         for o in outs:
             if o.finished:

@@ -23,6 +23,9 @@ def check_custom_resources(field: str, resources: dict[str, float], who: str) ->
                              f"({who} reserves no CPU or GPU)")
 
 
+REPLICA_CONTROLS = ("compiled_graph", "tasks")
+
+
 class EngineConfig(BaseModel):
     """Model, dtype, layout, cache and limits of one engine (a model replica)."""
 
@@ -68,6 +71,9 @@ class EngineConfig(BaseModel):
                         "resource only the head node declares: a service on a host that dies costs every replica "
                         "its cache hits until Ray restarts it elsewhere. Empty: any node.")
     collective_timeout_s: float = Field(60.0, gt=0, description="Timeout of every all-to-all collective.")
+    replica_control: str = Field("compiled_graph", description="How a distributed replica drives its ranks each "
+                                 "step: compiled_graph (a Ray Compiled Graph: one shared-memory round trip to every "
+                                 "router and shard) or tasks (one Ray task per rank per step).")
 
     @field_validator("dtype")
     @classmethod
@@ -83,6 +89,13 @@ class EngineConfig(BaseModel):
         kind, _, index = v.partition(":")
         if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    @field_validator("replica_control")
+    @classmethod
+    def _replica_control(cls, v: str) -> str:
+        if v not in REPLICA_CONTROLS:
+            raise ValueError(f"replica_control must be one of {list(REPLICA_CONTROLS)}, got {v!r}")
         return v
 
     @field_validator("kv_cache_dtype")

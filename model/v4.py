@@ -158,11 +158,11 @@ class StepRegions:
         for rows in (3, 1):
             x, ids = zeros(rows, c.hc_mult, c.hidden_size), zeros(rows, dtype=torch.long)
             for block in model.layers:
-                if self.compiled and block.ffn.uses_grouped(x):
-                    block.ffn.stacked_experts()  # built once, eagerly: not inside a trace
                 (u, c_q, q, kv, cos, sin), post, comb = self.attn_enter(block, x, ids)
                 self.attn_leave(block, x, q, cos, sin, post, comb)
-                self.ffn_for(block, x)(block, x, ids, False)
+                if self.ffn_for(block, x) is not EAGER_REGIONS.ffn:  # never an exchange: no shard is listening
+                    block.ffn.stacked_experts()  # built once, eagerly: not inside a trace
+                    self.ffn(block, x, ids, False)
         q, keys, bias = zeros(3, c.num_attention_heads, c.head_dim), zeros(5, c.head_dim), zeros(3, 5, dtype=torch.float32)
         self.attention(q, keys, bias, model.layers[0].attn.attn_sink, c.head_dim ** -0.5)
 

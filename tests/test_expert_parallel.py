@@ -117,15 +117,17 @@ def _compare(dist_outs, ref_outs):
                     break
 
 
-@pytest.mark.parametrize("routers,shards", [(1, 2), (2, 2), (1, 3)])
-def test_layouts_equal_single_process(ray_session, tiny_ckpt, tmp_path, routers, shards):
+@pytest.mark.parametrize("routers,shards,control", [(1, 2, "compiled_graph"), (2, 2, "compiled_graph"),
+                                                    (1, 3, "compiled_graph"), (1, 2, "tasks")])
+def test_layouts_equal_single_process(ray_session, tiny_ckpt, tmp_path, routers, shards, control):
     ckpt = tiny_ckpt("v4-tiny")
     placement = ExpertPlacement.contiguous(8, shards)
     rep = Replica(ReplicaConfig(EngineConfig(model=str(ckpt), num_routers=routers, num_expert_shards=shards,
-                                             collective_timeout_s=60),
+                                             collective_timeout_s=60, replica_control=control),
                                 shard_resources={"CPU": 1, "expert_slot": 1},
                                 shard_model_dirs=_shard_copies(ckpt, tmp_path, placement))).start()
     try:
+        assert (rep._placed.graph is not None) == (control == "compiled_graph")
         info = rep.actor_info()
         shard_nodes = [i["node_id"] for i in info if i["role"] == "expert_shard"]
         assert len(set(shard_nodes)) == shards, "two shards share a node"
@@ -225,6 +227,38 @@ def test_killed_shard_fails_fast_and_replica_rebuilds(ray_session, tiny_ckpt):
     llm.shutdown()
     with LLM(model=ckpt, dtype="float32", num_expert_shards=2) as rebuilt:
         assert rebuilt.generate(prompt, greedy)[0].outputs[0].token_ids == want
+
+
+def test_a_stopped_shard_fails_the_compiled_step_within_the_collective_timeout(ray_session, tiny_ckpt):
+    """The compiled step graph keeps failure detection: a shard that stops answering mid-generation (SIGSTOP, as a
+    hung process or a host cut off looks) fails the step within the collective timeout, the error names it, the
+    teardown does not wait on it, and the routers answered ordinary calls beside the graph all along."""
+    from v4ray import LLM, SamplingParams
+
+    ckpt = tiny_ckpt("v4-tiny")
+    timeout_s = 5.0
+    llm = LLM(model=ckpt, dtype="float32", num_expert_shards=2, collective_timeout_s=timeout_s,
+              replica_options={"step_timeout_s": 3 * timeout_s})
+    assert llm.replica._placed.graph is not None   # the default control path
+    victim = next(i for i in llm.replica.actor_info() if i["role"] == "expert_shard")
+    stopper = threading.Timer(1.5, os.kill, (victim["pid"], signal.SIGSTOP))
+    stopper.start()
+    t0 = time.time()
+    try:
+        with pytest.raises(ReplicaError, match=f"not answering: rank {victim['rank']} \\(expert shard "
+                                               f"{victim['shard']}\\)"):
+            llm.generate({"prompt_token_ids": parity_prompt(100, seed=3).tolist()},
+                         SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True))
+        assert time.time() - t0 < 1.5 + timeout_s + 5 + 10   # the collective timeout, then a 5 s probe of each rank
+        t1 = time.time()
+        llm.shutdown()   # kills the stopped process too
+        assert time.time() - t1 < 15
+    finally:
+        stopper.cancel()
+        try:
+            os.kill(victim["pid"], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
 
 # ---- the exchange alone: one process per rank, a real gloo group, tensors followed as device-resident ----------
