@@ -157,11 +157,15 @@ class RouterExchange:
         self.holders, self.copies = holders.to(self.device), copies.to(self.device)
         self.timer = PhaseTimer()
         self.host_reads = 0   # device->host reads of split sizes (one per MoE layer of a variable-size exchange)
+        self.dry = False
 
     def route(self, layer: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
               static: bool = False) -> torch.Tensor:
         """x [N, D], weights/idx [N, K] -> sum_k w_k Expert_{idx_k}(x) [N, D] fp32, experts on the shards.
-        static: fixed-capacity dispatch (a fixed-shape decode step: no host read, no data-dependent shape)."""
+        static: fixed-capacity dispatch (a fixed-shape decode step: no host read, no data-dependent shape).
+        While `dry` (the router compiling its step alone, engine/graphs.py) it meets no one and returns zeros."""
+        if self.dry:
+            return torch.zeros(x.shape[0], self.hidden, device=x.device)
         if static:
             return self._route_fixed(x, weights, idx)
         t0 = time.perf_counter()

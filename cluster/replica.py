@@ -51,22 +51,25 @@ class _Placed:
         self.pg = None
         self.graph = None   # the compiled step (ray.dag.CompiledDAG), once built
 
-    def release(self) -> None:
-        """Kill the actors, tear the compiled step down and remove the placement group; idempotent, never raises
-        (Ray may be gone). The actors go first: a rank that hangs inside a step would hold a teardown up."""
+    def release(self, healthy: bool = True) -> None:
+        """Tear the compiled step down, kill the actors and remove the placement group; idempotent, never raises
+        (Ray may be gone). The teardown runs on a thread and is waited for at most GRAPH_TEARDOWN_WAIT_S (a rank on
+        a host cut off would hold it until Ray gives the host up): before the kills while every rank is healthy (a
+        channel must not be written after its reader died), after them once one has failed (a hung rank would
+        not let it finish)."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
         actors, pg, graph, self.actors, self.pg, self.graph = self.actors, self.pg, self.graph, [], None, None
+        if graph is not None and healthy:
+            _teardown_bounded(graph)
         for a in actors:
             try:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already dead, or Ray shut down
                 pass
-        if graph is not None:   # on a thread: a rank on a host cut off holds a teardown until Ray gives the host up
-            t = threading.Thread(target=_teardown_quietly, args=(graph,), name="v4ray-step-graph-teardown", daemon=True)
-            t.start()
-            t.join(GRAPH_TEARDOWN_WAIT_S)
+        if graph is not None and not healthy:
+            _teardown_bounded(graph)
         if pg is not None:
             try:
                 remove_placement_group(pg)
@@ -77,11 +80,16 @@ class _Placed:
 GRAPH_TEARDOWN_WAIT_S = 5.0   # how long a release waits for the step graph's teardown before leaving it to a thread
 
 
-def _teardown_quietly(graph) -> None:
-    try:
-        graph.teardown()
-    except Exception:  # noqa: BLE001 - its actors are gone: nothing left to release
-        pass
+def _teardown_bounded(graph) -> None:
+    def teardown() -> None:
+        try:
+            graph.teardown()
+        except Exception:  # noqa: BLE001 - its actors are gone: nothing left to release
+            pass
+
+    t = threading.Thread(target=teardown, name="v4ray-step-graph-teardown", daemon=True)
+    t.start()
+    t.join(GRAPH_TEARDOWN_WAIT_S)
 
 
 _ENGINE_FIELDS = frozenset(EngineConfig.model_fields)
@@ -309,7 +317,7 @@ class Replica:
 
     def shutdown(self) -> None:
         """Kill every rank and remove the placement group this replica created (idempotent)."""
-        self._placed.release()
+        self._placed.release(healthy=not self.failed)
         self.routers, self.shards, self.pg = [], [], None
 
     # ---- health -----------------------------------------------------------------------------------------

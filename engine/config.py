@@ -71,9 +71,11 @@ class EngineConfig(BaseModel):
                         "resource only the head node declares: a service on a host that dies costs every replica "
                         "its cache hits until Ray restarts it elsewhere. Empty: any node.")
     collective_timeout_s: float = Field(60.0, gt=0, description="Timeout of every all-to-all collective.")
-    replica_control: str = Field("compiled_graph", description="How a distributed replica drives its ranks each "
-                                 "step: compiled_graph (a Ray Compiled Graph: one shared-memory round trip to every "
-                                 "router and shard) or tasks (one Ray task per rank per step).")
+    replica_control: str = Field("tasks", description="How a distributed replica drives its ranks each step: tasks "
+                                 "(one Ray task per rank per step) or compiled_graph (a Ray Compiled Graph: one "
+                                 "shared-memory round trip to every router and shard; opt-in: in Ray 2.60 a rank "
+                                 "dying mid-step with ranks on several nodes crashed a raylet, docs/architecture.md "
+                                 "§4).")
 
     @field_validator("dtype")
     @classmethod

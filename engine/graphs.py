@@ -30,11 +30,19 @@ import torch
 
 from v4ray.kernels.backend import kernel_backend
 from v4ray.model.kv_cache import DecodeBatch, DecodeInputs, PagedKVCache, SeqCache
-from v4ray.model.v4 import V4Model
+from v4ray.model.v4 import V4Model, layer_after_exchange, layer_until_exchange
 
 log = logging.getLogger(__name__)
 
 CPU_INPUTS_KEPT = 64  # (B, W) input buffers kept on the CPU, where every size is a bucket (a few KiB each)
+
+
+class _LayerWrites(DecodeBatch):
+    """A DecodeBatch for one layer's graph: its cache writes are collected as (pool, index, value); the caller knows
+    the layer."""
+
+    def put(self, layer: int, pool: str, index: tuple, value: torch.Tensor) -> None:
+        self.deferred.append((pool, index, value))
 
 
 def bucket_sizes(limit: int, smallest: int = 1) -> list[int]:
@@ -62,9 +70,12 @@ class DecodeGraphs:
         """compiled: False runs the fixed-shape step as it is (the eager reference of the compiled step, and what
         the device-provenance tests follow op by op)."""
         self.model, self.cache = model, cache
-        if compiled and model.experts_remote:
-            log.warning("an expert-parallel router runs the fixed-shape decode step uncompiled (with fixed-capacity "
-                        "dispatch): its all-to-all is not compiled or captured in a CUDA graph yet")
+        # An expert-parallel router's step holds every MoE layer's exchange. On the CPU it is compiled as the
+        # graphs between the exchanges (`_router_step`); on CUDA the collectives are not captured yet.
+        self.remote = model.experts_remote
+        if compiled and self.remote and cache.device.type == "cuda":
+            log.warning("an expert-parallel router runs the fixed-shape decode step uncompiled on CUDA (with "
+                        "fixed-capacity dispatch): its all-to-all is not captured in a CUDA graph yet")
             compiled = False
         if compiled and cache.device.type == "cpu" and torch._dynamo.config.disable:
             log.warning("torch.compile is disabled (TORCH_COMPILE_DISABLE): the decode step runs uncompiled")
@@ -82,8 +93,16 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None  # CUDA graphs' shared memory pool
         self.compiled = compiled  # torch.compile on the CPU, CUDA graphs on CUDA; False: the step as it is
-        self._step = (torch.compile(self._deferred_step, fullgraph=True, dynamic=None)
-                      if compiled and not self.cuda else self._deferred_step)
+        if compiled and self.remote:
+            # one graph per layer kind and bucket kind (B = 1 or more) on each side of the exchange; dynamo's
+            # default limit of 8 per function is below that for the real configs' layer kinds
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._until = torch.compile(self._until_exchange, fullgraph=True, dynamic=None)
+            self._after = torch.compile(layer_after_exchange, fullgraph=True, dynamic=None)
+            self._step = self._router_step
+        else:
+            self._step = (torch.compile(self._deferred_step, fullgraph=True, dynamic=None)
+                          if compiled and not self.cuda else self._deferred_step)
 
     def fits(self, num_seqs: int, longest_table: int) -> bool:
         return num_seqs <= self.max_batch and longest_table <= self.max_width
@@ -101,10 +120,11 @@ class DecodeGraphs:
         inputs = self.inputs[key] = DecodeInputs(self.cache, *key)
         if not self.cuda:
             if self.compiled:  # one compiled graph for B = 1, one for every B >= 2; W symbolic in both
+                mark = torch._dynamo.maybe_mark_dynamic if self.remote else torch._dynamo.mark_dynamic
                 if key[0] > 1:
                     for t in (inputs.token_ids, inputs.positions, inputs.slots, inputs.real, inputs.block_tables):
-                        torch._dynamo.mark_dynamic(t, 0)
-                torch._dynamo.mark_dynamic(inputs.block_tables, 1)
+                        mark(t, 0)
+                mark(inputs.block_tables, 1)
             if len(self.inputs) > CPU_INPUTS_KEPT:
                 self.inputs.popitem(last=False)
         return inputs
@@ -113,6 +133,27 @@ class DecodeGraphs:
     def _deferred_step(self, token_ids, positions, slots, block_tables, real):
         batch = DecodeBatch(self.cache, token_ids, positions, slots, block_tables, real, deferred=[])
         return self.model.decode(batch), batch.deferred
+
+    def _until_exchange(self, block, cache_layer, x, token_ids, positions, slots, block_tables, real):
+        batch = _LayerWrites(self.cache, token_ids, positions, slots, block_tables, real, deferred=[])
+        return layer_until_exchange(block, cache_layer, x, batch), batch.deferred
+
+    def _router_step(self, token_ids, positions, slots, block_tables, real):
+        """A router's step: per layer, one graph up to the exchange, the exchange itself (eager: its collectives),
+        one graph after it. The graphs take the block as an argument, so the layers of a kind share them; their
+        cache writes come back without the layer index, which would specialize a graph per layer."""
+        model, writes = self.model, []
+        x = model._embed(token_ids)
+        for i, (block, cache_layer) in enumerate(zip(model.layers, self.cache.layers)):
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+            (x, u, weights, idx, shared, post, comb), deferred = self._until(block, cache_layer, x, token_ids,
+                                                                             positions, slots, block_tables, real)
+            writes += [(i, *w) for w in deferred]
+            routed = block.ffn.route(u, weights, idx, static=True)
+            for t in (x, routed, shared, post, comb):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            x = self._after(x, routed, shared, post, comb)
+        return model.logits(x), writes
 
     def run(self, seqs: list[SeqCache], token_ids: list[int]) -> torch.Tensor:
         """One decode step of `seqs` (their blocks already appended) -> logits [len(seqs), V] fp32. The caller
@@ -160,12 +201,20 @@ class DecodeGraphs:
         # stderr, not only the log: a Serve replica or Ray actor shows it in its .err log whatever its log level
         print("v4ray: compiling the fixed-shape decode step (torch.compile, inductor, two graphs; about two minutes "
               "cold on 2 cores, seconds from the disk cache)...", file=sys.stderr, flush=True)
-        for rows in (2, 1):  # the graph of every B >= 2, then B = 1's
-            batch = self._inputs((rows, 2)).padding()
-            if rows == 2:
-                self.model.decode(batch)  # eager first: lazily built state (stacked experts) exists before tracing
-            _, writes = self._step(batch.token_ids, batch.positions, batch.slots, batch.block_tables, batch.real)
-            batch.apply_writes(writes)
+        exchanges = {id(b.ffn.expert_backend): b.ffn.expert_backend for b in self.model.layers
+                     if b.ffn.expert_backend is not None}
+        for ex in exchanges.values():
+            ex.dry = True   # a router compiles alone: its exchanges answer zeros without meeting the shards
+        try:
+            for rows in (2, 1):  # the graph of every B >= 2, then B = 1's
+                batch = self._inputs((rows, 2)).padding()
+                if rows == 2:
+                    self.model.decode(batch)  # eager first: lazily built state (stacked experts) exists before tracing
+                _, writes = self._step(batch.token_ids, batch.positions, batch.slots, batch.block_tables, batch.real)
+                batch.apply_writes(writes)
+        finally:
+            for ex in exchanges.values():
+                ex.dry = False
         spent = time.perf_counter() - t0
         print(f"v4ray: decode step compiled in {spent:.1f} s", file=sys.stderr, flush=True)
         return spent

@@ -192,6 +192,22 @@ def attn_leave(block: "Block", x: torch.Tensor, o: torch.Tensor, cos: torch.Tens
     return hc_expand(x, block.attn.output(o, cos, sin), post, comb)
 
 
+def layer_until_exchange(block: "Block", cache: LayerCache, x: torch.Tensor, batch: DecodeBatch):
+    """An expert-parallel router's fixed-shape layer up to its exchange: attention, the way into the MoE sublayer,
+    gate and shared expert. -> (x, u, routing weights, expert ids, shared expert output, post, comb)."""
+    (u, c_q, q, kv, cos, sin), post, comb = attn_enter(block, x, batch.positions)
+    x = attn_leave(block, x, block.attn.attend(u, c_q, q, kv, batch.positions, batch, cache), cos, sin, post, comb)
+    u, post, comb = block.enter("ffn", x)
+    weights, idx = block.ffn.gate(u, batch.token_ids)
+    return x, u, weights, idx, block.ffn.shared(u), post, comb
+
+
+def layer_after_exchange(x: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor, post: torch.Tensor,
+                         comb: torch.Tensor) -> torch.Tensor:
+    """The rest of the layer once the exchange returned the routed experts' sum: MoE combine, mHC expansion."""
+    return hc_expand(x, MoE.combine(routed, shared, x.dtype), post, comb)
+
+
 def ffn_sublayer(block: "Block", x: torch.Tensor, token_ids: torch.Tensor, static: bool) -> torch.Tensor:
     """The whole MoE sublayer on the streams x [N, n, D] (`MoE.forward`'s static: a fixed-shape step's call)."""
     u, post, comb = block.enter("ffn", x)
@@ -697,7 +713,12 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, static: bool = False) -> torch.Tensor:
         weights, idx = self.gate(x, token_ids)                              # gate
         routed = self.route(x, weights, idx, static)                        # expert compute (local or all-to-all)
-        return (routed + self.shared(x).float()).to(x.dtype)                # combine
+        return self.combine(routed, self.shared(x), x.dtype)
+
+    @staticmethod
+    def combine(routed: torch.Tensor, shared: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Routed experts' sum (fp32) plus the shared expert's output, in the layer's dtype."""
+        return (routed + shared.float()).to(dtype)
 
 
 # ---- block and model ------------------------------------------------------------------------------------
