@@ -77,11 +77,13 @@ class EngineConfig(BaseModel):
                                  "dying mid-step with ranks on several nodes crashed a raylet, docs/architecture.md "
                                  "§4).")
 
-    @field_validator("dtype")
+    @field_validator("dtype", "replica_control", "kv_cache_dtype")
     @classmethod
-    def _dtype(cls, v: str) -> str:
-        if v not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {v!r}")
+    def _one_of(cls, v: str, info) -> str:
+        allowed = {"dtype": DTYPES, "replica_control": REPLICA_CONTROLS,
+                   "kv_cache_dtype": KV_CACHE_DTYPES}[info.field_name]
+        if v not in allowed:
+            raise ValueError(f"{info.field_name} must be one of {list(allowed)}, got {v!r}")
         return v
 
     @field_validator("device")
@@ -91,20 +93,6 @@ class EngineConfig(BaseModel):
         kind, _, index = v.partition(":")
         if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
-        return v
-
-    @field_validator("replica_control")
-    @classmethod
-    def _replica_control(cls, v: str) -> str:
-        if v not in REPLICA_CONTROLS:
-            raise ValueError(f"replica_control must be one of {list(REPLICA_CONTROLS)}, got {v!r}")
-        return v
-
-    @field_validator("kv_cache_dtype")
-    @classmethod
-    def _kv_cache_dtype(cls, v: str) -> str:
-        if v not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {v!r}")
         return v
 
     @model_validator(mode="after")
