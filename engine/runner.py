@@ -9,6 +9,8 @@ prefixes in and out of an optional prefix cache (duck-typed: `lookup(tokens, max
 from __future__ import annotations
 
 import logging
+import sys
+import time
 
 import torch
 
@@ -46,8 +48,12 @@ class ModelRunner:
         compile_regions = (decode_step == "compiled" and kernel_backend(model.device) == "torch"
                            and not torch._dynamo.config.disable)
         model.use_regions(StepRegions(compile_=True) if compile_regions else EAGER_REGIONS)
-        if compile_regions:
+        if compile_regions:   # stderr, as the decode step's line: a Ray actor's .err log shows it at any log level
+            t0 = time.perf_counter()
+            print("v4ray: compiling the prefill regions (torch.compile, inductor; about 45 s cold for a tiny preset on "
+                  "2 cores, seconds from the disk cache)...", file=sys.stderr, flush=True)
             model.regions.warm_up(model)
+            print(f"v4ray: prefill regions compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         if decode_step != "eager":
             problem = static_decode_problem(model)
             if problem:
