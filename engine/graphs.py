@@ -201,9 +201,8 @@ class DecodeGraphs:
         # stderr, not only the log: a Serve replica or Ray actor shows it in its .err log whatever its log level
         print("v4ray: compiling the fixed-shape decode step (torch.compile, inductor, two graphs; about two minutes "
               "cold on 2 cores, seconds from the disk cache)...", file=sys.stderr, flush=True)
-        exchanges = {id(b.ffn.expert_backend): b.ffn.expert_backend for b in self.model.layers
-                     if b.ffn.expert_backend is not None}
-        for ex in exchanges.values():
+        exchanges = {b.ffn.expert_backend for b in self.model.layers} - {None}
+        for ex in exchanges:
             ex.dry = True   # a router compiles alone: its exchanges answer zeros without meeting the shards
         try:
             for rows in (2, 1):  # the graph of every B >= 2, then B = 1's
@@ -213,7 +212,7 @@ class DecodeGraphs:
                 _, writes = self._step(batch.token_ids, batch.positions, batch.slots, batch.block_tables, batch.real)
                 batch.apply_writes(writes)
         finally:
-            for ex in exchanges.values():
+            for ex in exchanges:
                 ex.dry = False
         spent = time.perf_counter() - t0
         print(f"v4ray: decode step compiled in {spent:.1f} s", file=sys.stderr, flush=True)

@@ -321,19 +321,12 @@ class Attention(nn.Module):
         yarn = None if self.kind == SWA else cfg.yarn
         self.register_buffer("inv_freq", yarn_inv_freq(cfg.qk_rope_head_dim, theta, yarn), persistent=False)
 
-    def forward(self, u: torch.Tensor, positions: torch.Tensor, step: "StepBatch | None" = None,
-                cache: "LayerCache | None" = None) -> torch.Tensor:
-        """u [N, D] (attn_norm output) at `positions` [N] -> [N, D].
-
-        Without `step`: the full causal forward of one sequence (positions 0..N-1), recomputing everything —
-        the plain reference. With `step`: N is the concatenation of each sequence's chunk of new tokens; the
-        chunks read and extend their cached state in `cache` (paged prefill and decode)."""
-        c_q, q, kv, cos, sin = self.project(u, positions)
-        return self.output(self.attend(u, c_q, q, kv, positions, step, cache), cos, sin)
-
     def attend(self, u, c_q, q, kv, positions, step: "StepBatch | None", cache: "LayerCache | None") -> torch.Tensor:
-        """The attention of the projected queries -> [N, H, d] (RoPE still applied): the full reference without
-        `step`, the fixed-shape decode step, or a `StepBatch`'s chunks over the paged cache."""
+        """The attention of the projected queries (`project`; `output` takes it on) -> [N, H, d], RoPE still applied.
+        Without `step`: the full causal forward of one sequence (positions 0..N-1), recomputing everything — the
+        plain reference. With a `StepBatch`: N is the concatenation of each sequence's chunk of new tokens, which
+        read and extend their cached state in `cache` (paged prefill and decode). With a `DecodeBatch`: the
+        fixed-shape decode step."""
         if step is None:
             return self._attend(q, kv, positions, self._full_entries(u, c_q, positions), positions)
         if isinstance(step, DecodeBatch):
