@@ -19,6 +19,13 @@ The used counts travel in the counts exchange, computed on the device; the shard
 (their own step is not captured), compute only the used rows and return zeros for the rest. The collectives per
 layer stay the same three, so a router in a decode step and one in a prefill step still meet in lockstep.
 
+Micro-batches (ping-pong, docs/architecture.md §4): a step may run every MoE layer's exchange `micro_batches` times
+(the driver chooses per step, every rank follows). A router that split its decode batch starts micro-batch A's
+exchange without waiting (`start`: the three collectives issued asynchronously, fixed capacity), computes B's
+attention and gating while the shards run A's experts, starts B's exchange, and only then waits for A's combine
+(`finish`). A router with one batch (a prefill step, a small batch) sends it as the first micro-batch and an empty
+one after it, so the collectives stay in the same order on every rank.
+
 Every buffer, count and index lives on the rank's `device` (NCCL takes CUDA tensors only); routing tables are
 computed there, and a shard counts the rows each expert serves in a device tensor read only by `stats()`.
 """
@@ -29,7 +36,8 @@ import itertools
 import os
 import socket
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from dataclasses import dataclass
 from datetime import timedelta
 from urllib.parse import urlsplit
 
@@ -123,15 +131,29 @@ def init_group(address: str, rank: int, world_size: int, timeout_s: float, liste
 
 
 class PhaseTimer:
-    """Accumulated seconds per phase and call counts, for statistics."""
+    """Accumulated seconds per phase, and the last BUSY_KEPT intervals a rank computed (perf_counter: one monotonic
+    clock for every process of a host), from which a benchmark measures how much routers and shards overlap."""
+
+    BUSY_KEPT = 8192
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
+        self.busy: deque[tuple[float, float]] = deque(maxlen=self.BUSY_KEPT)
+        self._busy_since: float | None = None
 
     def add(self, phase: str, t0: float) -> float:
         now = time.perf_counter()
         self.seconds[phase] += now - t0
         return now
+
+    def computing(self, on: bool) -> None:
+        """Mark where this rank starts (on) or stops (off) computing; a repeated mark is ignored."""
+        now = time.perf_counter()
+        if on and self._busy_since is None:
+            self._busy_since = now
+        elif not on and self._busy_since is not None:
+            self.busy.append((self._busy_since, now))
+            self._busy_since = None
 
 
 def _exchange_counts(send: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
@@ -142,6 +164,18 @@ def _exchange_counts(send: torch.Tensor) -> tuple[list[int], list[int], list[int
     dist.all_to_all_single(recv, send)
     sent, got = torch.stack([send, recv]).tolist()   # the one sync of this layer
     return [s for s, _ in sent], [r for r, _ in got], [u for _, u in got]
+
+
+@dataclass
+class InFlight:
+    """A started fixed-capacity exchange (`RouterExchange.start`): its collectives' works, the send buffers they read
+    until they complete, the combine's receive buffer and where each routed row goes back. back None: a dry one."""
+    num_tokens: int
+    works: tuple = ()
+    sent: tuple = ()
+    back: torch.Tensor | None = None
+    place: torch.Tensor | None = None
+    tok: torch.Tensor | None = None
 
 
 class RouterExchange:
@@ -158,16 +192,27 @@ class RouterExchange:
         self.timer = PhaseTimer()
         self.host_reads = 0   # device->host reads of split sizes (one per MoE layer of a variable-size exchange)
         self.dry = False
+        self.micro_batches = 1   # exchanges per MoE layer in this step: the driver's choice, set by Router.engine_step
+        self.ping_pong_steps = 0   # decode steps run as two micro-batches (engine/graphs.py counts them)
+        dev = self.device
+        self._no_rows = (torch.empty(0, hidden, device=dev), torch.empty(0, 1, device=dev),
+                         torch.empty(0, 1, dtype=torch.long, device=dev))
 
     def route(self, layer: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
               static: bool = False) -> torch.Tensor:
-        """x [N, D], weights/idx [N, K] -> sum_k w_k Expert_{idx_k}(x) [N, D] fp32, experts on the shards.
+        """x [N, D], weights/idx [N, K] -> sum_k w_k Expert_{idx_k}(x) [N, D] fp32, experts on the shards, as this
+        layer's first micro-batch (and empty ones after it, when the step has more).
         static: fixed-capacity dispatch (a fixed-shape decode step: no host read, no data-dependent shape).
         While `dry` (the router compiling its step alone, engine/graphs.py) it meets no one and returns zeros."""
         if self.dry:
             return torch.zeros(x.shape[0], self.hidden, device=x.device)
-        if static:
-            return self._route_fixed(x, weights, idx)
+        routed = self.finish(self.start(x, weights, idx)) if static else self._route_variable(x, weights, idx)
+        for _ in range(self.micro_batches - 1):
+            self.finish(self.start(*self._no_rows))
+        return routed
+
+    def _route_variable(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """`route` with the split sizes read back to the host: exactly the rows each shard is sent."""
         t0 = time.perf_counter()
         dev, D = self.device, self.hidden
         flat_e = idx.reshape(-1)
@@ -179,6 +224,7 @@ class RouterExchange:
         payload = torch.cat([x[tok].float(), flat_e[order].float()[:, None],
                              weights.reshape(-1)[order].float()[:, None]], dim=1)      # [M, D + 2]
         t0 = self.timer.add("router_prepare", t0)
+        self.timer.computing(False)
         send_sizes, recv_sizes, _ = _exchange_counts(torch.stack([send_counts, send_counts], dim=1))
         self.host_reads += 1
         recv = torch.empty(sum(recv_sizes), D + 2, device=dev)   # routers receive none
@@ -186,15 +232,19 @@ class RouterExchange:
         t0 = self.timer.add("dispatch", t0)
         back = torch.empty(payload.shape[0], D, device=dev)
         dist.all_to_all_single(back, torch.empty(0, D, device=dev), send_sizes, recv_sizes)
-        t0 = self.timer.add("combine", t0)
+        self.timer.add("combine", t0)
+        self.timer.computing(True)
         return combine_rows(idx.shape[0], tok, back)
 
-    def _route_fixed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """`route` with a block of C = N * K rows per shard: the place of each row in its shard's block comes from
-        a sort and a count on the device; the split sizes are constants of (N, K)."""
+    def start(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> InFlight:
+        """Start one micro-batch's exchange with a block of C = N * K rows per shard, without waiting: the place of each
+        row in its shard's block comes from a sort and a count on the device, the split sizes are constants of
+        (N, K), and the three collectives (counts, dispatch, combine) are issued asynchronously. `finish` waits."""
+        N, K = idx.shape
+        if self.dry:
+            return InFlight(N)
         t0 = time.perf_counter()
         dev, D, R = self.device, self.hidden, self.num_routers
-        N, K = idx.shape
         C, S = N * K, self.world - R
         flat_e = idx.reshape(-1)
         rows = torch.arange(C, device=dev)
@@ -211,20 +261,29 @@ class RouterExchange:
         block[R:, 0] = C
         block[R:, 1] = counts
         t0 = self.timer.add("router_prepare", t0)
-        dist.all_to_all_single(torch.empty_like(block), block)
-        dist.all_to_all_single(torch.empty(0, D + 2, device=dev), payload, none, sizes)
-        t0 = self.timer.add("dispatch", t0)
         back = torch.empty(S * C, D, device=dev)
-        dist.all_to_all_single(back, torch.empty(0, D, device=dev), sizes, none)
+        works = (dist.all_to_all_single(torch.empty_like(block), block, async_op=True),
+                 dist.all_to_all_single(torch.empty(0, D + 2, device=dev), payload, none, sizes, async_op=True),
+                 dist.all_to_all_single(back, torch.empty(0, D, device=dev), sizes, none, async_op=True))
+        self.timer.add("dispatch", t0)
+        return InFlight(N, works, (block, payload), back, place, tok)
+
+    def finish(self, flight: InFlight) -> torch.Tensor:
+        """Wait for a started exchange (within the collective timeout) -> the micro-batch's routed sum [N, D] fp32."""
+        if flight.back is None:
+            return torch.zeros(flight.num_tokens, self.hidden, device=self.device)
+        t0 = time.perf_counter()
+        self.timer.computing(False)
+        for work in flight.works:
+            work.wait()
         self.timer.add("combine", t0)
-        return combine_rows(N, tok, back[place])
+        self.timer.computing(True)
+        return combine_rows(flight.num_tokens, flight.tok, flight.back[flight.place])
 
     def idle(self, num_layers: int) -> None:
-        """Take part in a step with no tokens of our own."""
-        dev = self.device
-        empty = torch.empty(0, self.hidden, device=dev)
-        for layer in range(num_layers):
-            self.route(layer, empty, torch.empty(0, 1, device=dev), torch.empty(0, 1, dtype=torch.long, device=dev))
+        """Take part in a step with no tokens of our own: every micro-batch of every layer, empty."""
+        for _ in range(num_layers * self.micro_batches):
+            self.finish(self.start(*self._no_rows))
 
 
 class ShardServer:
@@ -244,32 +303,39 @@ class ShardServer:
         # rows served per layer and global expert id, counted on the device; read only by tokens_per_expert()
         self.expert_rows = torch.zeros(len(experts), max(ids, default=-1) + 1, dtype=torch.long, device=dev)
 
-    def serve_step(self) -> int:
-        rows_served, D = 0, self.hidden
-        for layer, experts in enumerate(self.experts):
-            t0 = time.perf_counter()
-            send_sizes, recv_sizes, used = _exchange_counts(self.no_rows)
-            recv = torch.empty(sum(recv_sizes), D + 2, device=self.device)
-            dist.all_to_all_single(recv, self.none_in, recv_sizes, send_sizes)
-            t0 = self.timer.add("dispatch_wait", t0)
-            # A fixed-capacity block's used rows come first: slices by host-known counts, no index tensor.
-            starts = [0, *itertools.accumulate(recv_sizes)]
-            spans = [(a, a + u) for a, u, n in zip(starts, used, recv_sizes) if u]
-            rows = recv if used == recv_sizes else torch.cat([recv[a:b] for a, b in spans] or [recv[:0]])
-            x, e, w = rows[:, :D].to(self.dtype), rows[:, D].long(), rows[:, D + 1]
-            y = expert_mlp(x, e, w, experts, self.limit).float()
-            if used != recv_sizes:   # back into the blocks; the unused rows return zeros
-                full, at = torch.zeros(recv.shape[0], D, device=self.device), 0
-                for a, b in spans:
-                    full[a:b] = y[at:at + b - a]
-                    at += b - a
-                y = full
-            self.expert_rows[layer].scatter_add_(0, e, torch.ones_like(e))
-            rows_served += x.shape[0]
-            t0 = self.timer.add("expert", t0)
-            dist.all_to_all_single(self.none_out, y, send_sizes, recv_sizes)
-            self.timer.add("combine", t0)
-        return rows_served
+    def serve_step(self, micro_batches: int = 1) -> int:
+        """Serve one step: every MoE layer's exchange, `micro_batches` times per layer (the routers' micro-batches, in
+        their order). -> (token, expert) rows served."""
+        return sum(self._serve(layer, experts) for layer, experts in enumerate(self.experts)
+                   for _ in range(micro_batches))
+
+    def _serve(self, layer: int, experts: dict) -> int:
+        """One micro-batch of one MoE layer: receive its rows, run the experts, send the results back."""
+        D = self.hidden
+        t0 = time.perf_counter()
+        send_sizes, recv_sizes, used = _exchange_counts(self.no_rows)
+        recv = torch.empty(sum(recv_sizes), D + 2, device=self.device)
+        dist.all_to_all_single(recv, self.none_in, recv_sizes, send_sizes)
+        t0 = self.timer.add("dispatch_wait", t0)
+        # A fixed-capacity block's used rows come first: slices by host-known counts, no index tensor.
+        starts = [0, *itertools.accumulate(recv_sizes)]
+        spans = [(a, a + u) for a, u, n in zip(starts, used, recv_sizes) if u]
+        rows = recv if used == recv_sizes else torch.cat([recv[a:b] for a, b in spans] or [recv[:0]])
+        x, e, w = rows[:, :D].to(self.dtype), rows[:, D].long(), rows[:, D + 1]
+        self.timer.computing(True)
+        y = expert_mlp(x, e, w, experts, self.limit).float()
+        if used != recv_sizes:   # back into the blocks; the unused rows return zeros
+            full, at = torch.zeros(recv.shape[0], D, device=self.device), 0
+            for a, b in spans:
+                full[a:b] = y[at:at + b - a]
+                at += b - a
+            y = full
+        self.expert_rows[layer].scatter_add_(0, e, torch.ones_like(e))
+        self.timer.computing(False)
+        t0 = self.timer.add("expert", t0)
+        dist.all_to_all_single(self.none_out, y, send_sizes, recv_sizes)
+        self.timer.add("combine", t0)
+        return x.shape[0]
 
     def tokens_per_expert(self) -> list[dict[int, int]]:
         """Per layer {global expert id: rows served} for the experts that served any (one read of the counts)."""

@@ -48,14 +48,15 @@ class ExpertShard:
     def ping(self) -> bool:
         return True
 
-    def step(self, active: bool = True) -> int:
-        """Serve one lockstep step (every MoE layer's exchange); active False: the routers hold no request, the
-        step has no exchange."""
-        if not active:
+    def step(self, micro_batches: int = 1) -> int:
+        """Serve one lockstep step: every MoE layer's exchange, `micro_batches` times (the routers' micro-batches);
+        0: the routers hold no request, the step has no exchange."""
+        if not micro_batches:
             return 0
         self.steps += 1
-        return self.server.serve_step()
+        return self.server.serve_step(int(micro_batches))
 
     def stats(self) -> dict:
         return {"rank": self.rank, "shard": self.shard_index, "steps": self.steps,
-                "phases": dict(self.server.timer.seconds), "tokens_per_expert": self.server.tokens_per_expert()}
+                "phases": dict(self.server.timer.seconds), "busy": list(self.server.timer.busy),
+                "tokens_per_expert": self.server.tokens_per_expert()}

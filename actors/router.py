@@ -84,16 +84,23 @@ class Router:
     def abort(self, request_id: str) -> bool:
         return self.core.abort(request_id)
 
-    def engine_step(self, active: bool = True) -> tuple[list, bool]:
-        """One lockstep step of this router's engine: schedule, run (or take part idly), sample. active False: no
-        router of the replica holds a request (the driver knows), so no rank enters a layer's exchange."""
-        if not active:
+    def engine_step(self, micro_batches: int = 1) -> tuple[list, bool]:
+        """One lockstep step of this router's engine: schedule, run (or take part idly), sample. micro_batches: the
+        exchanges of every MoE layer in this step, the same on every rank (2: ping-pong, a decode batch split in two
+        halves; cluster/replica.py chooses); 0: no router of the replica holds a request, so no rank enters a
+        layer's exchange."""
+        if not micro_batches:
             return [], False
         t0 = time.perf_counter()
-        ran = self.core.num_steps
-        outs = self.core.step()
-        if self.core.num_steps == ran:
-            self.exchange.idle(self.runner.model.cfg.num_hidden_layers)
+        self.exchange.micro_batches = int(micro_batches)
+        self.exchange.timer.computing(True)
+        try:
+            ran = self.core.num_steps
+            outs = self.core.step()
+            if self.core.num_steps == ran:
+                self.exchange.idle(self.runner.model.cfg.num_hidden_layers)
+        finally:
+            self.exchange.timer.computing(False)
         self.steps += 1
         self.step_seconds += time.perf_counter() - t0
         return outs, self.core.has_work()
@@ -102,7 +109,8 @@ class Router:
         t = dict(self.exchange.timer.seconds)
         t["attention_and_dense"] = self.step_seconds - sum(t.values())
         return {"rank": self.rank, "steps": self.steps, "step_seconds": self.step_seconds, "phases": t,
-                "split_size_reads": self.exchange.host_reads,
+                "busy": list(self.exchange.timer.busy), "split_size_reads": self.exchange.host_reads,
+                "ping_pong_steps": self.exchange.ping_pong_steps,
                 "kv_free_blocks": self.runner.cache.blocks.num_free, "kv_blocks": self.runner.cache.blocks.num,
                 "running": len(self.runner.seqs), "engine": self.core.stats(), "config": self.config.model_dump(),
                 "device": str(self.device), "kv_format": self.runner.cache.kv_format}

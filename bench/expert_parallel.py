@@ -1,18 +1,21 @@
 """The distributed replica (Router + ExpertShard actors, all-to-all) vs the single-process model.
 
     python bench/expert_parallel.py [--routers 1] [--shards 2] [--batch 8] [--prompt-len 128] [--new-tokens 32]
-                                    [--controls tasks,compiled_graph]
+                                    [--controls tasks,compiled_graph] [--ping-pong off,on]
 
-Same tiny model and batch on both; reports decode tokens/s and their ratio, per-phase time on the replica
-(attention and dense work, dispatch, expert compute, combine), and per step of each control path (`replica_control`:
-a Ray task per rank, or the compiled step graph): the control overhead alone (a step of a replica with no request:
-the driver's round trip to every rank, no exchange) and an empty lockstep step (routers with nothing to run still
-meet in every MoE layer's exchanges: the round trip plus the collectives' floor).
+Same tiny model and batch on both; for every control path (`replica_control`: a Ray task per rank, or the compiled
+step graph) and ping-pong setting (`ping_pong`: decode steps as two micro-batches), reports decode tokens/s and the
+ratio to one process; the control overhead alone (a step of a replica with no request: the driver's round trip to
+every rank, no exchange) and an empty lockstep step (routers with nothing to run still meet in every MoE layer's
+exchanges, once per micro-batch: the round trip plus the collectives' floor); per-phase time on the routers and
+shards; and from the ranks' busy intervals (one monotonic clock on this host) the time per step the routers compute,
+the shards compute, and both compute at once: the overlap ping-pong buys.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -23,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, write  # noqa: E402
 
 
-def decode(engine, prompts, new_tokens, after_prefill=lambda: None):
-    """Greedy decode of every prompt together through the engine API; seconds after the prefill step."""
+def decode(engine, prompts, new_tokens) -> tuple[float, float]:
+    """Greedy decode of every prompt together through the engine API -> (start, end) on perf_counter's clock, from
+    after the prefill step (which also samples each sequence's first token) to the last token."""
     from v4ray.engine.sampling import RequestOutputKind, SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens + 1, temperature=0, ignore_eos=True,
@@ -32,11 +36,37 @@ def decode(engine, prompts, new_tokens, after_prefill=lambda: None):
     for i, p in enumerate(prompts):
         engine.add_request(f"s{i}-{time.perf_counter()}", p, params)
     engine.step()   # prefill (the budget holds every prompt) and each sequence's first token
-    after_prefill()
     t = time.perf_counter()
     while engine.has_work():
         engine.step()
-    return time.perf_counter() - t
+    return t, time.perf_counter()
+
+
+def merged(intervals) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def busy_within(ranks: list[dict], t0: float, t1: float) -> list[tuple[float, float]]:
+    """The union of the ranks' busy intervals, clipped to [t0, t1]."""
+    return merged((max(a, t0), min(b, t1)) for r in ranks for a, b in r["busy"] if b > t0 and a < t1)
+
+
+def overlap(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> float:
+    """Seconds covered by both unions of disjoint sorted intervals."""
+    total, i, j = 0.0, 0, 0
+    while i < len(x) and j < len(y):
+        total += max(0.0, min(x[i][1], y[j][1]) - max(x[i][0], y[j][0]))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 def main() -> None:
@@ -48,6 +78,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--controls", default="tasks,compiled_graph", help="replica_control values to run, in order")
+    ap.add_argument("--ping-pong", default="off,on", help="ping_pong settings to run with each control (off, on)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -67,56 +98,62 @@ def main() -> None:
     local = build_engine_core(EngineConfig(model=str(ckpt), dtype="float32", max_num_seqs=args.batch,
                                            max_num_batched_tokens=args.batch * args.prompt_len))
     decode(local, prompts, 4)
-    local_s = decode(local, prompts, args.new_tokens)
+    t0, t1 = decode(local, prompts, args.new_tokens)
+    local_s = t1 - t0
 
     ensure_ray(num_cpus=max(4, args.routers + args.shards))
     runs = {}
-    for control in args.controls.split(","):
+    for control, ping in itertools.product(args.controls.split(","), args.ping_pong.split(",")):
+        name = f"{control}, ping-pong {ping}"
         rep = Replica(ReplicaConfig(EngineConfig(model=str(ckpt), dtype="float32", num_routers=args.routers,
                                                  num_expert_shards=args.shards, max_num_seqs=args.batch,
                                                  max_num_batched_tokens=args.batch * args.prompt_len,
-                                                 replica_control=control))).start()
+                                                 replica_control=control, ping_pong=ping == "on"))).start()
         engine = ReplicaEngine(rep)
         try:
             decode(engine, prompts, 4)
-            snap = {}
-            dist_s = decode(engine, prompts, args.new_tokens, lambda: snap.setdefault("before", rep.stats()))
-            before, after = snap["before"], rep.stats()
+            before = rep.stats()
+            t0, t1 = decode(engine, prompts, args.new_tokens)
+            after = rep.stats()
             idle = {}
-            for name, active in (("control_ms", False), ("empty_lockstep_ms", True)):
+            for what, micro_batches in (("control_ms", 0), ("empty_lockstep_ms", 2 if ping == "on" else 1)):
                 for _ in range(5):
-                    rep.run_step(active)
+                    rep.run_step(micro_batches)
                 t = time.perf_counter()
                 for _ in range(50):
-                    rep.run_step(active)
-                idle[name] = round(1e3 * (time.perf_counter() - t) / 50, 3)
+                    rep.run_step(micro_batches)
+                idle[what] = round(1e3 * (time.perf_counter() - t) / 50, 3)
         finally:
             rep.shutdown()
-        runs[control] = (dist_s, before, after, idle)
-        print(control, f"{local_s / dist_s:.2f}x single process", idle, flush=True)
-    control = args.controls.split(",")[-1]
-    dist_s, before, after, _ = runs[control]
-
-    def delta(side: str, i: int, key: str) -> dict:
-        a, b = after[side][i][key], before[side][i][key]
-        return {k: a[k] - b.get(k, 0.0) for k in a} if isinstance(a, dict) else a - b
+        runs[name] = (t1 - t0, before, after, idle, (t0, t1))
+        print(name, f"{local_s / (t1 - t0):.2f}x single process", idle, flush=True)
 
     steps = args.new_tokens
-    phases = delta("routers", 0, "phases")
-    expert = sum(delta("shards", i, "phases").get("expert", 0.0) for i in range(args.shards)) / args.shards
     rows = [{"path": "single process", "tokens_per_s": round(N / local_s, 1), "ms_per_step": round(1e3 * local_s / steps, 2)}]
-    for name, (d_s, _, _, idle) in runs.items():
-        rows.append({"path": f"replica R={args.routers} S={args.shards} {name}", "tokens_per_s": round(N / d_s, 1),
-                     "ms_per_step": round(1e3 * d_s / steps, 2), "vs_single_process": round(local_s / d_s, 3),
-                     **idle})
-    print(table(rows, ["path", "tokens_per_s", "ms_per_step", "vs_single_process", "control_ms", "empty_lockstep_ms"]))
-    per_step = {k: round(1e3 * v / steps, 2) for k, v in phases.items()}
-    per_step["expert (shard mean)"] = round(1e3 * expert / steps, 2)
-    print(f"router phases per step with {control} (ms):", per_step)
+    phases = {}
+    for name, (d_s, before, after, idle, (t0, t1)) in runs.items():
+        routers, shards = busy_within(after["routers"], t0, t1), busy_within(after["shards"], t0, t1)
+        ms = lambda sec: round(1e3 * sec / steps, 2)  # noqa: E731
+        rows.append({"path": f"R={args.routers} S={args.shards} {name}", "tokens_per_s": round(N / d_s, 1),
+                     "ms_per_step": ms(d_s), "vs_single_process": round(local_s / d_s, 3), **idle,
+                     "routers_busy_ms": ms(sum(b - a for a, b in routers)),
+                     "shards_busy_ms": ms(sum(b - a for a, b in shards)), "both_busy_ms": ms(overlap(routers, shards))})
+
+        def delta(side: str, i: int) -> dict:
+            a, b = after[side][i]["phases"], before[side][i]["phases"]
+            return {k: a[k] - b.get(k, 0.0) for k in a}
+
+        per_step = {f"router {k}": ms(v) for k, v in delta("routers", 0).items()}
+        shard = [delta("shards", i) for i in range(args.shards)]
+        per_step |= {f"shard {k} (mean)": ms(sum(d.get(k, 0.0) for d in shard) / args.shards) for k in shard[0]}
+        phases[name] = per_step
+    print(table(rows, ["path", "tokens_per_s", "ms_per_step", "vs_single_process", "control_ms", "empty_lockstep_ms",
+                       "routers_busy_ms", "shards_busy_ms", "both_busy_ms"]))
+    for name, per_step in phases.items():
+        print(f"phases per step, {name} (ms):", per_step)
     path = write("expert_parallel", {"preset": args.preset, "routers": args.routers, "shards": args.shards,
                                      "batch": args.batch, "prompt_len": args.prompt_len,
-                                     "new_tokens": args.new_tokens, "rows": rows, "phases_of": control,
-                                     "phase_ms_per_step": per_step})
+                                     "new_tokens": args.new_tokens, "rows": rows, "phase_ms_per_step": phases})
     print(f"wrote {path}")
 
 

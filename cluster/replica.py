@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 
 PLACEMENT_STRATEGIES = ("auto", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")   # auto: choose_strategy
+# Ping-pong needs two decode rows on a router to split; below that a step's second micro-batch would be empty
+# everywhere, all overhead. (A router below it in a ping-pong step sends its rows as the first micro-batch.)
+PING_PONG_MIN_REQUESTS = 2
 
 
 class ReplicaError(RuntimeError):
@@ -271,19 +275,20 @@ class Replica:
                 shard_dtype, c.collective_timeout_s, device=c.device))
             self._placed.actors.append(self.shards[-1])
 
-    def run_step(self, active: bool) -> list:
-        """One lockstep step of every rank (the compiled step, or a Ray task per rank) -> the routers' (outputs,
-        has work), then the shards' results, in rank order."""
+    def run_step(self, micro_batches: int) -> list:
+        """One lockstep step of every rank (the compiled step, or a Ray task per rank) with `micro_batches` exchanges
+        per MoE layer (0: no router holds a request, no exchange) -> the routers' (outputs, has work), then the
+        shards' results, in rank order."""
         import ray
 
         c = self.config
         if self.failed:
             raise ReplicaError(f"replica already failed ({self.failed}); shut it down and build a new one")
         if self._placed.graph is None:
-            return self._get([a.engine_step.remote(active) for a in self.routers] +
-                             [s.step.remote(active) for s in self.shards], c.step_timeout_s, "step")
+            return self._get([a.engine_step.remote(micro_batches) for a in self.routers] +
+                             [s.step.remote(micro_batches) for s in self.shards], c.step_timeout_s, "step")
         try:
-            ref = self._placed.graph.execute(active)
+            ref = self._placed.graph.execute(micro_batches)
         except ray.exceptions.RayError as e:   # a channel closed: a rank's graph thread is gone
             self.failed = self._diagnose("step", e)
             raise ReplicaError(self.failed) from e
@@ -295,16 +300,16 @@ class Replica:
 
     def _compile_step(self) -> None:
         """The step as a Ray Compiled Graph (docs/architecture.md §4), built at start: the driver writes the step's
-        input (whether any router holds a request) into one shared-memory channel per rank, each rank's step runs
+        input (its micro-batches per MoE layer, 0 when no router holds a request) into one shared-memory channel per rank, each rank's step runs
         on its actor's graph thread as soon as it reads it, and the results come back the same way — one round trip
         instead of a Ray task per rank. Only this process may execute it (the engine's step thread does).
         Requests, aborts, pings and stats stay ordinary actor calls, served beside it."""
         import ray
         from ray.dag import InputNode, MultiOutputNode
 
-        with InputNode() as active:
-            dag = MultiOutputNode([a.engine_step.bind(active) for a in self.routers] +
-                                  [s.step.bind(active) for s in self.shards])
+        with InputNode() as micro_batches:
+            dag = MultiOutputNode([a.engine_step.bind(micro_batches) for a in self.routers] +
+                                  [s.step.bind(micro_batches) for s in self.shards])
         try:
             self._placed.graph = dag.experimental_compile(_submit_timeout=self.config.step_timeout_s)
         except ray.exceptions.RayError as e:   # a rank died since it started
@@ -422,10 +427,20 @@ class ReplicaEngine:
         r = self.replica
         r._get([a.ping.remote() for a in r.ranks], min(timeout_s, r.config.step_timeout_s), "health check")
 
+    def micro_batches(self) -> int:
+        """The exchanges per MoE layer of the next step: 0 with no request (no rank enters an exchange), 2 with
+        `ping_pong` once a router holds PING_PONG_MIN_REQUESTS requests (its decode batch can be split in two
+        halves), else 1."""
+        if not self.request_router:
+            return 0
+        if not self.replica.config.ping_pong:
+            return 1
+        return 2 if max(Counter(self.request_router.values()).values()) >= PING_PONG_MIN_REQUESTS else 1
+
     def step(self) -> list:
         """One lockstep step of every rank. No request on any router: an empty step (no rank enters an exchange)."""
         r = self.replica
-        results = r.run_step(active=bool(self.request_router))
+        results = r.run_step(self.micro_batches())
         outs = [o for outs, _ in results[:len(r.routers)] for o in outs]
         for o in outs:
             if o.finished:

@@ -77,6 +77,12 @@ class EngineConfig(BaseModel):
                                  "dying mid-step with ranks on several nodes crashed a raylet, docs/architecture.md "
                                  "§4).")
 
+    ping_pong: bool = Field(False, description="A distributed replica's decode steps as two micro-batches "
+                            "(MegaScale-Infer's ping-pong): each router splits its decode batch in two halves and "
+                            "runs one's attention while the shards compute the other's experts. Off by itself with "
+                            "fewer than 2 requests on every router; no effect in one process (docs/architecture.md "
+                            "§4).")
+
     @field_validator("dtype", "replica_control", "kv_cache_dtype")
     @classmethod
     def _one_of(cls, v: str, info) -> str:

@@ -93,12 +93,15 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None  # CUDA graphs' shared memory pool
         self.compiled = compiled  # torch.compile on the CPU, CUDA graphs on CUDA; False: the step as it is
-        if compiled and self.remote:
-            # one graph per layer kind and bucket kind (B = 1 or more) on each side of the exchange; dynamo's
-            # default limit of 8 per function is below that for the real configs' layer kinds
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._until = torch.compile(self._until_exchange, fullgraph=True, dynamic=None)
-            self._after = torch.compile(layer_after_exchange, fullgraph=True, dynamic=None)
+        if self.remote:
+            self.exchange = next(b.ffn.expert_backend for b in model.layers if b.ffn.expert_backend is not None)
+            self._until, self._after = self._until_exchange, layer_after_exchange
+            if compiled:
+                # one graph per layer kind and bucket kind (B = 1 or more) on each side of the exchange; dynamo's
+                # default limit of 8 per function is below that for the real configs' layer kinds
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                self._until = torch.compile(self._until, fullgraph=True, dynamic=None)
+                self._after = torch.compile(self._after, fullgraph=True, dynamic=None)
             self._step = self._router_step
         else:
             self._step = (torch.compile(self._deferred_step, fullgraph=True, dynamic=None)
@@ -138,22 +141,63 @@ class DecodeGraphs:
         batch = _LayerWrites(self.cache, token_ids, positions, slots, block_tables, real, deferred=[])
         return layer_until_exchange(block, cache_layer, x, batch), batch.deferred
 
-    def _router_step(self, token_ids, positions, slots, block_tables, real):
+    def _router_step(self, *inputs):
         """A router's step: per layer, one graph up to the exchange, the exchange itself (eager: its collectives),
         one graph after it. The graphs take the block as an argument, so the layers of a kind share them; their
-        cache writes come back without the layer index, which would specialize a graph per layer."""
+        cache writes come back without the layer index, which would specialize a graph per layer. When the step has
+        two micro-batches (`RouterExchange.micro_batches`) and at least two rows, the rows run as two ping-ponged
+        halves (`_ping_pong`)."""
+        if self.exchange.micro_batches == 2 and inputs[0].shape[0] >= 2:
+            return self._ping_pong(inputs)
         model, writes = self.model, []
-        x = model._embed(token_ids)
-        for i, (block, cache_layer) in enumerate(zip(model.layers, self.cache.layers)):
-            torch._dynamo.maybe_mark_dynamic(x, 0)
-            (x, u, weights, idx, shared, post, comb), deferred = self._until(block, cache_layer, x, token_ids,
-                                                                             positions, slots, block_tables, real)
-            writes += [(i, *w) for w in deferred]
-            routed = block.ffn.route(u, weights, idx, static=True)
-            for t in (x, routed, shared, post, comb):
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-            x = self._after(x, routed, shared, post, comb)
+        x = model._embed(inputs[0])
+        for i, block in enumerate(model.layers):
+            (x, u, weights, idx, shared, post, comb), writes_i = self._layer_until_exchange(i, x, inputs)
+            writes += writes_i
+            x = self._layer_after_exchange(x, block.ffn.route(u, weights, idx, static=True), shared, post, comb)
         return model.logits(x), writes
+
+    def _ping_pong(self, inputs: tuple[torch.Tensor, ...]):
+        """The step as two micro-batches, the first ceil(B/2) rows and the rest, through every layer in turn: each
+        micro-batch's exchange is started and left in flight while the other computes (its attention and gating,
+        or the layer after its exchange), and waited for only when its own next part needs it. The exchanges of a
+        layer go A then B, on every rank. Rows never interact, so the values are the unsplit step's."""
+        model, ex, writes = self.model, self.exchange, []
+        ex.ping_pong_steps += not ex.dry
+        h = (inputs[0].shape[0] + 1) // 2
+        parts = [tuple(t[:h].clone() for t in inputs), tuple(t[h:].clone() for t in inputs)]   # offset-0 inputs
+        xs = [model._embed(p[0]) for p in parts]
+        flight: list = [None, None]
+
+        def until(m: int, i: int) -> None:
+            (x, u, weights, idx, shared, post, comb), writes_i = self._layer_until_exchange(i, xs[m], parts[m])
+            writes.extend(writes_i)
+            flight[m] = (ex.start(u, weights, idx), x, shared, post, comb)
+
+        for m in (0, 1):
+            until(m, 0)
+        for i in range(len(model.layers)):
+            for m in (0, 1):
+                started, x, shared, post, comb = flight[m]
+                xs[m] = self._layer_after_exchange(x, ex.finish(started), shared, post, comb)
+                if i + 1 < len(model.layers):
+                    until(m, i + 1)
+        return torch.cat([model.logits(x) for x in xs]), writes
+
+    def _layer_until_exchange(self, i: int, x: torch.Tensor, inputs: tuple[torch.Tensor, ...]):
+        """Layer i up to its exchange (the `_until` graph) -> its outputs and its cache writes, layer-tagged."""
+        if inputs[0].shape[0] > 1:   # one graph for every row count above 1 (not only for the first seen)
+            for t in (x, *inputs):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(inputs[3], 1)   # the block tables' width
+        outs, deferred = self._until(self.model.layers[i], self.cache.layers[i], x, *inputs)
+        return outs, [(i, *w) for w in deferred]
+
+    def _layer_after_exchange(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if tensors[0].shape[0] > 1:
+            for t in tensors:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        return self._after(*tensors)
 
     def run(self, seqs: list[SeqCache], token_ids: list[int]) -> torch.Tensor:
         """One decode step of `seqs` (their blocks already appended) -> logits [len(seqs), V] fp32. The caller
@@ -205,7 +249,11 @@ class DecodeGraphs:
         for ex in exchanges:
             ex.dry = True   # a router compiles alone: its exchanges answer zeros without meeting the shards
         try:
-            for rows in (2, 1):  # the graph of every B >= 2, then B = 1's
+            # the graph of every B >= 2, then B = 1's; a router then runs its two ping-pong forms (2 + 2 rows, 2 + 1)
+            # on them, so that their inputs' guards are settled before serving too
+            for rows, micro_batches in ((2, 1), (1, 1)) + (((4, 2), (3, 2)) if self.remote else ()):
+                for ex in exchanges:
+                    ex.micro_batches = micro_batches
                 batch = self._inputs((rows, 2)).padding()
                 if rows == 2:
                     self.model.decode(batch)  # eager first: lazily built state (stacked experts) exists before tracing
@@ -213,7 +261,7 @@ class DecodeGraphs:
                 batch.apply_writes(writes)
         finally:
             for ex in exchanges:
-                ex.dry = False
+                ex.dry, ex.micro_batches = False, 1
         spent = time.perf_counter() - t0
         print(f"v4ray: decode step compiled in {spent:.1f} s", file=sys.stderr, flush=True)
         return spent

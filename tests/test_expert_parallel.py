@@ -117,13 +117,17 @@ def _compare(dist_outs, ref_outs):
                     break
 
 
-@pytest.mark.parametrize("routers,shards,control", [(1, 2, "compiled_graph"), (2, 2, "compiled_graph"),
-                                                    (1, 3, "compiled_graph"), (1, 2, "tasks")])
-def test_layouts_equal_single_process(ray_session, tiny_ckpt, tmp_path, routers, shards, control):
+@pytest.mark.parametrize("routers,shards,control,ping_pong", [
+    (1, 2, "compiled_graph", False), (1, 2, "compiled_graph", True), (2, 2, "compiled_graph", False),
+    (2, 2, "compiled_graph", True), (1, 3, "compiled_graph", True), (1, 2, "tasks", True)])
+def test_layouts_equal_single_process(ray_session, tiny_ckpt, tmp_path, routers, shards, control, ping_pong):
+    """Greedy tokens and logprobs of every layout equal one process's, with ping-pong micro-batches on and off: with
+    it, one router decodes its 3 requests as halves of 2 and 1 rows; of two routers, the one with 2 requests splits
+    them and the other sends its one request and an empty micro-batch."""
     ckpt = tiny_ckpt("v4-tiny")
     placement = ExpertPlacement.contiguous(8, shards)
     rep = Replica(ReplicaConfig(EngineConfig(model=str(ckpt), num_routers=routers, num_expert_shards=shards,
-                                             collective_timeout_s=60, replica_control=control),
+                                             collective_timeout_s=60, replica_control=control, ping_pong=ping_pong),
                                 shard_resources={"CPU": 1, "expert_slot": 1},
                                 shard_model_dirs=_shard_copies(ckpt, tmp_path, placement))).start()
     try:
@@ -142,6 +146,8 @@ def test_layouts_equal_single_process(ray_session, tiny_ckpt, tmp_path, routers,
     layers = load_preset("v4-tiny").num_hidden_layers
     for r in stats["routers"]:
         assert r["split_size_reads"] <= (r["steps"] - DECODE_STEPS // 2) * layers, r["split_size_reads"]
+    split = [r["ping_pong_steps"] for r in stats["routers"]]
+    assert (split[0] >= DECODE_STEPS - 1) if ping_pong else split == [0] * routers, split
 
 
 def _staggered(engine) -> dict:
@@ -207,22 +213,26 @@ def test_unbalanced_routing_and_redundant_copy(ray_session, tiny_ckpt, tmp_path)
             assert all(shard1[layer].get(0, 0) > 0 for layer in score_layers)  # the copy of expert 0 serves
 
 
-@pytest.mark.parametrize("fault,state", [(signal.SIGKILL, "dead"), (signal.SIGSTOP, "not answering")])
-def test_a_failed_shard_fails_fast_and_the_replica_rebuilds(ray_session, tiny_ckpt, fault, state):
+@pytest.mark.parametrize("fault,state,ping_pong", [(signal.SIGKILL, "dead", False), (signal.SIGKILL, "dead", True),
+                                                   (signal.SIGSTOP, "not answering", False)])
+def test_a_failed_shard_fails_fast_and_the_replica_rebuilds(ray_session, tiny_ckpt, fault, state, ping_pong):
     """A shard killed (SIGKILL) or stopped (SIGSTOP, as a hung process or a host cut off looks) mid-generation fails
     the step within the collective timeout (plus a 5 s probe of each rank), the error names it, the shutdown does
-    not wait on it, and (after the kill) a new replica generates the single process's tokens. (The compiled step graph's fault path
-    is not run here: in Ray 2.60 it crashed a raylet once, which would take the suite's shared cluster down;
+    not wait on it, and (after the kill) a new replica generates the single process's tokens. With ping-pong the
+    kill lands in a step whose two micro-batches' exchanges are in flight at once. (The compiled step graph's fault
+    path is not run here: in Ray 2.60 it crashed a raylet once, which would take the suite's shared cluster down;
     docs/architecture.md §4.)"""
+    import ray
+
     from v4ray import LLM, SamplingParams
 
     ckpt = tiny_ckpt("v4-tiny")
-    prompt = {"prompt_token_ids": parity_prompt(100, seed=2).tolist()}
+    prompts = [{"prompt_token_ids": parity_prompt(100 + 7 * i, seed=2 + i).tolist()} for i in range(1 + ping_pong)]
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     if fault == signal.SIGKILL:
-        want = LLM(model=ckpt, dtype="float32").generate(prompt, greedy)[0].outputs[0].token_ids
+        want = [o.outputs[0].token_ids for o in LLM(model=ckpt, dtype="float32").generate(prompts, greedy)]
     timeout_s = 8.0  # collective timeout for this test only
-    llm = LLM(model=ckpt, dtype="float32", num_expert_shards=2, collective_timeout_s=timeout_s,
+    llm = LLM(model=ckpt, dtype="float32", num_expert_shards=2, collective_timeout_s=timeout_s, ping_pong=ping_pong,
               replica_options={"step_timeout_s": 3 * timeout_s})
     victim = next(i for i in llm.replica.actor_info() if i["role"] == "expert_shard")
     injector = threading.Timer(1.5, os.kill, (victim["pid"], fault))
@@ -230,8 +240,11 @@ def test_a_failed_shard_fails_fast_and_the_replica_rebuilds(ray_session, tiny_ck
     t0 = time.time()
     try:
         with pytest.raises(ReplicaError, match=f"{state}: rank {victim['rank']} \\(expert shard {victim['shard']}\\)"):
-            llm.generate(prompt, SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True))
+            llm.generate(prompts, SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True))
         assert time.time() - t0 < 1.5 + timeout_s + 5 + 10
+        # the router outlives the shard: its steps before the kill ran split, or not at all
+        split = ray.get(llm.replica.routers[0].stats.remote(), timeout=30)["ping_pong_steps"]
+        assert split > 0 if ping_pong else split == 0, split
         t1 = time.time()
         llm.shutdown()   # kills a stopped process too
         assert time.time() - t1 < 15
@@ -243,8 +256,8 @@ def test_a_failed_shard_fails_fast_and_the_replica_rebuilds(ray_session, tiny_ck
             except ProcessLookupError:
                 pass
     if fault == signal.SIGKILL:   # one rebuild is enough to show it
-        with LLM(model=ckpt, dtype="float32", num_expert_shards=2) as rebuilt:
-            assert rebuilt.generate(prompt, greedy)[0].outputs[0].token_ids == want
+        with LLM(model=ckpt, dtype="float32", num_expert_shards=2, ping_pong=ping_pong) as rebuilt:
+            assert [o.outputs[0].token_ids for o in rebuilt.generate(prompts, greedy)] == want
 
 
 # ---- the exchange alone: one process per rank, a real gloo group, tensors followed as device-resident ----------
@@ -253,8 +266,9 @@ def test_a_failed_shard_fails_fast_and_the_replica_rebuilds(ray_session, tiny_ck
 # MoE layer (the counts it sends and receives, in one transfer); nothing else may wait on the device.
 SYNCS_PER_MOE_LAYER = 1
 EXCHANGE = {"routers": 1, "shards": 2, "layers": 3, "experts": 8, "hidden": 16, "inter": 8, "tokens": 5, "topk": 2,
-            "steps": 2}
-STATIC_STEPS = {1}  # steps the router routes with fixed-capacity dispatch (a fixed-shape decode step)
+            "steps": 3}
+STATIC_STEPS = {1, 2}  # steps the router routes with fixed-capacity dispatch (a fixed-shape decode step)
+PING_PONG_STEPS = {2}  # of them, the steps it routes as two micro-batches, both started before either is waited for
 # The exchange regroups each token's K expert rows (by shard, then expert) before summing them: fp32 sums in
 # another order differ in the last bits; outputs here are O(1).
 EXCHANGE_ATOL = 1e-5
@@ -297,7 +311,12 @@ def _exchange_rank(rank: int) -> dict:
                 for layer in range(c["layers"]):
                     x, w, idx = (to_device(t) for t in _exchange_inputs(step, layer))
                     with prov.window(f"step {step} layer {layer}") as win:
-                        y = exchange.route(layer, x, w, idx, static=step in STATIC_STEPS)
+                        if step in PING_PONG_STEPS:   # rows 0..2, then 3..4
+                            started = [exchange.start(x[rows], w[rows], idx[rows]) for rows in (slice(0, 3),
+                                                                                                   slice(3, None))]
+                            y = torch.cat([exchange.finish(f) for f in started])
+                        else:
+                            y = exchange.route(layer, x, w, idx, static=step in STATIC_STEPS)
                     report["outputs"].append(y.inner.tolist())   # no tensors through the queue: the rank exits
                     report["windows"][win.name] = win
             with prov.window("idle step") as win:
@@ -310,7 +329,7 @@ def _exchange_rank(rank: int) -> dict:
             server = ShardServer(world, c["hidden"], experts, torch.float32, 10.0, device=DEVICE)
             for step in range(c["steps"] + 1):
                 with prov.window(f"step {step}") as win:
-                    server.serve_step()
+                    server.serve_step(2 if step in PING_PONG_STEPS else 1)
                 report["windows"][win.name] = win
             report["tokens_per_expert"] = server.tokens_per_expert()
     return report
@@ -388,9 +407,11 @@ def test_backend_follows_the_device():
 
 def test_exchange_syncs_once_per_moe_layer_per_rank():
     """1 router + 2 shards in separate processes over gloo; inputs, expert weights and every buffer the exchange
-    makes are followed as device-resident: per MoE layer each rank makes at most SYNCS_PER_MOE_LAYER device->host
-    reads, no upload and no host/device mix, and the routed outputs equal the single-process expert compute. In
-    STATIC_STEPS the router dispatches with fixed capacity (a decode step's exchange) and reads nothing back."""
+    makes are followed as device-resident: per MoE layer (and micro-batch) each rank makes at most
+    SYNCS_PER_MOE_LAYER device->host reads, no upload and no host/device mix, and the routed outputs equal the
+    single-process expert compute. In STATIC_STEPS the router dispatches with fixed capacity (a decode step's
+    exchange, in PING_PONG_STEPS as two micro-batches in flight at once), and when idle it sends empty fixed-capacity
+    blocks: in both it reads nothing back."""
     from v4ray.kernels.moe import expert_mlp_ref
     from v4ray.model.v4 import combine_rows, group_rows
 
@@ -400,13 +421,15 @@ def test_exchange_syncs_once_per_moe_layer_per_rank():
 
     for rank, rep in reports.items():
         for name, counts in rep["windows"].items():
-            layers = L if name.startswith("step") and rank >= c["routers"] or name == "idle step" else 1
+            step = int(name.split()[1]) if name.startswith("step") else None
+            layers = L if step is not None and rank >= c["routers"] or name == "idle step" else 1
+            micro_batches = 2 if step in PING_PONG_STEPS and rank >= c["routers"] else 1
             detail = f"rank {rank} {name}:\n{counts['summary']}"
             assert counts["upload"] == 0 and counts["mix"] == 0, detail
-            if rank < c["routers"] and name.startswith("step") and int(name.split()[1]) in STATIC_STEPS:
+            if rank < c["routers"] and (step in STATIC_STEPS or name == "idle step"):
                 assert counts["sync"] == 0, detail   # fixed capacity: the router reads nothing back
                 continue
-            assert counts["sync"] <= SYNCS_PER_MOE_LAYER * layers, detail
+            assert counts["sync"] <= SYNCS_PER_MOE_LAYER * layers * micro_batches, detail
             assert counts["sync"] >= 1, detail   # the split sizes are read: the count is real, not vacuous
 
     experts = [_exchange_experts(layer, range(c["experts"])) for layer in range(L)]
@@ -426,11 +449,11 @@ def test_exchange_syncs_once_per_moe_layer_per_rank():
 ROUTER_STEP = {"shards": 2, "seqs": 3, "decode_steps": 3}
 
 
-def _router_step_rank(rank: int, ckpt: str) -> dict:
+def _router_step_rank(rank: int, ckpt: str, micro_batches: int) -> dict:
     """One rank of a 1-router / 2-shard replica of the tiny model, run as its actors run it but in plain processes
     under a Provenance mode: the router's EngineCore takes a prefill step, then fixed-shape decode steps (the
-    expert-parallel form: fixed-capacity dispatch, uncompiled); each shard serves every step. Reports per-step
-    event counts (and the router its tokens)."""
+    expert-parallel form: fixed-capacity dispatch, uncompiled), every MoE layer's exchange `micro_batches` times
+    (2: ping-pong); each shard serves every step. Reports per-step event counts (and the router its tokens)."""
     from v4ray.actors.expert_parallel import RouterExchange, ShardServer
     from v4ray.engine.core import EngineCore
     from v4ray.engine.runner import ModelRunner
@@ -450,6 +473,7 @@ def _router_step_rank(rank: int, ckpt: str) -> dict:
             exchange = RouterExchange(0, world, 1, placement, cfg.hidden_size, device=DEVICE)
             model = mark_device(load_model(ckpt, torch.float32, expert_range=(0, 0), expert_backend=exchange))
             runner = ModelRunner(model, 64 << 20, c["seqs"], decode_step="static")
+            exchange.micro_batches = micro_batches
             core = EngineCore(runner, V4Tokenizer.from_dir(ckpt), 4096, 4096, c["seqs"])
             params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
             for i in range(c["seqs"]):
@@ -468,21 +492,24 @@ def _router_step_rank(rank: int, ckpt: str) -> dict:
             server = ShardServer(world, cfg.hidden_size, experts, torch.float32, cfg.swiglu_limit, device=DEVICE)
             for step in range(steps):
                 with prov.window(f"step {step}") as win:
-                    server.serve_step()
+                    server.serve_step(micro_batches)
                 report["windows"][win.name] = win
     return report
 
 
-def test_a_router_decode_step_reads_back_once_and_nothing_in_its_layers(tiny_ckpt):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_router_decode_step_reads_back_once_and_nothing_in_its_layers(tiny_ckpt, micro_batches):
     """The whole decode step of an expert-parallel router, not only its exchange: 1 router + 2 shards in separate
     processes over gloo, the router's weights and cache device-resident. A fixed-shape decode step reads the
     device back once (its sampled tokens: MAX_SYNCS_PER_DECODE_STEP) with no upload beyond its inputs and no
     host/device mix; the prefill step reads each MoE layer's split sizes; the shards read their split sizes per
-    layer; and the greedy tokens equal the single-process engine's."""
+    layer and micro-batch; and the greedy tokens equal the single-process engine's — with ping-pong too
+    (micro_batches 2: the decode batch of 3 runs as halves of 2 and 1 rows, the prefill as one batch and an empty
+    one)."""
     ckpt = tiny_ckpt("v4-tiny")
     c = ROUTER_STEP
     moe_layers = load_preset("v4-tiny").num_hidden_layers
-    reports = _spawn_ranks(_router_step_rank, 1 + c["shards"], str(ckpt))
+    reports = _spawn_ranks(_router_step_rank, 1 + c["shards"], str(ckpt), micro_batches)
     router = reports[0]
     assert not router["errors"], router["errors"]
     for name, counts in router["windows"].items():
@@ -497,7 +524,7 @@ def test_a_router_decode_step_reads_back_once_and_nothing_in_its_layers(tiny_ckp
         for name, counts in reports[rank]["windows"].items():
             detail = f"shard rank {rank} {name}:\n{counts['summary']}"
             assert counts["upload"] == 0 and counts["mix"] == 0, detail
-            assert 1 <= counts["sync"] <= SYNCS_PER_MOE_LAYER * moe_layers, detail
+            assert 1 <= counts["sync"] <= SYNCS_PER_MOE_LAYER * moe_layers * micro_batches, detail
     # the same tokens as one process
     core = _local_engine(ckpt)
     params = SamplingParams(max_tokens=1 + c["decode_steps"], temperature=0.0, ignore_eos=True)
