@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, write  # noqa: E402
 
 
-def decode(engine, prompts, new_tokens) -> tuple[float, float]:
+def decode(engine, prompts, new_tokens, after_prefill=lambda: None) -> tuple[float, float]:
     """Greedy decode of every prompt together through the engine API -> (start, end) on perf_counter's clock, from
     after the prefill step (which also samples each sequence's first token) to the last token."""
     from v4ray.engine.sampling import RequestOutputKind, SamplingParams
@@ -36,6 +36,7 @@ def decode(engine, prompts, new_tokens) -> tuple[float, float]:
     for i, p in enumerate(prompts):
         engine.add_request(f"s{i}-{time.perf_counter()}", p, params)
     engine.step()   # prefill (the budget holds every prompt) and each sequence's first token
+    after_prefill()
     t = time.perf_counter()
     while engine.has_work():
         engine.step()
@@ -112,8 +113,9 @@ def main() -> None:
         engine = ReplicaEngine(rep)
         try:
             decode(engine, prompts, 4)
-            before = rep.stats()
-            t0, t1 = decode(engine, prompts, args.new_tokens)
+            snap = {}
+            t0, t1 = decode(engine, prompts, args.new_tokens, lambda: snap.setdefault("before", rep.stats()))
+            before = snap["before"]
             after = rep.stats()
             idle = {}
             for what, micro_batches in (("control_ms", 0), ("empty_lockstep_ms", 2 if ping == "on" else 1)):

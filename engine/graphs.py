@@ -165,7 +165,7 @@ class DecodeGraphs:
         model, ex, writes = self.model, self.exchange, []
         ex.ping_pong_steps += not ex.dry
         h = (inputs[0].shape[0] + 1) // 2
-        parts = [tuple(t[:h].clone() for t in inputs), tuple(t[h:].clone() for t in inputs)]   # offset-0 inputs
+        parts = [tuple(t[:h] for t in inputs), tuple(t[h:] for t in inputs)]
         xs = [model._embed(p[0]) for p in parts]
         flight: list = [None, None]
 

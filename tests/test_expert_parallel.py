@@ -573,30 +573,41 @@ def _compiled_router_rank(rank: int, ckpt: str, ready) -> dict:
         params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
         for i in range(c["seqs"]):
             core.add_request(f"r{i}", parity_prompt(60 + 9 * i, seed=i).tolist(), params)
-        outputs = [o for _ in range(steps) for o in core.step()]
+        outputs = []
+        for step in range(steps):
+            exchange.micro_batches = _micro_batches(step)
+            outputs += core.step()
         report["tokens"] = {o.request_id: o.outputs[0].token_ids for o in outputs if o.finished}
         report["graphs"] = counters["stats"]["unique_graphs"]
+        report["ping_pong_steps"] = exchange.ping_pong_steps
     else:
         ready.wait(600)
         ids = placement.shard_experts(rank - 1)
         server = ShardServer(world, cfg.hidden_size, load_expert_weights(ckpt, ids, torch.float32, True, cfg),
                              torch.float32, cfg.swiglu_limit)
-        for _ in range(steps):
-            server.serve_step()
+        for step in range(steps):
+            server.serve_step(_micro_batches(step))
     return report
+
+
+def _micro_batches(step: int) -> int:
+    """The compiled router test's steps alternate between one micro-batch and two (ping-pong)."""
+    return 1 + step % 2
 
 
 @pytest.mark.timeout(900)  # a cold compile of the router's graphs: a few minutes on 2 cores
 def test_a_compiled_router_decode_step_gives_the_single_process_tokens(tiny_ckpt):
     """The expert-parallel router's decode step compiled on the CPU as graphs between its exchanges (the exchanges
-    run eagerly): greedy tokens equal the single-process engine's (a flip allowed only at a near-tie of the
-    reference), every graph compiled at start-up and none while serving, the layers of a kind sharing theirs."""
+    run eagerly), its steps alternating between one batch and two ping-ponged halves (2 rows and 1): greedy tokens
+    equal the single-process engine's (a flip allowed only at a near-tie of the reference), every graph compiled
+    at start-up and none while serving (the halves run on the same graphs), the layers of a kind sharing theirs."""
     ckpt = tiny_ckpt("v4-tiny")
     c = COMPILED_ROUTER
     ready = multiprocessing.get_context("spawn").Event()
     router = _spawn_ranks(_compiled_router_rank, 1 + c["shards"], str(ckpt), ready, timeout_s=600)[0]
     assert router["compiled"]
     assert router["graphs"] == COMPILED_ROUTER_GRAPHS, router["graphs"]
+    assert router["ping_pong_steps"] == c["decode_steps"] // 2, router["ping_pong_steps"]
     core = _local_engine(ckpt)
     params = SamplingParams(max_tokens=1 + c["decode_steps"], temperature=0.0, ignore_eos=True, logprobs=2)
     for i in range(c["seqs"]):
