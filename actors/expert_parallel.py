@@ -262,10 +262,12 @@ class RouterExchange:
         block[R:, 1] = counts
         t0 = self.timer.add("router_prepare", t0)
         back = torch.empty(S * C, D, device=dev)
+        self.timer.computing(False)   # issuing is the collectives' time, not the router's compute
         works = (dist.all_to_all_single(torch.empty_like(block), block, async_op=True),
                  dist.all_to_all_single(torch.empty(0, D + 2, device=dev), payload, none, sizes, async_op=True),
                  dist.all_to_all_single(back, torch.empty(0, D, device=dev), sizes, none, async_op=True))
         self.timer.add("dispatch", t0)
+        self.timer.computing(True)
         return InFlight(N, works, (block, payload), back, place, tok)
 
     def finish(self, flight: InFlight) -> torch.Tensor:

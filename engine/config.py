@@ -80,7 +80,8 @@ class EngineConfig(BaseModel):
     ping_pong: bool = Field(False, description="A distributed replica's decode steps as two micro-batches "
                             "(MegaScale-Infer's ping-pong): each router splits its decode batch in two halves and "
                             "runs one's attention while the shards compute the other's experts. Off by itself with "
-                            "fewer than 2 requests on every router; no effect in one process (docs/architecture.md "
+                            "fewer than 2 requests on every router; no effect in one process. Opt-in: on CPUs "
+                            "with gloo it measured slower (twice the collectives per layer; docs/architecture.md "
                             "§4).")
 
     @field_validator("dtype", "replica_control", "kv_cache_dtype")
