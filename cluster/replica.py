@@ -300,9 +300,9 @@ class Replica:
 
     def _compile_step(self) -> None:
         """The step as a Ray Compiled Graph (docs/architecture.md §4), built at start: the driver writes the step's
-        input (its micro-batches per MoE layer, 0 when no router holds a request) into one shared-memory channel per rank, each rank's step runs
-        on its actor's graph thread as soon as it reads it, and the results come back the same way — one round trip
-        instead of a Ray task per rank. Only this process may execute it (the engine's step thread does).
+        input (its micro-batches per MoE layer, 0 when no router holds a request) into one shared-memory channel per
+        rank, each rank's step runs on its actor's graph thread as soon as it reads it, and the results come back the
+        same way — one round trip instead of a Ray task per rank. Only this process may execute it (the engine's step thread does).
         Requests, aborts, pings and stats stay ordinary actor calls, served beside it."""
         import ray
         from ray.dag import InputNode, MultiOutputNode
