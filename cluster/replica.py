@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -302,8 +301,8 @@ class Replica:
         """The step as a Ray Compiled Graph (docs/architecture.md §4), built at start: the driver writes the step's
         input (its micro-batches per MoE layer, 0 when no router holds a request) into one shared-memory channel per
         rank, each rank's step runs on its actor's graph thread as soon as it reads it, and the results come back the
-        same way — one round trip instead of a Ray task per rank. Only this process may execute it (the engine's step thread does).
-        Requests, aborts, pings and stats stay ordinary actor calls, served beside it."""
+        same way — one round trip instead of a Ray task per rank. Only this process may execute it (the engine's step
+        thread does). Requests, aborts, pings and stats stay ordinary actor calls, served beside it."""
         import ray
         from ray.dag import InputNode, MultiOutputNode
 
@@ -401,10 +400,15 @@ class ReplicaEngine:
     def failed(self) -> str | None:
         return self.replica.failed
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params, prompt: str | None = None) -> None:
+    def _load(self) -> list[int]:
+        """Requests held by each router."""
         load = [0] * len(self.replica.routers)
         for i in self.request_router.values():
             load[i] += 1
+        return load
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params, prompt: str | None = None) -> None:
+        load = self._load()
         i = min(range(len(load)), key=lambda k: load[k])
         r = self.replica
         r._get(r.routers[i].add_request.remote(request_id, prompt_ids, params, prompt), r.config.step_timeout_s,
@@ -435,7 +439,7 @@ class ReplicaEngine:
             return 0
         if not self.replica.config.ping_pong:
             return 1
-        return 2 if max(Counter(self.request_router.values()).values()) >= PING_PONG_MIN_REQUESTS else 1
+        return 2 if max(self._load()) >= PING_PONG_MIN_REQUESTS else 1
 
     def step(self) -> list:
         """One lockstep step of every rank. No request on any router: an empty step (no rank enters an exchange)."""
