@@ -169,13 +169,15 @@ def _exchange_counts(send: torch.Tensor) -> tuple[list[int], list[int], list[int
 @dataclass
 class InFlight:
     """A started fixed-capacity exchange (`RouterExchange.start`): its collectives' works, the send buffers they read
-    until they complete, the combine's receive buffer and where each routed row goes back. back None: a dry one."""
+    until they complete, the combine's receive buffer, where each routed row comes back and the dispatch order to
+    undo. back None: a dry one."""
     num_tokens: int
     works: tuple = ()
     sent: tuple = ()
     back: torch.Tensor | None = None
     place: torch.Tensor | None = None
-    tok: torch.Tensor | None = None
+    order: torch.Tensor | None = None   # the dispatch order of the micro-batch's N * top_k slots (`group_rows`)
+    top_k: int = 1
 
 
 class RouterExchange:
@@ -234,7 +236,7 @@ class RouterExchange:
         dist.all_to_all_single(back, torch.empty(0, D, device=dev), send_sizes, recv_sizes)
         self.timer.add("combine", t0)
         self.timer.computing(True)
-        return combine_rows(idx.shape[0], tok, back)
+        return combine_rows(order, back, idx.shape[1])
 
     def start(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> InFlight:
         """Start one micro-batch's exchange with a block of C = N * K rows per shard, without waiting: the place of each
@@ -268,7 +270,7 @@ class RouterExchange:
                  dist.all_to_all_single(back, torch.empty(0, D, device=dev), sizes, none, async_op=True))
         self.timer.add("dispatch", t0)
         self.timer.computing(True)
-        return InFlight(N, works, (block, payload), back, place, tok)
+        return InFlight(N, works, (block, payload), back, place, order, K)
 
     def finish(self, flight: InFlight) -> torch.Tensor:
         """Wait for a started exchange (within the collective timeout) -> the micro-batch's routed sum [N, D] fp32."""
@@ -280,7 +282,7 @@ class RouterExchange:
             work.wait()
         self.timer.add("combine", t0)
         self.timer.computing(True)
-        return combine_rows(flight.num_tokens, flight.tok, flight.back[flight.place])
+        return combine_rows(flight.order, flight.back[flight.place], flight.top_k)
 
     def idle(self, num_layers: int) -> None:
         """Take part in a step with no tokens of our own: every micro-batch of every layer, empty."""

@@ -303,6 +303,7 @@ class EntryLayout:
     lo: torch.Tensor       # [N] query row r may see gathered entries [lo_r, hi_r): its own closed windows
     hi: torch.Tensor
     bias: torch.Tensor     # [N, E] 0 on [lo_r, hi_r) (HCA attends to all of them)
+    most: int = 0          # max_r (hi_r - lo_r): a CSA indexer keeping top-k >= most keeps them all (this bias)
 
 
 @dataclass
@@ -495,7 +496,8 @@ class StepBatch:
         j = torch.arange(base)[None, :]
         hidden = (j < lo_t[:, None]) | (j >= hi_t[:, None])
         return EntryLayout(torch.tensor(blocks, dtype=torch.long), torch.tensor(offsets, dtype=torch.long),
-                           lo_t, hi_t, torch.zeros(hidden.shape).masked_fill(hidden, float("-inf")))
+                           lo_t, hi_t, torch.zeros(hidden.shape).masked_fill(hidden, float("-inf")),
+                           max((h - l for l, h in zip(lo, hi)), default=0))
 
     def emit_layout(self, ratio: int, ring_rows: int, overlap: bool) -> EmitLayout:
         return self._cached(("emit", ratio, ring_rows, overlap), lambda: self._emit_layout(ratio, ring_rows, overlap))

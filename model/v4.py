@@ -135,12 +135,13 @@ class StepRegions:
 
     # per positional argument, the dimensions that vary from call to call (rows, keys); None: not a tensor
     VARYING = {"attn_enter": (None, (0,), (0,)), "attn_leave": (None, (0,), (0,), (0,), (0,), (0,), (0,)),
-               "ffn": (None, (0,), (0,)), "attention": ((0,), (0,), (0, 1))}
+               "ffn": (None, (0,), (0,)), "attention": ((0,), (0,), (0, 1)),
+               "indexed_attention": (None, (0,), (0,), (0, 1), (0,), (0,), (0,), (0,), (0,), (0,), (0,))}
 
     def __init__(self, compile_: bool = False):
         self.compiled = compile_
         for name, fn in (("attn_enter", attn_enter), ("attn_leave", attn_leave), ("ffn", ffn_sublayer),
-                         ("attention", sink_attention)):
+                         ("attention", sink_attention), ("indexed_attention", indexed_attention)):
             setattr(self, name, _symbolic(fn, self.VARYING[name]) if compile_ else fn)
 
     def ffn_for(self, block: "Block", x: torch.Tensor):
@@ -165,6 +166,13 @@ class StepRegions:
                     self.ffn(block, x, ids, False)
         q, keys, bias = zeros(3, c.num_attention_heads, c.head_dim), zeros(5, c.head_dim), zeros(3, 5, dtype=torch.float32)
         self.attention(q, keys, bias, model.layers[0].attn.attn_sink, c.head_dim ** -0.5)
+        csa = next((b.attn for b in model.layers if b.attn.indexer is not None), None)
+        if csa is not None:  # a prefill group only takes it with more entries than the indexer keeps: E > top-k
+            E = max(csa.indexer.topk + 1, 7)  # unlike 3 and 5
+            lo, hi = zeros(3, dtype=torch.long), torch.full((3,), E, dtype=torch.long, device=model.device)
+            entries, index_keys = zeros(E, c.head_dim), zeros(E, c.index_head_dim, dtype=torch.float32)
+            self.indexed_attention(csa, q, keys, bias, entries, index_keys, zeros(3, c.hidden_size),
+                                   zeros(3, c.q_lora_rank), zeros(3, dtype=torch.long), lo, hi)
 
 
 def _symbolic(fn, varying):
@@ -190,6 +198,16 @@ def attn_leave(block: "Block", x: torch.Tensor, o: torch.Tensor, cos: torch.Tens
                post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """The attention output o [N, H, d] back into the streams x [N, n, D]."""
     return hc_expand(x, block.attn.output(o, cos, sin), post, comb)
+
+
+def indexed_attention(attn: "Attention", q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, entries: torch.Tensor,
+                      index_keys: torch.Tensor, u: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
+                      lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """A CSA prefill group's attention: queries q [T, H, d] over their window keys [K, d] (bias [T, K]) and the
+    lightning indexer's top-k of the compressed entries [E, d] each query may see ([lo_t, hi_t)). -> [T, H, d]"""
+    keys = torch.cat([keys, entries.to(keys.dtype)]).to(q.dtype)
+    bias = torch.cat([bias, attn.indexer_bias(index_keys, u, c_q, positions, lo, hi)], dim=1)
+    return sink_attention(q, keys, bias, attn.attn_sink, attn.head_dim ** -0.5)
 
 
 def layer_until_exchange(block: "Block", cache: LayerCache, x: torch.Tensor, batch: DecodeBatch):
@@ -370,9 +388,15 @@ class Attention(nn.Module):
                     all_visible: torch.Tensor):
         """Per-query bias over the entries (0 = attend, -inf = not): query t may use entries [lo_t, hi_t) —
         its sequence's closed windows. HCA attends to all of them (`all_visible`); CSA to the indexer's top-k."""
-        T, C = positions.shape[0], entries.shape[0]
         if self.indexer is None:
             return entries, all_visible
+        return entries, self.indexer_bias(index_keys, u, c_q, positions, lo, hi)
+
+    def indexer_bias(self, index_keys: torch.Tensor, u: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
+                     lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """CSA: the bias [T, C] over C entries (their index keys [C, dI]) that keeps the lightning indexer's top-k of
+        each query's entries [lo_t, hi_t)."""
+        T, C = positions.shape[0], index_keys.shape[0]
         ix = self.indexer
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         iq = apply_rope(ix.wq_b(c_q).view(T, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
@@ -380,7 +404,7 @@ class Attention(nn.Module):
         top = indexer_topk(iq, index_keys, w, lo, hi, ix.topk)              # [T, k], -1 = none
         bias = torch.full((T, C + 1), float("-inf"), device=u.device)
         bias.scatter_(1, torch.where(top >= 0, top, C), 0.0)
-        return entries, bias[:, :C]
+        return bias[:, :C]
 
     # -- full reference path ----------------------------------------------------------------------------------
     def _full_entries(self, u: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor):
@@ -430,11 +454,14 @@ class Attention(nn.Module):
             if self.compressor is not None:
                 ent = step.entry_layout(self.ratio, group)
                 entries = lc.read_main(lc.entries, ent.blocks, ent.offsets, kv.dtype)   # [E, d]
-                ikeys = lc.read_index(ent.blocks, ent.offsets, torch.float32) if self.indexer is not None else None
-                entries, entry_bias = self._entry_bias(entries, ikeys, u[r], c_q[r], positions[r], ent.lo, ent.hi,
-                                                       ent.bias)
+                if self.indexer is not None and ent.most > self.indexer.topk:   # the indexer drops some entries
+                    ikeys = lc.read_index(ent.blocks, ent.offsets, torch.float32)
+                    out[r] = self.regions.indexed_attention(self, q[r], keys, bias, entries, ikeys, u[r], c_q[r],
+                                                            positions[r], ent.lo, ent.hi)
+                    continue
+                # HCA; or CSA where no query has more entries than the indexer keeps: its top-k keeps them all
                 keys = torch.cat([keys, entries.to(keys.dtype)])
-                bias = torch.cat([bias, entry_bias], dim=1)
+                bias = torch.cat([bias, ent.bias], dim=1)
             out[r] = self.regions.attention(q[r], keys.to(q.dtype), bias, self.attn_sink, self.head_dim ** -0.5)
         writes = step.ring_writes(self.window)                              # after every read
         lc.write_main(lc.swa, writes.slots, writes.rows, kv[writes.src])
@@ -631,9 +658,13 @@ def group_rows(idx: torch.Tensor, key: torch.Tensor | None = None) -> tuple[torc
     return order, order // idx.shape[1]
 
 
-def combine_rows(num_tokens: int, tok: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Combine: sum each token's weighted expert rows y [M, D] back into [num_tokens, D] fp32."""
-    return torch.zeros(num_tokens, y.shape[1], dtype=torch.float32, device=y.device).index_add_(0, tok, y.float())
+def combine_rows(order: torch.Tensor, y: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Combine: each token's top_k weighted expert rows, y [N*top_k, D] in dispatch order `order` (`group_rows`), summed
+    back into [N, D] fp32. A gather through the inverse permutation and a sum over each token's k rows in slot order:
+    no scatter-add (atomic adds in a compiled CPU graph, unordered on CUDA), and the result does not depend on the
+    dispatch order, so a router sorting by shard sums exactly as the single process sorting by expert."""
+    slot = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return y.float()[slot].view(-1, top_k, y.shape[1]).sum(dim=1)
 
 
 
@@ -699,9 +730,9 @@ class MoE(nn.Module):
             ids = idx.reshape(-1)[order]
             y = expert_mlp_grouped(x[tok], expert_offsets(ids, w13.shape[0]), weights.reshape(-1)[order], w13, w2,
                                    self.cfg.swiglu_limit)
-            return combine_rows(idx.shape[0], tok, y)
+            return combine_rows(order, y, idx.shape[1])
         y = self.compute_experts(x[tok], idx.reshape(-1)[order], weights.reshape(-1)[order])
-        return combine_rows(idx.shape[0], tok, y)
+        return combine_rows(order, y, idx.shape[1])
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, static: bool = False) -> torch.Tensor:
         weights, idx = self.gate(x, token_ids)                              # gate

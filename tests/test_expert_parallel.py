@@ -439,7 +439,7 @@ def test_exchange_syncs_once_per_moe_layer_per_rank():
             x, w, idx = _exchange_inputs(step, layer)
             order, tok = group_rows(idx)
             y = expert_mlp_ref(x[tok], idx.reshape(-1)[order], w.reshape(-1)[order], experts[layer], 10.0)
-            want.append(combine_rows(x.shape[0], tok, y))
+            want.append(combine_rows(order, y, idx.shape[1]))
     for i, (got, ref) in enumerate(zip(reports[0]["outputs"], want, strict=True)):
         torch.testing.assert_close(torch.tensor(got), ref, atol=EXCHANGE_ATOL, rtol=0, msg=f"step/layer {i}")
     served = [sum(sum(reports[r]["tokens_per_expert"][layer].values()) for r in range(1, world)) for layer in range(L)]
@@ -538,9 +538,10 @@ def test_a_router_decode_step_reads_back_once_and_nothing_in_its_layers(tiny_ckp
 
 COMPILED_ROUTER = {"shards": 2, "seqs": 3, "decode_steps": 6}
 # v4-tiny's router graphs: the StepBatch regions without the MoE sublayer (attention in and out at 1 row and at any
-# count, the prefill attention: 5), the layer up to its exchange per layer kind (SWA with hash routing, CSA, HCA)
-# and bucket kind (B = 1, B >= 2): 6, the layer after its exchange per bucket kind: 2.
-COMPILED_ROUTER_GRAPHS = 5 + 6 + 2
+# count, the prefill attention alone and with the CSA indexer: 6), the Sinkhorn op's graph (1 row, any count: 2), the
+# layer up to its exchange per layer kind (SWA with hash routing, CSA, HCA) and bucket kind (B = 1, B >= 2): 6, the
+# layer after its exchange per bucket kind: 2.
+COMPILED_ROUTER_GRAPHS = 6 + 2 + 6 + 2
 
 
 def _compiled_router_rank(rank: int, ckpt: str, ready) -> dict:

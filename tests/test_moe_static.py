@@ -53,14 +53,14 @@ def _routing(N: int, K: int, E: int, seed: int = 0):
 def _reference(x, idx, weights, experts):
     order, tok = group_rows(idx)
     y = expert_mlp_ref(x[tok], idx.reshape(-1)[order], weights.reshape(-1)[order], experts, LIMIT)
-    return combine_rows(idx.shape[0], tok, y)
+    return combine_rows(order, y, idx.shape[1])
 
 
 def _grouped(x, idx, weights, w13, w2, offsets=expert_offsets):
     order, tok = group_rows(idx)
     ids = idx.reshape(-1)[order]
     y = expert_mlp_grouped(x[tok], offsets(ids, w13.shape[0]), weights.reshape(-1)[order], w13, w2, LIMIT)
-    return combine_rows(idx.shape[0], tok, y)
+    return combine_rows(order, y, idx.shape[1])
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, FP32_RTOL), (torch.bfloat16, BF16_RTOL)])
