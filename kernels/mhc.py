@@ -20,8 +20,9 @@ from .backend import kernel_backend, launch, record_triton_call, triton_interpre
 
 
 def mhc_weights_ref(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
-                    norm_eps: float, hc_eps: float, sinkhorn_iters: int):
-    """x [N, n, D] streams -> pre [N, n], post [N, n], comb [N, n, n] (fp32)."""
+                    norm_eps: float, hc_eps: float, sinkhorn_iters: int, prefill: bool = False):
+    """x [N, n, D] streams -> pre [N, n], post [N, n], comb [N, n, n] (fp32). prefill: the rows of a prompt batch
+    (thousands), where a compiled graph calls the `sinkhorn` op; a decode step's few rows keep the loop inline."""
     n = x.shape[1]
     flat = x.reshape(x.shape[0], -1).float()
     # the RMS norm is one scale per row: applied to the (2 + n) * n mixes, not to the n * D inputs (one pass over
@@ -33,7 +34,7 @@ def mhc_weights_ref(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale
     pre = torch.sigmoid(pre_w * s[0] + pre_b) + hc_eps
     post = 2 * torch.sigmoid(post_w * s[1] + post_b)
     comb = torch.softmax(comb_w.view(-1, n, n) * s[2] + comb_b.view(n, n), dim=-1) + hc_eps
-    if torch.compiler.is_compiling():  # a compiled CPU graph: the op below, not the loop's 40 reductions
+    if prefill and torch.compiler.is_compiling():  # a compiled CPU graph: the op below, not 40 inline reductions
         return pre, post, sinkhorn(comb, hc_eps, sinkhorn_iters)
     return pre, post, sinkhorn_ref(comb, hc_eps, sinkhorn_iters)
 
@@ -200,12 +201,13 @@ def mhc_weights_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, sc
 
 
 def mhc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
-                norm_eps: float, hc_eps: float, sinkhorn_iters: int):
-    """Dispatch point for the mHC pre/post/comb computation: Triton or the torch reference (see `backend`)."""
+                norm_eps: float, hc_eps: float, sinkhorn_iters: int, prefill: bool = False):
+    """Dispatch point for the mHC pre/post/comb computation: Triton or the torch reference (see `backend`).
+    prefill: `mhc_weights_ref`'s."""
     n = x.shape[1]
     if x.dim() != 3 or fn.shape != ((2 + n) * n, n * x.shape[2]):
         raise ValueError(f"mhc_weights: x [N,n,D]={tuple(x.shape)} needs fn [{(2 + n) * n}, {n * x.shape[2]}], "
                          f"got {tuple(fn.shape)}")
     if kernel_backend(x.device) == "triton":
         return mhc_weights_triton(x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters)
-    return mhc_weights_ref(x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters)
+    return mhc_weights_ref(x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters, prefill)

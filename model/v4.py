@@ -116,10 +116,10 @@ def hc_expand(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.
 
 
 def hc_enter(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_weight: torch.Tensor,
-             norm_eps: float, hc_eps: float, sinkhorn_iters: int):
+             norm_eps: float, hc_eps: float, sinkhorn_iters: int, prefill: bool = False):
     """A sublayer's way in: the mHC weights of the streams x [N, n, D], their collapse, the sublayer's input norm.
-    -> (u [N, D], post [N, n], comb [N, n, n])."""
-    pre, post, comb = mhc_weights(x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters)
+    -> (u [N, D], post [N, n], comb [N, n, n]). prefill: `mhc_weights`'."""
+    pre, post, comb = mhc_weights(x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters, prefill)
     return rms_norm(hc_collapse(x, pre), norm_weight, norm_eps), post, comb
 
 
@@ -134,7 +134,7 @@ class StepRegions:
     own whole-step graph."""
 
     # per positional argument, the dimensions that vary from call to call (rows, keys); None: not a tensor
-    VARYING = {"attn_enter": (None, (0,), (0,)), "attn_leave": (None, (0,), (0,), (0,), (0,), (0,), (0,)),
+    VARYING = {"attn_enter": (None, (0,), (0,), None), "attn_leave": (None, (0,), (0,), (0,), (0,), (0,), (0,)),
                "ffn": (None, (0,), (0,)), "attention": ((0,), (0,), (0, 1)),
                "indexed_attention": (None, (0,), (0,), (0, 1), (0,), (0,), (0,), (0,), (0,), (0,), (0,))}
 
@@ -159,7 +159,7 @@ class StepRegions:
         for rows in (3, 1):
             x, ids = zeros(rows, c.hc_mult, c.hidden_size), zeros(rows, dtype=torch.long)
             for block in model.layers:
-                (u, c_q, q, kv, cos, sin), post, comb = self.attn_enter(block, x, ids)
+                (u, c_q, q, kv, cos, sin), post, comb = self.attn_enter(block, x, ids, True)
                 self.attn_leave(block, x, q, cos, sin, post, comb)
                 if self.ffn_for(block, x) is not EAGER_REGIONS.ffn:  # never an exchange: no shard is listening
                     block.ffn.stacked_experts()  # built once, eagerly: not inside a trace
@@ -188,9 +188,10 @@ def _symbolic(fn, varying):
     return call
 
 
-def attn_enter(block: "Block", x: torch.Tensor, positions: torch.Tensor):
-    """x [N, n, D] streams -> ((u, c_q, q, kv, cos, sin) of `Attention.project`, post, comb)."""
-    u, post, comb = block.enter("attn", x)
+def attn_enter(block: "Block", x: torch.Tensor, positions: torch.Tensor, prefill: bool = False):
+    """x [N, n, D] streams -> ((u, c_q, q, kv, cos, sin) of `Attention.project`, post, comb). prefill: a `StepBatch`
+    step's rows (`mhc_weights`)."""
+    u, post, comb = block.enter("attn", x, prefill)
     return (u, *block.attn.project(u, positions)), post, comb
 
 
@@ -228,7 +229,7 @@ def layer_after_exchange(x: torch.Tensor, routed: torch.Tensor, shared: torch.Te
 
 def ffn_sublayer(block: "Block", x: torch.Tensor, token_ids: torch.Tensor, static: bool) -> torch.Tensor:
     """The whole MoE sublayer on the streams x [N, n, D] (`MoE.forward`'s static: a fixed-shape step's call)."""
-    u, post, comb = block.enter("ffn", x)
+    u, post, comb = block.enter("ffn", x, not static)
     return hc_expand(x, block.ffn(u, token_ids, static), post, comb)
 
 
@@ -764,17 +765,19 @@ class Block(nn.Module):
             self.register_buffer(f"hc_{site}_base", _meta((2 + n) * n))
             self.register_buffer(f"hc_{site}_scale", _meta(3))
 
-    def enter(self, site: str, x: torch.Tensor):
-        """The way into sublayer `site` ("attn", "ffn"): x [N, n, D] -> (u [N, D], post, comb)."""
+    def enter(self, site: str, x: torch.Tensor, prefill: bool = False):
+        """The way into sublayer `site` ("attn", "ffn"): x [N, n, D] -> (u [N, D], post, comb). prefill: a
+        `StepBatch` step's rows (`mhc_weights`)."""
         c, norm = self.cfg, getattr(self, f"{site}_norm")
         return hc_enter(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
-                        getattr(self, f"hc_{site}_scale"), norm.weight, c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters)
+                        getattr(self, f"hc_{site}_scale"), norm.weight, c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters,
+                        prefill)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor,
                 step: StepBatch | None = None, cache: LayerCache | None = None) -> torch.Tensor:
         """x [N, n, D] residual streams of N tokens (one whole sequence, or a step's chunks)."""
         fns = self.regions if isinstance(step, StepBatch) else EAGER_REGIONS
-        (u, c_q, q, kv, cos, sin), post, comb = fns.attn_enter(self, x, positions)
+        (u, c_q, q, kv, cos, sin), post, comb = fns.attn_enter(self, x, positions, isinstance(step, StepBatch))
         o = self.attn.attend(u, c_q, q, kv, positions, step, cache)
         x = fns.attn_leave(self, x, o, cos, sin, post, comb)
         return fns.ffn_for(self, x)(self, x, token_ids, isinstance(step, DecodeBatch))
