@@ -245,7 +245,7 @@ def test_the_compiled_engine_generates_what_the_eager_engine_does(tiny_ckpt):
         assert first[rid].token_ids == second[f"again-{rid}"].token_ids, rid
 
 
-@pytest.mark.timeout(600)  # a cold compile of the regions: about 45 s on 2 cores
+@pytest.mark.timeout(600)  # a cold compile of the regions: about a minute on 2 cores
 def test_compiled_step_regions_prefill_as_the_plain_ones(models):
     """The StepBatch step with its regions compiled (mHC, projections, MoE sublayer, prefill attention as inductor
     graphs, row counts symbolic): the logits of prompt batches of every shape (one prompt, several sharing an
