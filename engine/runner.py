@@ -50,8 +50,8 @@ class ModelRunner:
         model.use_regions(StepRegions(compile_=True) if compile_regions else EAGER_REGIONS)
         if compile_regions:   # stderr, as the decode step's line: a Ray actor's .err log shows it at any log level
             t0 = time.perf_counter()
-            print("v4ray: compiling the prefill regions (torch.compile, inductor; about a minute cold for a tiny preset "
-                  "on 2 cores, seconds from the disk cache)...", file=sys.stderr, flush=True)
+            print("v4ray: compiling the prefill regions (torch.compile, inductor; about a minute cold for a tiny "
+                  "preset on 2 cores, seconds from the disk cache)...", file=sys.stderr, flush=True)
             model.regions.warm_up(model)
             print(f"v4ray: prefill regions compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         if decode_step != "eager":
