@@ -119,3 +119,25 @@ def test_mutations_move_logits_far_beyond_tolerance(tiny_ckpt, mutation):
             hit += 1
     assert hit, f"{mutation}: the tiny model has no such tensor"
     assert rel_err(model(ids), base).max() > MUTATION_MIN
+
+
+def test_a_csa_prefill_group_skips_the_indexer_only_where_it_would_keep_every_entry(tiny_ckpt):
+    """`Attention._attend_cached` attends a CSA prefill group as an HCA one (every visible entry) when no query sees
+    more entries than the indexer keeps (`EntryLayout.most` <= index_topk): the indexer's bias is then exactly the
+    all-visible one. With one query seeing more, the indexer drops entries and the bias differs."""
+    model = load_model(tiny_ckpt("v4-tiny"), torch.float32)
+    attn = next(b.attn for b in model.layers if b.attn.indexer is not None)
+    c, k = model.cfg, model.cfg.index_topk
+    g = torch.Generator().manual_seed(3)
+    T, E = 12, 3 * k
+    u, c_q = torch.randn(T, c.hidden_size, generator=g), torch.randn(T, c.q_lora_rank, generator=g)
+    keys = torch.randn(E, c.index_head_dim, generator=g)
+    positions = torch.arange(T) * 7
+    lo = torch.randint(0, E - k - 3, (T,), generator=g)   # every [lo, hi) inside the E entries
+    for most in (k, k + 3):
+        hi = lo + torch.randint(1, k + 1, (T,), generator=g)
+        hi[0] = lo[0] + most
+        visible = torch.arange(E)[None, :]
+        all_visible = torch.zeros(T, E).masked_fill((visible < lo[:, None]) | (visible >= hi[:, None]), float("-inf"))
+        bias = attn.indexer_bias(keys, u, c_q, positions, lo, hi)
+        assert torch.equal(bias, all_visible) == (most <= k), most
