@@ -149,14 +149,19 @@ class StepRegions:
         expert shards, or a per-expert loop over weights kept quantized, reads the host)."""
         return self.ffn if self.compiled and block.ffn.uses_grouped(x) else EAGER_REGIONS.ffn
 
+    # The warm-up's sizes: the first call's sizes are the symbolic sizes' hints, by which inductor decides, among
+    # others, whether a loop is worth its threads (a prefill has thousands of rows, a group ~128 queries over ~256
+    # keys; hints of 3 rows left the attention's softmax and the indexer's scores on one core). Distinct values:
+    # two symbolic sizes that meet with equal sizes are traced as one (a guard that recompiles when they differ).
+    WARM_ROWS, WARM_QUERIES, WARM_KEYS, WARM_ENTRIES = 1021, 125, 251, 61
+
     @torch.no_grad()  # as the step runs (grad mode is part of a graph's guards)
     def warm_up(self, model: "V4Model") -> None:
-        """Compile every piece for every layer kind before the first request, on zeros: one call with 3 rows (a
-        symbolic size from then on) and one with 1 (a size of 1 is a graph of its own), the attention with a key
-        count unlike its row count, so that no two symbolic sizes are traced as equal (a guard that recompiles)."""
+        """Compile every piece for every layer kind before the first request, on zeros: one call at the sizes of a
+        prefill (`WARM_ROWS`...: symbolic from then on) and one with 1 row (a size of 1 is a graph of its own)."""
         c = model.cfg
         zeros = lambda *shape, dtype=model.dtype: torch.zeros(*shape, dtype=dtype, device=model.device)
-        for rows in (3, 1):
+        for rows in (self.WARM_ROWS, 1):
             x, ids = zeros(rows, c.hc_mult, c.hidden_size), zeros(rows, dtype=torch.long)
             for block in model.layers:
                 (u, c_q, q, kv, cos, sin), post, comb = self.attn_enter(block, x, ids, True)
@@ -164,15 +169,18 @@ class StepRegions:
                 if self.ffn_for(block, x) is not EAGER_REGIONS.ffn:  # never an exchange: no shard is listening
                     block.ffn.stacked_experts()  # built once, eagerly: not inside a trace
                     self.ffn(block, x, ids, False)
-        q, keys, bias = zeros(3, c.num_attention_heads, c.head_dim), zeros(5, c.head_dim), zeros(3, 5, dtype=torch.float32)
+        T, K = self.WARM_QUERIES, self.WARM_KEYS
+        q, keys = zeros(T, c.num_attention_heads, c.head_dim), zeros(K, c.head_dim)
+        bias = zeros(T, K, dtype=torch.float32)
         self.attention(q, keys, bias, model.layers[0].attn.attn_sink, c.head_dim ** -0.5)
         csa = next((b.attn for b in model.layers if b.attn.indexer is not None), None)
         if csa is not None:  # a prefill group only takes it with more entries than the indexer keeps: E > top-k
-            E = max(csa.indexer.topk + 1, 7)  # unlike 3 and 5
-            lo, hi = zeros(3, dtype=torch.long), torch.full((3,), E, dtype=torch.long, device=model.device)
+            E = max(csa.indexer.topk + 1, self.WARM_ENTRIES)
+            E += E in (T, K)  # unlike the other sizes
+            lo, hi = zeros(T, dtype=torch.long), torch.full((T,), E, dtype=torch.long, device=model.device)
             entries, index_keys = zeros(E, c.head_dim), zeros(E, c.index_head_dim, dtype=torch.float32)
-            self.indexed_attention(csa, q, keys, bias, entries, index_keys, zeros(3, c.hidden_size),
-                                   zeros(3, c.q_lora_rank), zeros(3, dtype=torch.long), lo, hi)
+            self.indexed_attention(csa, q, keys, bias, entries, index_keys, zeros(T, c.hidden_size),
+                                   zeros(T, c.q_lora_rank), zeros(T, dtype=torch.long), lo, hi)
 
 
 def _symbolic(fn, varying):
