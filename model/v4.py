@@ -136,13 +136,20 @@ class StepRegions:
     # per positional argument, the dimensions that vary from call to call (rows, keys); None: not a tensor
     VARYING = {"attn_enter": (None, (0,), (0,), None), "attn_leave": (None, (0,), (0,), (0,), (0,), (0,), (0,)),
                "ffn": (None, (0,), (0,)), "attention": ((0,), (0,), (0, 1)),
-               "indexed_attention": (None, (0,), (0,), (0, 1), (0,), (0,), (0,), (0,), (0,), (0,), (0,))}
+               "indexed_attention": (None, (0,), (0,), (0, 1), (0,), (0,), (0,), (0,), (0,), (0,), (0,)),
+               "emit": (None, None, (0,), (0,), (0,), (0,), (0,), (0,), (0,), (0,))}
 
     def __init__(self, compile_: bool = False):
         self.compiled = compile_
         for name, fn in (("attn_enter", attn_enter), ("attn_leave", attn_leave), ("ffn", ffn_sublayer),
-                         ("attention", sink_attention), ("indexed_attention", indexed_attention)):
+                         ("attention", sink_attention), ("indexed_attention", indexed_attention),
+                         ("emit", compressor_emit)):
             setattr(self, name, _symbolic(fn, self.VARYING[name]) if compile_ else fn)
+
+    def emit_for(self, rows: int, windows: int):
+        """A compressor's emit: compiled for a prefill's rows and windows; eagerly where either is one (a size of 1
+        would be a graph of its own, compiled on first use: steps of single tokens close a window or none)."""
+        return self.emit if self.compiled and rows > 1 and windows > 1 else EAGER_REGIONS.emit
 
     def ffn_for(self, block: "Block", x: torch.Tensor):
         """The MoE sublayer's function: compiled only where its routed experts run here, grouped (an exchange with
@@ -153,7 +160,7 @@ class StepRegions:
     # others, whether a loop is worth its threads (a prefill has thousands of rows, a group ~128 queries over ~256
     # keys; hints of 3 rows left the attention's softmax and the indexer's scores on one core). Distinct values:
     # two symbolic sizes that meet with equal sizes are traced as one (a guard that recompiles when they differ).
-    WARM_ROWS, WARM_QUERIES, WARM_KEYS, WARM_ENTRIES = 1021, 125, 251, 61
+    WARM_ROWS, WARM_QUERIES, WARM_KEYS, WARM_ENTRIES, WARM_RING_SLOTS = 1021, 125, 251, 61, 67
 
     @torch.no_grad()  # as the step runs (grad mode is part of a graph's guards)
     def warm_up(self, model: "V4Model") -> None:
@@ -181,6 +188,20 @@ class StepRegions:
             entries, index_keys = zeros(E, c.head_dim), zeros(E, c.index_head_dim, dtype=torch.float32)
             self.indexed_attention(csa, q, keys, bias, entries, index_keys, zeros(T, c.hidden_size),
                                    zeros(T, c.q_lora_rank), zeros(T, dtype=torch.long), lo, hi)
+        if not self.compiled:
+            return
+        kinds = {}  # one graph per kind of compressor (CSA, its indexer's, HCA): their shapes differ
+        for b in model.layers:
+            for comp in (b.attn.compressor, b.attn.indexer.compressor if b.attn.indexer is not None else None):
+                if comp is not None:
+                    kinds.setdefault((comp.ratio, comp.dim, comp.overlap), (b.attn, comp))
+        N, S = self.WARM_ROWS, self.WARM_RING_SLOTS
+        for attn, comp in kinds.values():
+            W, R, width = N // comp.ratio, comp.ratio * (2 if comp.overlap else 1), comp.wkv.out_features
+            rows, prev = (zeros(W, comp.ratio, dtype=torch.long) for _ in range(2))  # two: aliasing is guarded
+            self.emit(comp, attn.inv_freq, zeros(N, c.hidden_size, dtype=torch.float32), zeros(N, dtype=torch.long),
+                      zeros(S * R, width, dtype=torch.float32), zeros(S * R, width, dtype=torch.float32), rows, prev,
+                      zeros(W, dtype=torch.bool), zeros(W, dtype=torch.long))
 
 
 def _symbolic(fn, varying):
@@ -217,6 +238,26 @@ def indexed_attention(attn: "Attention", q: torch.Tensor, keys: torch.Tensor, bi
     keys = torch.cat([keys, entries.to(keys.dtype)]).to(q.dtype)
     bias = torch.cat([bias, attn.indexer_bias(index_keys, u, c_q, positions, lo, hi)], dim=1)
     return sink_attention(q, keys, bias, attn.attn_sink, attn.head_dim ** -0.5)
+
+
+def compressor_emit(comp: "Compressor", inv_freq: torch.Tensor, u: torch.Tensor, positions: torch.Tensor,
+                    ring_kv: torch.Tensor, ring_gate: torch.Tensor, rows: torch.Tensor, prev_rows: torch.Tensor,
+                    has_prev: torch.Tensor, entry_positions: torch.Tensor):
+    """A compressor's work in a `StepBatch` step before its writes: the raw rows of the step's tokens u [N, D] at
+    `positions` (kv, and gate with ape, [N, coff*dim]) and the entries [W, dim] of the W windows closing in it,
+    pooled and RoPE'd. ring_kv / ring_gate: the rings flattened, [slots*R, coff*dim] (a view: marking a dimension
+    symbolic marks the tensor passed, and the rings themselves are inputs of the decode step's graph, which would
+    then recompile); rows / prev_rows [W, m] index the rings' rows, then the new ones (`EmitLayout`)."""
+    m = comp.ratio
+    kv_new, gate_new = comp.project(u)
+    gate_new = gate_new + comp.ape[positions % m]
+    src_kv = torch.cat([ring_kv, kv_new])                                   # [slots*R + N, coff*dim]
+    src_gate = torch.cat([ring_gate, gate_new])
+    prev_kv = src_kv[prev_rows][..., :comp.dim] if comp.overlap else None
+    prev_gate = src_gate[prev_rows][..., :comp.dim] if comp.overlap else None
+    pooled = comp.pool(src_kv[rows], src_gate[rows], prev_kv, prev_gate, has_prev)
+    cos, sin = rope_cos_sin(entry_positions, inv_freq)
+    return kv_new, gate_new, apply_rope(pooled, cos, sin)
 
 
 def layer_until_exchange(block: "Block", cache: LayerCache, x: torch.Tensor, batch: DecodeBatch):
@@ -601,17 +642,16 @@ class Attention(nn.Module):
         """Pool every window that closes within this step into `pool`, then keep the newest raw rows of each
         sequence in its compressor ring (which covers the open window and, for CSA, the previous one)."""
         m, R = comp.ratio, ring_kv.shape[1]
-        kv_new, gate_new = comp.project(u)
-        gate_new = gate_new + comp.ape[positions % m]
         lay = step.emit_layout(m, R, comp.overlap)
-        if lay.positions.numel():
-            src_kv = torch.cat([ring_kv.flatten(0, 1), kv_new])             # [slots*R + N, coff*dim]
-            src_gate = torch.cat([ring_gate.flatten(0, 1), gate_new])
-            prev_kv = src_kv[lay.prev_rows][..., :comp.dim] if comp.overlap else None
-            prev_gate = src_gate[lay.prev_rows][..., :comp.dim] if comp.overlap else None
-            pooled = comp.pool(src_kv[lay.rows], src_gate[lay.rows], prev_kv, prev_gate, lay.has_prev)
-            cos, sin = rope_cos_sin(lay.positions, self.inv_freq)
-            write(lay.blocks, lay.offsets, apply_rope(pooled, cos, sin))
+        W = lay.positions.numel()
+        if W:
+            kv_new, gate_new, entries = self.regions.emit_for(u.shape[0], W)(
+                comp, self.inv_freq, u, positions, ring_kv.flatten(0, 1), ring_gate.flatten(0, 1), lay.rows,
+                lay.prev_rows, lay.has_prev, lay.positions)
+            write(lay.blocks, lay.offsets, entries)
+        else:
+            kv_new, gate_new = comp.project(u)
+            gate_new = gate_new + comp.ape[positions % m]
         w = lay.writes
         ring_kv[w.slots, w.rows] = kv_new[w.src]
         ring_gate[w.slots, w.rows] = gate_new[w.src]

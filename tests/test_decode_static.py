@@ -199,8 +199,9 @@ def _drain(core: EngineCore, work) -> dict:
 
 
 # v4-tiny's StepBatch regions: attention in and out and the MoE sublayer of hash and top-k layers at 1 row and at
-# any count (4 x 2), the prefill attention alone and with the CSA indexer (2), the Sinkhorn op's graph (1, any: 2)
-REGION_GRAPHS = 4 * 2 + 2 + 2
+# any count (4 x 2), the prefill attention alone and with the CSA indexer (2), the Sinkhorn op's graph (1, any: 2),
+# the compressors' emit per kind (CSA, its indexer's, HCA: 3)
+REGION_GRAPHS = 4 * 2 + 2 + 2 + 3
 GRAPHS = 2 + REGION_GRAPHS   # and the decode step's B = 1 and B >= 2
 
 
