@@ -224,8 +224,8 @@ def test_the_compiled_engine_generates_what_the_eager_engine_does(tiny_ckpt):
         assert core.runner.graphs is not None and core.runner.graphs.compiled
         assert core.runner.model.regions.compiled
         # the decode step's B = 1 and B >= 2, the StepBatch regions (attention in and out, the MoE sublayer of hash
-        # and top-k layers, at 1 row and at any count; the prefill attention, alone and with the CSA indexer) and the
-        # Sinkhorn op's own graph (1 row, any count): all compiled at start-up
+        # and top-k layers, at 1 row and at any count; the prefill attention, alone and with the CSA indexer; the
+        # compressors' emit per kind) and the Sinkhorn op's own graph (1 row, any count): all compiled at start-up
         assert counters["stats"]["unique_graphs"] == GRAPHS, dict(counters["stats"])
         compiled = _drain(core, greedy)
         first, second = _drain(core, seeded), _drain(core, [(f"again-{r}", p, s) for r, p, s in seeded])
