@@ -199,7 +199,7 @@ class StepRegions:
         for attn, comp in kinds.values():
             W, R, width = N // comp.ratio, comp.ratio * (2 if comp.overlap else 1), comp.wkv.out_features
             rows, prev = (zeros(W, comp.ratio, dtype=torch.long) for _ in range(2))  # two: aliasing is guarded
-            self.emit(comp, attn.inv_freq, zeros(N, c.hidden_size, dtype=torch.float32), zeros(N, dtype=torch.long),
+            self.emit(comp, attn.inv_freq, zeros(N, c.hidden_size), zeros(N, dtype=torch.long),
                       zeros(S * R, width, dtype=torch.float32), zeros(S * R, width, dtype=torch.float32), rows, prev,
                       zeros(W, dtype=torch.bool), zeros(W, dtype=torch.long))
 
