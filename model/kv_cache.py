@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 import torch
 
+from v4ray.kernels.backend import kernel_backend
+
 from .config import CSA, SWA, V4Config
 from .kv_format import (ENTRY_FORMATS, PREFIX_UNIT, default_block_size, index_key_bytes, kv_bytes, main_entry_bytes,
                         pack_index, pack_main, unpack_index, unpack_main)
@@ -274,7 +276,9 @@ class WindowLayout:
     rows: torch.Tensor         # [n] batch rows of the group's queries (and new keys), in order
     ring_slots: torch.Tensor   # [P] state slot of each cached key read from the ring
     ring_rows: torch.Tensor    # [P] its ring row (position % window)
-    bias: torch.Tensor         # [n, P + n] 0 where query row sees the key (same sequence, within the window)
+    bias: torch.Tensor | None  # [n, P + n] 0 where query row sees the key (same sequence, within the window);
+    #                            None for a banded group (`StepBatch.banded`), whose band is built in its attention
+    ring_pad: torch.Tensor | None = None  # banded: [1] window - 1 - P, the padding rows before the ring's P rows
 
 
 @dataclass
@@ -442,6 +446,16 @@ class StepBatch:
     def window_layout(self, window: int, group: tuple[int, ...]) -> WindowLayout:
         return self._cached(("window", window, group), lambda: self._window_layout(window, group))
 
+    # A chunk alone in its group attends to its window as a band (kernels/attention.py `banded_sink_attention`: n
+    # (2w - 1) scores) where the dense form's n (P + n) would be at least twice as many, on the torch backend (the
+    # Triton kernel skips masked key blocks itself).
+    BANDED_MIN_WINDOWS = 3
+
+    def banded(self, window: int, group: tuple[int, ...]) -> bool:
+        """Whether a prefill group attends to its window as a band (see BANDED_MIN_WINDOWS)."""
+        return (len(group) == 1 and self.chunks[group[0]][2] >= self.BANDED_MIN_WINDOWS * window
+                and kernel_backend(self.cache.device) == "torch")
+
     def _window_layout(self, w: int, group: tuple[int, ...]) -> WindowLayout:
         slots, rows, key_seq, key_pos, q_seq, q_rows = [], [], [], [], [], []
         for i in group:
@@ -455,6 +469,9 @@ class StepBatch:
             q_seq += [i] * n
             q_rows += range(a, a + n)
         q_rows_t = torch.tensor(q_rows, dtype=torch.long)
+        if self.banded(w, group):
+            return WindowLayout(q_rows_t, torch.tensor(slots, dtype=torch.long), torch.tensor(rows, dtype=torch.long),
+                                None, torch.tensor([w - 1 - len(slots)], dtype=torch.long))
         positions = self.positions()[q_rows_t]
         key_seq = torch.tensor(key_seq + q_seq, dtype=torch.long)
         key_pos = torch.cat([torch.tensor(key_pos, dtype=torch.long), positions])

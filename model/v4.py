@@ -21,7 +21,9 @@ from torch import nn
 
 from v4ray.kernels import (compress_pool, expert_mlp, indexer_topk, indexer_topk_padded, indexer_topk_padded_fp8,
                            mhc_weights, sink_attention, sparse_sink_attention, sparse_sink_attention_fp8)
+from v4ray.kernels.attention import banded_sink_attention
 from v4ray.kernels.backend import kernel_backend
+from v4ray.kernels.compiled import compile_graph
 from v4ray.kernels.moe import expert_mlp_grouped, expert_offsets, stack_experts, swiglu_clamped
 from v4ray.kernels.quant import QuantTensor
 
@@ -126,7 +128,8 @@ def hc_enter(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch
 class StepRegions:
     """The variable-shape (`StepBatch`) step's pieces around its data-dependent attention: the way into the attention
     sublayer (mHC weights, collapse, norm, projections, RoPE), the way out (inverse RoPE, output projections, mHC
-    expansion), a prefill group's attention, and the whole MoE sublayer where its experts run here, grouped on the
+    expansion), a prefill group's attention (dense, or a long chunk's window as a band: `StepBatch.banded`), a
+    compressor's emit, and the whole MoE sublayer where its experts run here, grouped on the
     device. Plain functions in `EAGER_REGIONS` (the reference); `StepRegions(compile_=True)` makes each an inductor
     graph with its row counts symbolic (docs/architecture.md §12): on the torch backend these pieces are hundreds of
     small ops per layer, where a batch of prompts spent most of its prefill. A graph serves every layer of a kind (the
@@ -137,13 +140,16 @@ class StepRegions:
     VARYING = {"attn_enter": (None, (0,), (0,), None), "attn_leave": (None, (0,), (0,), (0,), (0,), (0,), (0,)),
                "ffn": (None, (0,), (0,)), "attention": ((0,), (0,), (0, 1)),
                "indexed_attention": (None, (0,), (0,), (0, 1), (0,), (0,), (0,), (0,), (0,), (0,), (0,)),
-               "emit": (None, None, (0,), (0,), (0,), (0,), (0,), (0,), (0,), (0,))}
+               "emit": (None, None, (0,), (0,), (0,), (0,), (0,), (0,), (0,), (0,)),
+               "window_attention": (None, (0,), (0,), None, (0,), (0, 1)),
+               "indexed_window_attention": (None, (0,), (0,), None, (0,), (0,), (0,), (0,), (0,), (0,), (0,))}
 
     def __init__(self, compile_: bool = False):
         self.compiled = compile_
         for name, fn in (("attn_enter", attn_enter), ("attn_leave", attn_leave), ("ffn", ffn_sublayer),
                          ("attention", sink_attention), ("indexed_attention", indexed_attention),
-                         ("emit", compressor_emit)):
+                         ("emit", compressor_emit), ("window_attention", window_attention),
+                         ("indexed_window_attention", indexed_window_attention)):
             setattr(self, name, _symbolic(fn, self.VARYING[name]) if compile_ else fn)
 
     def emit_for(self, rows: int, windows: int):
@@ -190,6 +196,19 @@ class StepRegions:
                                    zeros(T, c.q_lora_rank), zeros(T, dtype=torch.long), lo, hi)
         if not self.compiled:
             return
+        # banded groups (`StepBatch.banded`), per kind of layer: a chunk of at least BANDED_MIN_WINDOWS windows (more
+        # than one block of queries: a count of 1 would be a graph of its own)
+        n, E = StepBatch.BANDED_MIN_WINDOWS * c.sliding_window + 5, self.WARM_ENTRIES
+        q = zeros(n, c.num_attention_heads, c.head_dim)
+        keys, pad = zeros(c.sliding_window - 1 + n, c.head_dim), zeros(1, dtype=torch.long)
+        entries, entry_bias = zeros(E, c.head_dim), zeros(n, E, dtype=torch.float32)
+        for block in model.layers:
+            self.window_attention(block.attn, q, keys, pad, entries, entry_bias)
+            if block.attn.indexer is not None:
+                lo, hi = zeros(n, dtype=torch.long), torch.full((n,), E, dtype=torch.long, device=model.device)
+                self.indexed_window_attention(block.attn, q, keys, pad, entries, zeros(E, c.index_head_dim,
+                                              dtype=torch.float32), zeros(n, c.hidden_size), zeros(n, c.q_lora_rank),
+                                              zeros(n, dtype=torch.long), lo, hi)
         kinds = {}  # one graph per kind of compressor (CSA, its indexer's, HCA): their shapes differ
         for b in model.layers:
             for comp in (b.attn.compressor, b.attn.indexer.compressor if b.attn.indexer is not None else None):
@@ -207,7 +226,7 @@ class StepRegions:
 def _symbolic(fn, varying):
     """torch.compile(fn, fullgraph=True) with the `varying` dimensions of its tensor arguments symbolic from the first
     call (the others stay fixed; a size of 0 or 1 gets its own graph)."""
-    compiled = torch.compile(fn, fullgraph=True)
+    compiled = compile_graph(fn)
 
     def call(*args):
         for t, dims in zip(args, varying):
@@ -240,6 +259,21 @@ def indexed_attention(attn: "Attention", q: torch.Tensor, keys: torch.Tensor, bi
     return sink_attention(q, keys, bias, attn.attn_sink, attn.head_dim ** -0.5)
 
 
+def window_attention(attn: "Attention", q: torch.Tensor, keys: torch.Tensor, ring_pad: torch.Tensor,
+                     entries: torch.Tensor, entry_bias: torch.Tensor) -> torch.Tensor:
+    """A banded prefill group's attention (`StepBatch.banded`): queries q [n, H, d] over their window keys
+    [w-1+n, d] as a band and their compressed entries [E, d] (entry_bias [n, E]). -> [n, H, d]"""
+    return banded_sink_attention(q, keys.to(q.dtype), ring_pad, entries.to(q.dtype), entry_bias, attn.attn_sink,
+                                 attn.head_dim ** -0.5, attn.window)
+
+
+def indexed_window_attention(attn: "Attention", q: torch.Tensor, keys: torch.Tensor, ring_pad: torch.Tensor,
+                             entries: torch.Tensor, index_keys: torch.Tensor, u: torch.Tensor, c_q: torch.Tensor,
+                             positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """`window_attention` where the lightning indexer keeps the top-k of a CSA group's entries ([lo_t, hi_t) each)."""
+    return window_attention(attn, q, keys, ring_pad, entries, attn.indexer_bias(index_keys, u, c_q, positions, lo, hi))
+
+
 def compressor_emit(comp: "Compressor", inv_freq: torch.Tensor, u: torch.Tensor, positions: torch.Tensor,
                     ring_kv: torch.Tensor, ring_gate: torch.Tensor, rows: torch.Tensor, prev_rows: torch.Tensor,
                     has_prev: torch.Tensor, entry_positions: torch.Tensor):
@@ -248,9 +282,7 @@ def compressor_emit(comp: "Compressor", inv_freq: torch.Tensor, u: torch.Tensor,
     pooled and RoPE'd. ring_kv / ring_gate: the rings flattened, [slots*R, coff*dim] (a view: marking a dimension
     symbolic marks the tensor passed, and the rings themselves are inputs of the decode step's graph, which would
     then recompile); rows / prev_rows [W, m] index the rings' rows, then the new ones (`EmitLayout`)."""
-    m = comp.ratio
-    kv_new, gate_new = comp.project(u)
-    gate_new = gate_new + comp.ape[positions % m]
+    kv_new, gate_new = comp.project(u, positions)
     src_kv = torch.cat([ring_kv, kv_new])                                   # [slots*R + N, coff*dim]
     src_gate = torch.cat([ring_gate, gate_new])
     prev_kv = src_kv[prev_rows][..., :comp.dim] if comp.overlap else None
@@ -302,9 +334,10 @@ class Compressor(nn.Module):
         self.register_buffer("ape", _meta(ratio, coff * dim))
         self.norm = RMSNorm(dim, cfg.rms_norm_eps)
 
-    def project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u [T, D] -> per-token kv and gate (ape not yet added) [T, coff*dim] (fp32)."""
-        return self.wkv(u), self.wgate(u)
+    def project(self, u: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u [T, D] at `positions` -> per-token kv and gate (ape of its slot in its window added) [T, coff*dim]
+        (fp32): the raw rows a window pools."""
+        return self.wkv(u), self.wgate(u) + self.ape[positions % self.ratio]
 
     def pool(self, kv: torch.Tensor, gate: torch.Tensor, prev_kv: torch.Tensor | None = None,
              prev_gate: torch.Tensor | None = None, has_prev: torch.Tensor | None = None) -> torch.Tensor:
@@ -472,8 +505,8 @@ class Attention(nn.Module):
         W = u.shape[0] // m
         if W == 0:
             return torch.zeros(0, comp.dim, device=u.device)
-        kv, gate = comp.project(u[: W * m])
-        kv, gate = kv.view(W, m, -1), gate.view(W, m, -1) + comp.ape
+        kv, gate = comp.project(u[: W * m], torch.arange(W * m, device=u.device))
+        kv, gate = kv.view(W, m, -1), gate.view(W, m, -1)
         prev_kv = torch.cat([kv[:1], kv[:-1]])[..., :comp.dim]             # window j-1 for j >= 1
         prev_gate = torch.cat([gate[:1], gate[:-1]])[..., :comp.dim]
         windows = torch.arange(W, device=u.device)
@@ -500,6 +533,9 @@ class Attention(nn.Module):
             win = step.window_layout(self.window, group)
             r = win.rows
             keys = torch.cat([lc.read_main(lc.swa, win.ring_slots, win.ring_rows, kv.dtype), kv[r]])
+            if win.bias is None:  # one long chunk: its window as a band (StepBatch.banded)
+                out[r] = self._attend_banded(u[r], c_q[r], q[r], keys, win.ring_pad, positions[r], step, group, lc)
+                continue
             bias = win.bias
             if self.compressor is not None:
                 ent = step.entry_layout(self.ratio, group)
@@ -516,6 +552,29 @@ class Attention(nn.Module):
         writes = step.ring_writes(self.window)                              # after every read
         lc.write_main(lc.swa, writes.slots, writes.rows, kv[writes.src])
         return out
+
+    def _attend_banded(self, u, c_q, q, keys, ring_pad, positions, step: StepBatch, group: tuple[int, ...],
+                       lc: LayerCache) -> torch.Tensor:
+        """A prefill group of one chunk (`StepBatch.banded`): keys [P + n, d] its cached window rows then its own,
+        padded in front to w - 1 + n rows, attended as a band beside the chunk's entries (the indexer's top-k of them
+        for CSA where it drops some)."""
+        n, d = q.shape[0], keys.shape[1]
+        keys = torch.cat([keys.new_zeros(self.window - 1 - (keys.shape[0] - n), d), keys])
+        if self.compressor is None:
+            entries, bias = keys.new_zeros(0, d), torch.zeros(n, 0, device=keys.device)
+        else:
+            ent = step.entry_layout(self.ratio, group)
+            entries = lc.read_main(lc.entries, ent.blocks, ent.offsets, keys.dtype)
+            if self.indexer is not None and ent.most > self.indexer.topk:
+                ikeys = lc.read_index(ent.blocks, ent.offsets, torch.float32)
+                return self.regions.indexed_window_attention(self, q, keys, ring_pad, entries, ikeys, u, c_q,
+                                                             positions, ent.lo, ent.hi)
+            bias = ent.bias
+        if entries.shape[0] < 2:  # masked entries make up two: a count of 0 or 1 would be a graph of its own
+            pad = 2 - entries.shape[0]
+            entries = torch.cat([entries, entries.new_zeros(pad, d)])
+            bias = torch.cat([bias, torch.full((n, pad), float("-inf"), device=bias.device)], dim=1)
+        return self.regions.window_attention(self, q, keys, ring_pad, entries, bias)
 
     def _attend_decode(self, u, c_q, q, kv, positions, lc: LayerCache, slots: torch.Tensor,
                        block_tables: torch.Tensor, fresh: "FreshEntries | None" = None) -> torch.Tensor:
@@ -615,8 +674,7 @@ class Attention(nn.Module):
         closes with this token, the scratch block for every other row."""
         ring_kv, ring_gate = getattr(lc, kv_ring), getattr(lc, gate_ring)
         m, R, dim = comp.ratio, ring_kv.shape[1], comp.dim
-        kv_new, gate_new = comp.project(u)
-        gate_new = gate_new + comp.ape[positions % m]
+        kv_new, gate_new = comp.project(u, positions)
         j = positions // m                                                  # the window of each row's token
         rows = (j[:, None] * m + torch.arange(m, device=u.device)) % R      # [B, m] its ring rows
         slots = d.slots[:, None]
@@ -650,8 +708,7 @@ class Attention(nn.Module):
                 lay.prev_rows, lay.has_prev, lay.positions)
             write(lay.blocks, lay.offsets, entries)
         else:
-            kv_new, gate_new = comp.project(u)
-            gate_new = gate_new + comp.ape[positions % m]
+            kv_new, gate_new = comp.project(u, positions)
         w = lay.writes
         ring_kv[w.slots, w.rows] = kv_new[w.src]
         ring_gate[w.slots, w.rows] = gate_new[w.src]

@@ -200,8 +200,9 @@ def _drain(core: EngineCore, work) -> dict:
 
 # v4-tiny's StepBatch regions: attention in and out and the MoE sublayer of hash and top-k layers at 1 row and at
 # any count (4 x 2), the prefill attention alone and with the CSA indexer (2), the Sinkhorn op's graph (1, any: 2),
-# the compressors' emit per kind (CSA, its indexer's, HCA: 3)
-REGION_GRAPHS = 4 * 2 + 2 + 2 + 3
+# the compressors' emit per kind (CSA, its indexer's, HCA: 3), a banded group's attention alone (every layer kind)
+# and with the CSA indexer (2)
+REGION_GRAPHS = 4 * 2 + 2 + 2 + 3 + 2
 GRAPHS = 2 + REGION_GRAPHS   # and the decode step's B = 1 and B >= 2
 
 
@@ -224,8 +225,9 @@ def test_the_compiled_engine_generates_what_the_eager_engine_does(tiny_ckpt):
         assert core.runner.graphs is not None and core.runner.graphs.compiled
         assert core.runner.model.regions.compiled
         # the decode step's B = 1 and B >= 2, the StepBatch regions (attention in and out, the MoE sublayer of hash
-        # and top-k layers, at 1 row and at any count; the prefill attention, alone and with the CSA indexer; the
-        # compressors' emit per kind) and the Sinkhorn op's own graph (1 row, any count): all compiled at start-up
+        # and top-k layers, at 1 row and at any count; the prefill attention, alone and with the CSA indexer, dense
+        # and banded; the compressors' emit per kind) and the Sinkhorn op's own graph (1 row, any count): all
+        # compiled at start-up
         assert counters["stats"]["unique_graphs"] == GRAPHS, dict(counters["stats"])
         compiled = _drain(core, greedy)
         first, second = _drain(core, seeded), _drain(core, [(f"again-{r}", p, s) for r, p, s in seeded])
@@ -255,9 +257,12 @@ def test_compiled_step_regions_prefill_as_the_plain_ones(models):
     from v4ray.model.v4 import EAGER_REGIONS, StepRegions
 
     model = models["v4-tiny"]
-    lens = [3, 40, 130, 7, 300]
-    plans = [[(0, 0, 3)], [(1, 0, 40), (2, 0, 100), (3, 0, 7)], [(2, 100, 30), (4, 0, 200), (1, 40, 1)],
-             [(4, 200, 100), (0, 3, 1), (3, 7, 1)]]  # (sequence, first token, tokens) chunks per step
+    lens = [3, 40, 130, 7, 820]
+    # (sequence, first token, tokens) chunks per step; sequence 4's chunks are banded (`StepBatch.banded`: 400 and
+    # 420 >= 3 x v4-tiny's window of 128), the first at the sequence's start, the second after a full ring
+    plans = [[(0, 0, 3)], [(1, 0, 40), (2, 0, 100), (3, 0, 7)], [(2, 100, 30), (4, 0, 400), (1, 40, 1)],
+             [(4, 400, 420), (0, 3, 1), (3, 7, 1)]]
+    assert 400 >= StepBatch.BANDED_MIN_WINDOWS * model.cfg.sliding_window  # the premise of sequence 4's chunks
     prompts = [parity_prompt(n + 1, seed=40 + i).tolist() for i, n in enumerate(lens)]
     out = {}
     for name in ("plain", "compiled"):
@@ -271,7 +276,7 @@ def test_compiled_step_regions_prefill_as_the_plain_ones(models):
                 counters.clear()
             model.use_regions(regions)
             try:
-                cache = PagedKVCache(model.cfg, 16, 8)
+                cache = PagedKVCache(model.cfg, 32, 8)
                 seqs = [cache.allocate(n + 1) for n in lens]
                 out[name] = [model.step([t for i, a, n in plan for t in prompts[i][a:a + n]],
                                         StepBatch.build(cache, [seqs[i] for i, _, _ in plan], [n for *_, n in plan]))

@@ -539,9 +539,10 @@ def test_a_router_decode_step_reads_back_once_and_nothing_in_its_layers(tiny_ckp
 COMPILED_ROUTER = {"shards": 2, "seqs": 3, "decode_steps": 6}
 # v4-tiny's router graphs: the StepBatch regions without the MoE sublayer (attention in and out at 1 row and at any
 # count, the prefill attention alone and with the CSA indexer: 6), the Sinkhorn op's graph (1 row, any count: 2), the
-# compressors' emit per kind (CSA, its indexer's, HCA: 3), the layer up to its exchange per layer kind (SWA with hash
-# routing, CSA, HCA) and bucket kind (B = 1, B >= 2): 6, the layer after its exchange per bucket kind: 2.
-COMPILED_ROUTER_GRAPHS = 6 + 2 + 3 + 6 + 2
+# compressors' emit per kind (CSA, its indexer's, HCA: 3), a banded group's attention alone (every layer kind) and with
+# the CSA indexer: 2, the layer up to its exchange per layer kind (SWA with hash routing, CSA, HCA) and bucket kind
+# (B = 1, B >= 2): 6, the layer after its exchange per bucket kind: 2.
+COMPILED_ROUTER_GRAPHS = 6 + 2 + 3 + 2 + 6 + 2
 
 
 def _compiled_router_rank(rank: int, ckpt: str, ready) -> dict:
