@@ -27,8 +27,8 @@ from v4ray.kernels.compiled import compile_graph
 from v4ray.kernels.moe import expert_mlp_grouped, expert_offsets, stack_experts, swiglu_clamped
 from v4ray.kernels.quant import QuantTensor
 
-from .config import CSA, SWA, V4Config, yarn_inv_freq
-from .kv_cache import DecodeBatch, LayerCache, StepBatch
+from .config import CSA, HCA, SWA, V4Config, yarn_inv_freq
+from .kv_cache import DecodeBatch, LayerCache, StepBatch, state_rows
 from .kv_format import pack_main, unpack_main
 
 # Tensors kept in fp32 whatever the compute dtype (transformers' `_keep_in_fp32_modules_strict`, REF alike).
@@ -216,7 +216,7 @@ class StepRegions:
                     kinds.setdefault((comp.ratio, comp.dim, comp.overlap), (b.attn, comp))
         N, S = self.WARM_ROWS, self.WARM_RING_SLOTS
         for attn, comp in kinds.values():
-            W, R, width = N // comp.ratio, comp.ratio * (2 if comp.overlap else 1), comp.wkv.out_features
+            W, R, width = N // comp.ratio, state_rows(CSA if comp.overlap else HCA, comp.ratio), comp.wkv.out_features
             rows, prev = (zeros(W, comp.ratio, dtype=torch.long) for _ in range(2))  # two: aliasing is guarded
             self.emit(comp, attn.inv_freq, zeros(N, c.hidden_size), zeros(N, dtype=torch.long),
                       zeros(S * R, width, dtype=torch.float32), zeros(S * R, width, dtype=torch.float32), rows, prev,
@@ -532,11 +532,12 @@ class Attention(nn.Module):
         for group in step.prefill_groups:
             win = step.window_layout(self.window, group)
             r = win.rows
-            keys = torch.cat([lc.read_main(lc.swa, win.ring_slots, win.ring_rows, kv.dtype), kv[r]])
+            ring = lc.read_main(lc.swa, win.ring_slots, win.ring_rows, kv.dtype)
             if win.bias is None:  # one long chunk: its window as a band (StepBatch.banded)
-                out[r] = self._attend_banded(u[r], c_q[r], q[r], keys, win.ring_pad, positions[r], step, group, lc)
+                out[r] = self._attend_banded(u[r], c_q[r], q[r], ring, kv[r], win.ring_pad, positions[r], step, group,
+                                             lc)
                 continue
-            bias = win.bias
+            keys, bias = torch.cat([ring, kv[r]]), win.bias
             if self.compressor is not None:
                 ent = step.entry_layout(self.ratio, group)
                 entries = lc.read_main(lc.entries, ent.blocks, ent.offsets, kv.dtype)   # [E, d]
@@ -553,13 +554,13 @@ class Attention(nn.Module):
         lc.write_main(lc.swa, writes.slots, writes.rows, kv[writes.src])
         return out
 
-    def _attend_banded(self, u, c_q, q, keys, ring_pad, positions, step: StepBatch, group: tuple[int, ...],
+    def _attend_banded(self, u, c_q, q, ring, kv, ring_pad, positions, step: StepBatch, group: tuple[int, ...],
                        lc: LayerCache) -> torch.Tensor:
-        """A prefill group of one chunk (`StepBatch.banded`): keys [P + n, d] its cached window rows then its own,
-        padded in front to w - 1 + n rows, attended as a band beside the chunk's entries (the indexer's top-k of them
-        for CSA where it drops some)."""
-        n, d = q.shape[0], keys.shape[1]
-        keys = torch.cat([keys.new_zeros(self.window - 1 - (keys.shape[0] - n), d), keys])
+        """A prefill group of one chunk (`StepBatch.banded`): its keys, the cached window rows ring [P, d] then its
+        own kv [n, d], padded in front to w - 1 + n rows, attended as a band beside the chunk's entries (the indexer's
+        top-k of them for CSA where it drops some)."""
+        n, d = q.shape[0], kv.shape[1]
+        keys = torch.cat([kv.new_zeros(self.window - 1 - ring.shape[0], d), ring, kv])
         if self.compressor is None:
             entries, bias = keys.new_zeros(0, d), torch.zeros(n, 0, device=keys.device)
         else:
