@@ -26,16 +26,18 @@ from .kv_fp8 import main_entry_bytes, unpack_main_ref
 def sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
                        scale: float) -> torch.Tensor:
     """q [T, H, d], kv [S, d] (one shared K=V head), bias [T, S] (0 or -inf), sinks [H] -> [T, H, d].
+    Stacked (`StepBatch.prefill_stacks`, torch only): q [G, T, H, d] and kv [G, S, d], G groups of their own keys
+    under one bias [T, S] (or each its own, [G, T, S]) -> [G, T, H, d].
 
     Logits, softmax and the probability-weighted sum run in fp32; the result is cast to q's dtype.
     """
     kv = kv.float()   # once: both products read the same fp32 keys (a compiled step then materializes one copy)
-    logits = torch.einsum("thd,sd->hts", q.float(), kv) * scale + bias.float()[None]
-    sink_col = sinks.float()[:, None, None].expand(-1, q.shape[0], 1)
+    logits = torch.einsum("...thd,...sd->...hts", q.float(), kv) * scale + bias.float().unsqueeze(-3)
+    sink_col = sinks.float()[:, None, None].expand(*logits.shape[:-1], 1)
     combined = torch.cat([logits, sink_col], dim=-1)
     combined = combined - combined.amax(dim=-1, keepdim=True)
     probs = torch.softmax(combined, dim=-1)[..., :-1]
-    return torch.einsum("hts,sd->thd", probs, kv).to(q.dtype)
+    return torch.einsum("...hts,...sd->...thd", probs, kv).to(q.dtype)
 
 
 def sparse_sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
@@ -257,11 +259,18 @@ def sparse_sink_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor,
 
 def sink_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
                    scale: float) -> torch.Tensor:
-    """Dispatch point for sparse attention over window + compressed entries: Triton or the torch reference."""
-    T, H, d = q.shape
-    if kv.dim() != 2 or kv.shape[1] != d or bias.shape != (T, kv.shape[0]) or sinks.shape != (H,):
-        raise ValueError(f"sink_attention: q [T,H,d]={tuple(q.shape)}, kv [S,d]={tuple(kv.shape)}, "
-                         f"bias [T,S]={tuple(bias.shape)}, sinks [H]={tuple(sinks.shape)} do not fit")
+    """Dispatch point for sparse attention over window + compressed entries: Triton or the torch reference.
+    Stacked groups (q [G, T, H, d], kv [G, S, d]: `sink_attention_ref`) are a torch-backend form."""
+    stacked = q.dim() == 4
+    T, H, d = q.shape[-3:]
+    lead = q.shape[:1] if stacked else ()
+    if (q.dim() not in (3, 4) or kv.shape[:-2] != lead or kv.dim() != 2 + stacked or kv.shape[-1] != d
+            or bias.shape[-2:] != (T, kv.shape[-2]) or bias.dim() > q.dim() - 1 or sinks.shape != (H,)):
+        raise ValueError(f"sink_attention: q [(G,)T,H,d]={tuple(q.shape)}, kv [(G,)S,d]={tuple(kv.shape)}, "
+                         f"bias [(G,)T,S]={tuple(bias.shape)}, sinks [H]={tuple(sinks.shape)} do not fit")
     if kernel_backend(q.device) == "triton":
+        if stacked:
+            raise ValueError("sink_attention: stacked groups are a torch-backend form (the Triton kernel takes "
+                             "one group: q [T,H,d], kv [S,d])")
         return sink_attention_triton(q, kv, bias, sinks, scale)
     return sink_attention_ref(q, kv, bias, sinks, scale)

@@ -41,13 +41,14 @@ def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 def indexer_topk_ref(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, lo: torch.Tensor,
                      hi: torch.Tensor, topk: int) -> torch.Tensor:
     """q [T, h, dI], keys [C, dI], weights [T, h] (already scaled by h^-1/2), lo/hi [T] -> indices
-    [T, min(topk, C)] into keys (int64, -1 = no entry: fewer than topk selectable)."""
-    C = keys.shape[0]
+    [T, min(topk, C)] into keys (int64, -1 = no entry: fewer than topk selectable). Stacked (torch only): q
+    [G, T, h, dI], keys [G, C, dI], weights [G, T, h], each group over its own keys, lo/hi shared -> [G, T, k]."""
+    C = keys.shape[-2]
     k = min(topk, C)
     if C == 0:
-        return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
-    scores = torch.einsum("thd,cd->thc", q.float(), keys.float()).relu() * (q.shape[-1] ** -0.5)
-    scores = (scores * weights.float()[..., None]).sum(dim=1)  # [T, C]
+        return torch.empty(*q.shape[:-2], 0, dtype=torch.long, device=q.device)
+    scores = torch.einsum("...thd,...cd->...thc", q.float(), keys.float()).relu() * (q.shape[-1] ** -0.5)
+    scores = (scores * weights.float()[..., None]).sum(dim=-2)  # [..., T, C]
     j = torch.arange(C, device=q.device)[None, :]
     outside = (j < lo[:, None]) | (j >= hi[:, None])
     scores = scores.masked_fill(outside, float("-inf"))
@@ -144,11 +145,17 @@ def indexer_topk_triton(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tens
 
 def indexer_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                  topk: int) -> torch.Tensor:
-    """Dispatch point for indexer scoring + top-k: Triton scores or the torch reference (see `backend`)."""
-    if q.dim() != 3 or keys.dim() != 2 or keys.shape[1] != q.shape[2] or weights.shape != q.shape[:2]:
-        raise ValueError(f"indexer_topk: q [T,h,dI]={tuple(q.shape)}, keys [C,dI]={tuple(keys.shape)}, "
-                         f"weights [T,h]={tuple(weights.shape)} do not fit")
+    """Dispatch point for indexer scoring + top-k: Triton scores or the torch reference (see `backend`). Stacked
+    groups (q [G, T, h, dI], keys [G, C, dI]: `indexer_topk_ref`) are a torch-backend form."""
+    stacked = q.dim() == 4
+    if (q.dim() not in (3, 4) or keys.dim() != q.dim() - 1 or keys.shape[:-2] != q.shape[:-3]
+            or keys.shape[-1] != q.shape[-1] or weights.shape != q.shape[:-1]):
+        raise ValueError(f"indexer_topk: q [(G,)T,h,dI]={tuple(q.shape)}, keys [(G,)C,dI]={tuple(keys.shape)}, "
+                         f"weights [(G,)T,h]={tuple(weights.shape)} do not fit")
     if kernel_backend(q.device) == "triton":
+        if stacked:
+            raise ValueError("indexer_topk: stacked groups are a torch-backend form (the Triton kernel scores one "
+                             "group: q [T,h,dI], keys [C,dI])")
         return indexer_topk_triton(q, keys, weights, lo, hi, topk)
     return indexer_topk_ref(q, keys, weights, lo, hi, topk)
 

@@ -282,6 +282,35 @@ class WindowLayout:
 
 
 @dataclass
+class StackLayout:
+    """G prefill groups of one chunk each, of the same length n at the same start, attended as one batched call
+    (`StepBatch.prefill_stacks`): their queries see the same window and entry pattern, so one bias serves all."""
+
+    rows: torch.Tensor         # [G, n] batch rows of each group's queries (and new keys)
+    ring_slots: torch.Tensor   # [G, P] state slot of each cached key read from the ring
+    ring_rows: torch.Tensor    # [G, P] its ring row
+    bias: torch.Tensor         # [n, P + n] as `WindowLayout.bias`, the same for every group
+    first: int | None = None   # where the rows are rows[0, 0] + 0..G*n-1 (the chunks one after another): that row
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The stack's rows of x [N, *] -> [G, n, *]: a view where they are consecutive, else a gather."""
+        G, n = self.rows.shape
+        return x[self.rows] if self.first is None else x[self.first:self.first + G * n].view(G, n, *x.shape[1:])
+
+
+@dataclass
+class StackEntries:
+    """A stack's compressed entries (ratio m): E per group, at the same places in each group's own list."""
+
+    blocks: torch.Tensor   # [G, E] pool block of each entry
+    offsets: torch.Tensor  # [G, E]
+    lo: torch.Tensor       # [n] as `EntryLayout`, the same for every group (lo = 0)
+    hi: torch.Tensor
+    bias: torch.Tensor     # [n, E]
+    most: int = 0
+
+
+@dataclass
 class DecodeTables:
     rows: torch.Tensor         # [n] batch row of each sequence's token
     slots: torch.Tensor        # [n] state slot
@@ -364,12 +393,16 @@ class StepBatch:
         self.ring_writes(w)
         if self.decode_group:
             self.decode_tables(self.decode_group)
-        for group in self.prefill_groups:
-            self.window_layout(w, group)
+        for stack in self.prefill_stacks:
+            self.window_layout(w, stack[0])  # a stack's shared bias is its first group's
+            if len(stack) > 1:
+                self.stack_layout(w, stack)
         for kind, m in sorted(set(zip(cfg.layer_types, cfg.compress_ratios))):
             if kind != SWA:  # compressed entries: read by prefill groups, written by the windows closing now
-                for group in self.prefill_groups:
-                    self.entry_layout(m, group)
+                for stack in self.prefill_stacks:
+                    self.entry_layout(m, stack[0])
+                    if len(stack) > 1:
+                        self.stack_entries(m, stack)
                 self.emit_layout(m, state_rows(kind, m), kind == CSA)
         host = {"tokens": torch.as_tensor(token_ids, dtype=torch.long),
                 "rows": self.last_rows() if logit_rows is None else torch.as_tensor(logit_rows, dtype=torch.long)}
@@ -421,6 +454,54 @@ class StepBatch:
                 groups.append(tuple(cur))
             self._layouts["prefill"] = groups
         return self._layouts["prefill"]
+
+    @property
+    def prefill_stacks(self) -> list[tuple[tuple[int, ...], ...]]:
+        """The prefill groups as attention calls: on the torch backend, groups of one chunk with the same length
+        and start (not banded) are stacked into one batched call (`StackLayout`; a batch of equal prompts is one
+        call per layer, not one per prompt); every other group is a call of its own (a stack of one)."""
+        if "stacks" not in self._layouts:
+            w, stacks, where = self.cache.cfg.sliding_window, [], {}
+            stackable = kernel_backend(self.cache.device) == "torch"
+            for group in self.prefill_groups:
+                if stackable and len(group) == 1 and not self.banded(w, group):
+                    seq, _, n = self.chunks[group[0]]
+                    shape = (seq.num_tokens, n)
+                    if shape in where:
+                        stacks[where[shape]].append(group)
+                        continue
+                    where[shape] = len(stacks)
+                stacks.append([group])
+            self._layouts["stacks"] = [tuple(s) for s in stacks]
+        return self._layouts["stacks"]
+
+    def stack_layout(self, window: int, stack: tuple[tuple[int, ...], ...]) -> StackLayout:
+        def build() -> StackLayout:
+            slots, rows, qrows = [], [], []
+            for (i,) in stack:
+                seq, a, n = self.chunks[i]
+                past = range(max(0, seq.num_tokens - window + 1), seq.num_tokens)
+                slots.append([seq.slot] * len(past))
+                rows.append([p % window for p in past])
+                qrows.append(list(range(a, a + n)))
+            t = lambda x: torch.tensor(x, dtype=torch.long)
+            flat = [r for q in qrows for r in q]
+            first = flat[0] if flat == list(range(flat[0], flat[0] + len(flat))) else None
+            return StackLayout(t(qrows), t(slots), t(rows), self.window_layout(window, stack[0]).bias, first)
+        return self._cached(("stack", window, stack), build)
+
+    def stack_entries(self, ratio: int, stack: tuple[tuple[int, ...], ...]) -> StackEntries:
+        def build() -> StackEntries:
+            first, blocks, offsets = self.entry_layout(ratio, stack[0]), [], []
+            per_block = self.cache.block_size // ratio
+            for (i,) in stack:
+                seq, _, n = self.chunks[i]
+                count = (seq.num_tokens + n) // ratio
+                blocks.append([seq.block_table[j // per_block] for j in range(count)])
+                offsets.append([j % per_block for j in range(count)])
+            t = lambda x: torch.tensor(x, dtype=torch.long)
+            return StackEntries(t(blocks), t(offsets), first.lo, first.hi, first.bias, first.most)
+        return self._cached(("stack_entries", ratio, stack), build)
 
     def _cached(self, key, fn):
         if key not in self._layouts:

@@ -140,6 +140,9 @@ class StepRegions:
     VARYING = {"attn_enter": (None, (0,), (0,), None), "attn_leave": (None, (0,), (0,), (0,), (0,), (0,), (0,)),
                "ffn": (None, (0,), (0,)), "attention": ((0,), (0,), (0, 1)),
                "indexed_attention": (None, (0,), (0,), (0, 1), (0,), (0,), (0,), (0,), (0,), (0,), (0,)),
+               "stacked_attention": ((0, 1), (0, 1), (0, 1)),
+               "stacked_indexed_attention": (None, (0, 1), (0, 1), (0, 1), (0, 1), (0, 1), (0, 1), (0, 1), (0,),
+                                             (0,), (0,)),
                "emit": (None, None, (0,), (0,), (0,), (0,), (0,), (0,), (0,), (0,)),
                "window_attention": (None, (0,), (0,), None, (0,), (0, 1)),
                "indexed_window_attention": (None, (0,), (0,), None, (0,), (0,), (0,), (0,), (0,), (0,), (0,))}
@@ -148,6 +151,7 @@ class StepRegions:
         self.compiled = compile_
         for name, fn in (("attn_enter", attn_enter), ("attn_leave", attn_leave), ("ffn", ffn_sublayer),
                          ("attention", sink_attention), ("indexed_attention", indexed_attention),
+                         ("stacked_attention", sink_attention), ("stacked_indexed_attention", indexed_attention),
                          ("emit", compressor_emit), ("window_attention", window_attention),
                          ("indexed_window_attention", indexed_window_attention)):
             setattr(self, name, _symbolic(fn, self.VARYING[name]) if compile_ else fn)
@@ -166,7 +170,7 @@ class StepRegions:
     # others, whether a loop is worth its threads (a prefill has thousands of rows, a group ~128 queries over ~256
     # keys; hints of 3 rows left the attention's softmax and the indexer's scores on one core). Distinct values:
     # two symbolic sizes that meet with equal sizes are traced as one (a guard that recompiles when they differ).
-    WARM_ROWS, WARM_QUERIES, WARM_KEYS, WARM_ENTRIES, WARM_RING_SLOTS = 1021, 125, 251, 61, 67
+    WARM_ROWS, WARM_QUERIES, WARM_KEYS, WARM_ENTRIES, WARM_RING_SLOTS, WARM_STACK = 1021, 125, 251, 61, 67, 29
 
     @torch.no_grad()  # as the step runs (grad mode is part of a graph's guards)
     def warm_up(self, model: "V4Model") -> None:
@@ -185,15 +189,20 @@ class StepRegions:
         T, K = self.WARM_QUERIES, self.WARM_KEYS
         q, keys = zeros(T, c.num_attention_heads, c.head_dim), zeros(K, c.head_dim)
         bias = zeros(T, K, dtype=torch.float32)
-        self.attention(q, keys, bias, model.layers[0].attn.attn_sink, c.head_dim ** -0.5)
+        G, sink, scale = self.WARM_STACK, model.layers[0].attn.attn_sink, c.head_dim ** -0.5
+        self.attention(q, keys, bias, sink, scale)
+        self.stacked_attention(zeros(G, *q.shape), zeros(G, *keys.shape), bias, sink, scale)
         csa = next((b.attn for b in model.layers if b.attn.indexer is not None), None)
         if csa is not None:  # a prefill group only takes it with more entries than the indexer keeps: E > top-k
             E = max(csa.indexer.topk + 1, self.WARM_ENTRIES)
-            E += E in (T, K)  # unlike the other sizes
+            E += E in (T, K, G)  # unlike the other sizes
             lo, hi = zeros(T, dtype=torch.long), torch.full((T,), E, dtype=torch.long, device=model.device)
             entries, index_keys = zeros(E, c.head_dim), zeros(E, c.index_head_dim, dtype=torch.float32)
-            self.indexed_attention(csa, q, keys, bias, entries, index_keys, zeros(T, c.hidden_size),
-                                   zeros(T, c.q_lora_rank), zeros(T, dtype=torch.long), lo, hi)
+            u, c_q, positions = zeros(T, c.hidden_size), zeros(T, c.q_lora_rank), zeros(T, dtype=torch.long)
+            self.indexed_attention(csa, q, keys, bias, entries, index_keys, u, c_q, positions, lo, hi)
+            stack = lambda t: t.expand(G, *t.shape).contiguous()
+            self.stacked_indexed_attention(csa, stack(q), stack(keys), bias, stack(entries), stack(index_keys),
+                                           stack(u), stack(c_q), positions, lo, hi)
         if not self.compiled:
             return
         # banded groups (`StepBatch.banded`), per kind of layer: a chunk of at least BANDED_MIN_WINDOWS windows (more
@@ -253,9 +262,12 @@ def indexed_attention(attn: "Attention", q: torch.Tensor, keys: torch.Tensor, bi
                       index_keys: torch.Tensor, u: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
                       lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """A CSA prefill group's attention: queries q [T, H, d] over their window keys [K, d] (bias [T, K]) and the
-    lightning indexer's top-k of the compressed entries [E, d] each query may see ([lo_t, hi_t)). -> [T, H, d]"""
-    keys = torch.cat([keys, entries.to(keys.dtype)]).to(q.dtype)
-    bias = torch.cat([bias, attn.indexer_bias(index_keys, u, c_q, positions, lo, hi)], dim=1)
+    lightning indexer's top-k of the compressed entries [E, d] each query may see ([lo_t, hi_t)). -> [T, H, d].
+    Stacked groups (`StepBatch.prefill_stacks`): q, u, c_q [G, T, *], keys [G, K, d], entries [G, E, d], index_keys
+    [G, E, dI]; bias, positions, lo, hi shared -> [G, T, H, d]."""
+    keys = torch.cat([keys, entries.to(keys.dtype)], dim=-2).to(q.dtype)
+    entry_bias = attn.indexer_bias(index_keys, u, c_q, positions, lo, hi)
+    bias = torch.cat([bias.expand(*entry_bias.shape[:-1], -1), entry_bias], dim=-1)
     return sink_attention(q, keys, bias, attn.attn_sink, attn.head_dim ** -0.5)
 
 
@@ -478,16 +490,16 @@ class Attention(nn.Module):
     def indexer_bias(self, index_keys: torch.Tensor, u: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
                      lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """CSA: the bias [T, C] over C entries (their index keys [C, dI]) that keeps the lightning indexer's top-k of
-        each query's entries [lo_t, hi_t)."""
-        T, C = positions.shape[0], index_keys.shape[0]
+        each query's entries [lo_t, hi_t). Stacked groups: u, c_q [G, T, *] and index_keys [G, C, dI] -> [G, T, C]."""
+        lead, C = c_q.shape[:-1], index_keys.shape[-2]
         ix = self.indexer
         cos, sin = rope_cos_sin(positions, self.inv_freq)
-        iq = apply_rope(ix.wq_b(c_q).view(T, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
-        w = ix.weights_proj(u) * ix.n_heads ** -0.5                         # [T, h]
-        top = indexer_topk(iq, index_keys, w, lo, hi, ix.topk)              # [T, k], -1 = none
-        bias = torch.full((T, C + 1), float("-inf"), device=u.device)
-        bias.scatter_(1, torch.where(top >= 0, top, C), 0.0)
-        return bias[:, :C]
+        iq = apply_rope(ix.wq_b(c_q).view(*lead, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
+        w = ix.weights_proj(u) * ix.n_heads ** -0.5                         # [(G,) T, h]
+        top = indexer_topk(iq, index_keys, w, lo, hi, ix.topk)              # [(G,) T, k], -1 = none
+        bias = torch.full((*lead, C + 1), float("-inf"), device=u.device)
+        bias.scatter_(-1, torch.where(top >= 0, top, C), 0.0)
+        return bias[..., :C]
 
     # -- full reference path ----------------------------------------------------------------------------------
     def _full_entries(self, u: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor):
@@ -529,7 +541,16 @@ class Attention(nn.Module):
             dec = step.decode_tables(step.decode_group)
             r = dec.rows
             out[r] = self._attend_decode(u[r], c_q[r], q[r], kv[r], positions[r], lc, dec.slots, dec.block_tables)
-        for group in step.prefill_groups:
+        for stack in step.prefill_stacks:
+            if len(stack) > 1:
+                st = step.stack_layout(self.window, stack)
+                o = self._attend_stack(u, c_q, q, kv, positions, step, stack, lc).flatten(0, 1)
+                if st.first is None:
+                    out[st.rows.flatten()] = o
+                else:
+                    out[st.first:st.first + o.shape[0]] = o
+                continue
+            group = stack[0]
             win = step.window_layout(self.window, group)
             r = win.rows
             ring = lc.read_main(lc.swa, win.ring_slots, win.ring_rows, kv.dtype)
@@ -553,6 +574,26 @@ class Attention(nn.Module):
         writes = step.ring_writes(self.window)                              # after every read
         lc.write_main(lc.swa, writes.slots, writes.rows, kv[writes.src])
         return out
+
+    def _attend_stack(self, u, c_q, q, kv, positions, step: StepBatch, stack: tuple[tuple[int, ...], ...],
+                      lc: LayerCache) -> torch.Tensor:
+        """G prefill groups of one chunk each, of the same length n at the same start (`StepBatch.prefill_stacks`),
+        as one batched call: each group's queries over its own keys (ring rows, then its own rows; then its entries)
+        under the bias they share. -> [G, n, H, d]"""
+        st = step.stack_layout(self.window, stack)
+        take = st.take                                                      # [N, *] -> [G, n, *]
+        keys = torch.cat([lc.read_main(lc.swa, st.ring_slots, st.ring_rows, kv.dtype), take(kv)], dim=1)  # [G, P+n, d]
+        bias = st.bias
+        if self.compressor is not None:
+            ent = step.stack_entries(self.ratio, stack)
+            entries = lc.read_main(lc.entries, ent.blocks, ent.offsets, kv.dtype)                  # [G, E, d]
+            if self.indexer is not None and ent.most > self.indexer.topk:
+                ikeys = lc.read_index(ent.blocks, ent.offsets, torch.float32)
+                return self.regions.stacked_indexed_attention(self, take(q), keys, bias, entries, ikeys, take(u),
+                                                              take(c_q), take(positions)[0], ent.lo, ent.hi)
+            keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
+            bias = torch.cat([bias, ent.bias], dim=1)
+        return self.regions.stacked_attention(take(q), keys.to(q.dtype), bias, self.attn_sink, self.head_dim ** -0.5)
 
     def _attend_banded(self, u, c_q, q, ring, kv, ring_pad, positions, step: StepBatch, group: tuple[int, ...],
                        lc: LayerCache) -> torch.Tensor:
@@ -677,11 +718,16 @@ class Attention(nn.Module):
         m, R, dim = comp.ratio, ring_kv.shape[1], comp.dim
         kv_new, gate_new = comp.project(u, positions)
         j = positions // m                                                  # the window of each row's token
-        rows = (j[:, None] * m + torch.arange(m, device=u.device)) % R      # [B, m] its ring rows
         slots = d.slots[:, None]
+        if R == m:  # HCA: the ring is the window, in order (a slice per row: no per-element ring index)
+            rows = torch.arange(m, device=u.device)[None, :]
+            win_kv, win_gate = ring_kv[d.slots], ring_gate[d.slots]
+        else:
+            rows = (j[:, None] * m + torch.arange(m, device=u.device)) % R  # [B, m] its ring rows
+            win_kv, win_gate = ring_kv[slots, rows], ring_gate[slots, rows]
         mine = (rows == (positions % R)[:, None])[..., None]                # the token's own row
-        win_kv = torch.where(mine, kv_new[:, None], ring_kv[slots, rows])
-        win_gate = torch.where(mine, gate_new[:, None], ring_gate[slots, rows])
+        win_kv = torch.where(mine, kv_new[:, None], win_kv)
+        win_gate = torch.where(mine, gate_new[:, None], win_gate)
         prev_kv = prev_gate = has_prev = None
         if comp.overlap:                                                    # window j - 1: all in the ring
             prev = (rows - m) % R

@@ -121,6 +121,37 @@ def test_batch_of_8_equals_each_alone(models, preset):
         assert rel_err(together[i], alone).max() <= PARITY_RTOL, f"sequence {i} (length {lengths[i]})"
 
 
+@pytest.mark.parametrize("preset", ["v4-tiny", "v4-tiny-rates"])  # windows long enough for single-chunk groups
+def test_equal_prompt_chunks_stack_into_one_call_and_equal_each_alone(models, preset):
+    """Prompt chunks of one length at one start attend as one batched call per layer (`StepBatch.prefill_stacks`,
+    torch backend), fresh and continuing their sequences (ring rows; CSA entries past the indexer's top-k), behind a
+    decode row (the stack's rows start at 1): each chunk's logits equal its own step's, alone in the batch."""
+    model = models[preset]
+    prompts = [parity_prompt(200, seed=60 + i) for i in range(3)]
+    plan = [(0, 130), (130, 70)]
+
+    def run(group: list[int]) -> dict[int, torch.Tensor]:
+        cache = PagedKVCache(model.cfg, num_blocks=4 * (len(group) + 1), num_slots=len(group) + 1)
+        lead = cache.allocate(5)  # decoding beside the chunks
+        model.step(parity_prompt(5, seed=59), StepBatch.build(cache, [lead], [5]))
+        seqs = [cache.allocate(200) for _ in group]
+        out = {i: [] for i in group}
+        for a, n in plan:
+            cache.append(lead, 1)
+            batch = StepBatch.build(cache, [lead, *seqs], [1] + [n] * len(group))
+            if len(group) > 1:  # the premise: one stack of every chunk, after the decode row
+                assert batch.prefill_stacks == [tuple((k,) for k in range(1, len(group) + 1))]
+            logits = model.step(torch.cat([torch.tensor([7])] + [prompts[i][a:a + n] for i in group]), batch,
+                                torch.arange(1, 1 + n * len(group)))
+            for k, i in enumerate(group):
+                out[i].append(logits[k * n:(k + 1) * n])
+        return {i: torch.cat(v) for i, v in out.items()}
+
+    together = run([0, 1, 2])
+    for i in range(3):
+        assert rel_err(together[i], run([i])[i]).max() <= PARITY_RTOL, f"sequence {i}"
+
+
 def test_llm_batch_equals_single_requests(tiny_ckpt):
     from v4ray import LLM, SamplingParams
 

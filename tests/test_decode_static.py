@@ -201,8 +201,8 @@ def _drain(core: EngineCore, work) -> dict:
 # v4-tiny's StepBatch regions: attention in and out and the MoE sublayer of hash and top-k layers at 1 row and at
 # any count (4 x 2), the prefill attention alone and with the CSA indexer (2), the Sinkhorn op's graph (1, any: 2),
 # the compressors' emit per kind (CSA, its indexer's, HCA: 3), a banded group's attention alone (every layer kind)
-# and with the CSA indexer (2)
-REGION_GRAPHS = 4 * 2 + 2 + 2 + 3 + 2
+# and with the CSA indexer (2), a stack of groups' attention alone and with the CSA indexer (2)
+REGION_GRAPHS = 4 * 2 + 2 + 2 + 3 + 2 + 2
 GRAPHS = 2 + REGION_GRAPHS   # and the decode step's B = 1 and B >= 2
 
 
@@ -257,11 +257,13 @@ def test_compiled_step_regions_prefill_as_the_plain_ones(models):
     from v4ray.model.v4 import EAGER_REGIONS, StepRegions
 
     model = models["v4-tiny"]
-    lens = [3, 40, 130, 7, 820]
+    lens = [3, 40, 130, 7, 820, 200, 200, 200]
     # (sequence, first token, tokens) chunks per step; sequence 4's chunks are banded (`StepBatch.banded`: 400 and
-    # 420 >= 3 x v4-tiny's window of 128), the first at the sequence's start, the second after a full ring
+    # 420 >= 3 x v4-tiny's window of 128), the first at the sequence's start, the second after a full ring;
+    # sequences 5-7 go as stacks (`StepBatch.prefill_stacks`), behind a decode row (views from row 1) and alone
     plans = [[(0, 0, 3)], [(1, 0, 40), (2, 0, 100), (3, 0, 7)], [(2, 100, 30), (4, 0, 400), (1, 40, 1)],
-             [(4, 400, 420), (0, 3, 1), (3, 7, 1)]]
+             [(4, 400, 420), (0, 3, 1), (3, 7, 1)], [(2, 130, 1), (5, 0, 130), (6, 0, 130), (7, 0, 130)],
+             [(5, 130, 70), (6, 130, 70), (7, 130, 70)]]
     assert 400 >= StepBatch.BANDED_MIN_WINDOWS * model.cfg.sliding_window  # the premise of sequence 4's chunks
     prompts = [parity_prompt(n + 1, seed=40 + i).tolist() for i, n in enumerate(lens)]
     out = {}

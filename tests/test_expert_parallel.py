@@ -540,9 +540,10 @@ COMPILED_ROUTER = {"shards": 2, "seqs": 3, "decode_steps": 6}
 # v4-tiny's router graphs: the StepBatch regions without the MoE sublayer (attention in and out at 1 row and at any
 # count, the prefill attention alone and with the CSA indexer: 6), the Sinkhorn op's graph (1 row, any count: 2), the
 # compressors' emit per kind (CSA, its indexer's, HCA: 3), a banded group's attention alone (every layer kind) and with
-# the CSA indexer: 2, the layer up to its exchange per layer kind (SWA with hash routing, CSA, HCA) and bucket kind
-# (B = 1, B >= 2): 6, the layer after its exchange per bucket kind: 2.
-COMPILED_ROUTER_GRAPHS = 6 + 2 + 3 + 2 + 6 + 2
+# the CSA indexer: 2, a stack of groups' attention alone and with the CSA indexer: 2, the layer up to its exchange per
+# layer kind (SWA with hash routing, CSA, HCA) and bucket kind (B = 1, B >= 2): 6, the layer after its exchange per
+# bucket kind: 2.
+COMPILED_ROUTER_GRAPHS = 6 + 2 + 3 + 2 + 2 + 6 + 2
 
 
 def _compiled_router_rank(rank: int, ckpt: str, ready) -> dict:
