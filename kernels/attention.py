@@ -33,11 +33,17 @@ def sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, si
     """
     kv = kv.float()   # once: both products read the same fp32 keys (a compiled step then materializes one copy)
     logits = torch.einsum("...thd,...sd->...hts", q.float(), kv) * scale + bias.float().unsqueeze(-3)
-    sink_col = sinks.float()[:, None, None].expand(*logits.shape[:-1], 1)
-    combined = torch.cat([logits, sink_col], dim=-1)
-    combined = combined - combined.amax(dim=-1, keepdim=True)
-    probs = torch.softmax(combined, dim=-1)[..., :-1]
+    probs = sink_softmax(logits, sinks.float()[:, None, None])
     return torch.einsum("...hts,...sd->...thd", probs, kv).to(q.dtype)
+
+
+def sink_softmax(logits: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """The softmax of [logits, sink] over the last dimension, without the sink's column: logits [..., S], sink
+    broadcasting to [..., 1]. No concatenated copy of the logits (in a compiled step, one pass over them fewer;
+    the same sums up to their order). A row of -inf logits gives zeros."""
+    m = torch.maximum(logits.amax(dim=-1, keepdim=True), sink)
+    p = torch.exp(logits - m)
+    return p / (p.sum(dim=-1, keepdim=True) + torch.exp(sink - m))
 
 
 def sparse_sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
@@ -46,9 +52,7 @@ def sparse_sink_attention_ref(q: torch.Tensor, kv: torch.Tensor, bias: torch.Ten
     -> [n, H, d]. The decode form: window ring + selected compressed entries per sequence."""
     kv = kv.float()   # once, as above
     logits = torch.einsum("nhd,nkd->nhk", q.float(), kv) * scale + bias.float()[:, None, :]
-    sink_col = sinks.float()[None, :, None].expand(q.shape[0], -1, 1)
-    combined = torch.cat([logits, sink_col], dim=-1)
-    probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    probs = sink_softmax(logits, sinks.float()[:, None])
     return torch.einsum("nhk,nkd->nhd", probs, kv).to(q.dtype)
 
 
