@@ -360,7 +360,8 @@ class StepBatch:
     The index layouts of the step (which cached rows and entries each query reads) depend only on the chunks,
     so they are computed once per step and shared by every layer of the same kind. Attention runs per group of
     chunks: all single-token (decode) chunks together, each multi-token (prefill) chunk alone, so that no
-    dense query x key block spans two long prompts."""
+    dense query x key block spans two long prompts; on the torch backend, groups of equal chunks (one length, one
+    start) go as one stacked call (`prefill_stacks`)."""
 
     cache: PagedKVCache
     chunks: list[tuple[SeqCache, int, int]]
