@@ -297,17 +297,13 @@ class StackLayout:
         G, n = self.rows.shape
         return x[self.rows] if self.first is None else x[self.first:self.first + G * n].view(G, n, *x.shape[1:])
 
-
-@dataclass
-class StackEntries:
-    """A stack's compressed entries (ratio m): E per group, at the same places in each group's own list."""
-
-    blocks: torch.Tensor   # [G, E] pool block of each entry
-    offsets: torch.Tensor  # [G, E]
-    lo: torch.Tensor       # [n] as `EntryLayout`, the same for every group (lo = 0)
-    hi: torch.Tensor
-    bias: torch.Tensor     # [n, E]
-    most: int = 0
+    def put(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        """`take`'s inverse: y [G, n, *] into the stack's rows of out [N, *]."""
+        y = y.flatten(0, 1)
+        if self.first is None:
+            out[self.rows.flatten()] = y
+        else:
+            out[self.first:self.first + y.shape[0]] = y
 
 
 @dataclass
@@ -331,7 +327,7 @@ class RingWrites:
 class EntryLayout:
     """Compressed entries (ratio m) of a step's sequences, gathered into one list in chunk order."""
 
-    blocks: torch.Tensor   # [E] pool block of each gathered entry
+    blocks: torch.Tensor   # [E] pool block of each gathered entry ([G, E]: a stack's, `StepBatch.stack_entries`)
     offsets: torch.Tensor  # [E] offset within the block
     lo: torch.Tensor       # [N] query row r may see gathered entries [lo_r, hi_r): its own closed windows
     hi: torch.Tensor
@@ -484,30 +480,23 @@ class StepBatch:
 
     def stack_layout(self, window: int, stack: tuple[tuple[int, ...], ...]) -> StackLayout:
         def build() -> StackLayout:
-            slots, rows, qrows = [], [], []
-            for (i,) in stack:
-                seq, a, n = self.chunks[i]
-                past = range(max(0, seq.num_tokens - window + 1), seq.num_tokens)
-                slots.append([seq.slot] * len(past))
-                rows.append([p % window for p in past])
-                qrows.append(list(range(a, a + n)))
+            keys = [self._ring_keys(self.chunks[i][0], window) for (i,) in stack]
+            qrows = [list(range(a, a + n)) for (i,) in stack for _, a, n in [self.chunks[i]]]
             t = lambda x: torch.tensor(x, dtype=torch.long)
             flat = [r for q in qrows for r in q]
             first = flat[0] if flat == list(range(flat[0], flat[0] + len(flat))) else None
-            return StackLayout(t(qrows), t(slots), t(rows), self.window_layout(window, stack[0]).bias, first)
+            return StackLayout(t(qrows), t([k[1] for k in keys]), t([k[2] for k in keys]),
+                               self.window_layout(window, stack[0]).bias, first)
         return self._cached(("stack", window, stack), build)
 
-    def stack_entries(self, ratio: int, stack: tuple[tuple[int, ...], ...]) -> StackEntries:
-        def build() -> StackEntries:
-            first, blocks, offsets = self.entry_layout(ratio, stack[0]), [], []
-            per_block = self.cache.block_size // ratio
-            for (i,) in stack:
-                seq, _, n = self.chunks[i]
-                count = (seq.num_tokens + n) // ratio
-                blocks.append([seq.block_table[j // per_block] for j in range(count)])
-                offsets.append([j % per_block for j in range(count)])
+    def stack_entries(self, ratio: int, stack: tuple[tuple[int, ...], ...]) -> EntryLayout:
+        """A stack's entries: the first group's `EntryLayout` (bias and bounds, the same for all) with every group's
+        places, blocks and offsets [G, E]."""
+        def build() -> EntryLayout:
+            places = [self._entry_places(self.chunks[i][0], self.chunks[i][2], ratio) for (i,) in stack]
             t = lambda x: torch.tensor(x, dtype=torch.long)
-            return StackEntries(t(blocks), t(offsets), first.lo, first.hi, first.bias, first.most)
+            return replace(self.entry_layout(ratio, stack[0]), blocks=t([b for b, _ in places]),
+                           offsets=t([o for _, o in places]))
         return self._cached(("stack_entries", ratio, stack), build)
 
     def _cached(self, key, fn):
@@ -544,14 +533,24 @@ class StepBatch:
         return (len(group) == 1 and self.chunks[group[0]][2] >= self.BANDED_MIN_WINDOWS * window
                 and kernel_backend(self.cache.device) == "torch")
 
+    @staticmethod
+    def _ring_keys(seq: SeqCache, w: int) -> tuple[range, list[int], list[int]]:
+        """A sequence's cached window keys: their positions, state slots and ring rows."""
+        past = range(max(0, seq.num_tokens - w + 1), seq.num_tokens)
+        return past, [seq.slot] * len(past), [p % w for p in past]
+
+    def _entry_places(self, seq: SeqCache, n: int, m: int) -> tuple[list[int], list[int]]:
+        """Pool block and offset of every compressed entry (ratio m) a sequence has after its n new tokens."""
+        per_block, count = self.cache.block_size // m, (seq.num_tokens + n) // m
+        return [seq.block_table[j // per_block] for j in range(count)], [j % per_block for j in range(count)]
+
     def _window_layout(self, w: int, group: tuple[int, ...]) -> WindowLayout:
         slots, rows, key_seq, key_pos, q_seq, q_rows = [], [], [], [], [], []
         for i in group:
             seq, a, n = self.chunks[i]
-            s = seq.num_tokens
-            past = range(max(0, s - w + 1), s)
-            slots += [seq.slot] * len(past)
-            rows += [p % w for p in past]
+            past, ring_slots, ring_rows = self._ring_keys(seq, w)
+            slots += ring_slots
+            rows += ring_rows
             key_seq += [i] * len(past)
             key_pos += list(past)
             q_seq += [i] * n
@@ -585,18 +584,17 @@ class StepBatch:
         return self._cached(("entries", ratio, group), lambda: self._entry_layout(ratio, group))
 
     def _entry_layout(self, m: int, group: tuple[int, ...]) -> EntryLayout:
-        per_block = self.cache.block_size // m
         blocks, offsets, lo, hi = [], [], [], []
         base = 0
         for i in group:
             seq, _, n = self.chunks[i]
             s = seq.num_tokens
-            count = (s + n) // m
-            blocks += [seq.block_table[j // per_block] for j in range(count)]
-            offsets += [j % per_block for j in range(count)]
+            b, o = self._entry_places(seq, n, m)
+            blocks += b
+            offsets += o
             lo += [base] * n
             hi += [base + (p + 1) // m for p in range(s, s + n)]
-            base += count
+            base += len(b)
         lo_t, hi_t = torch.tensor(lo, dtype=torch.long), torch.tensor(hi, dtype=torch.long)
         j = torch.arange(base)[None, :]
         hidden = (j < lo_t[:, None]) | (j >= hi_t[:, None])

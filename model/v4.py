@@ -543,12 +543,7 @@ class Attention(nn.Module):
             out[r] = self._attend_decode(u[r], c_q[r], q[r], kv[r], positions[r], lc, dec.slots, dec.block_tables)
         for stack in step.prefill_stacks:
             if len(stack) > 1:
-                st = step.stack_layout(self.window, stack)
-                o = self._attend_stack(u, c_q, q, kv, positions, step, stack, lc).flatten(0, 1)
-                if st.first is None:
-                    out[st.rows.flatten()] = o
-                else:
-                    out[st.first:st.first + o.shape[0]] = o
+                self._attend_stack(u, c_q, q, kv, positions, step, stack, lc, out)
                 continue
             group = stack[0]
             win = step.window_layout(self.window, group)
@@ -576,10 +571,10 @@ class Attention(nn.Module):
         return out
 
     def _attend_stack(self, u, c_q, q, kv, positions, step: StepBatch, stack: tuple[tuple[int, ...], ...],
-                      lc: LayerCache) -> torch.Tensor:
+                      lc: LayerCache, out: torch.Tensor) -> None:
         """G prefill groups of one chunk each, of the same length n at the same start (`StepBatch.prefill_stacks`),
         as one batched call: each group's queries over its own keys (ring rows, then its own rows; then its entries)
-        under the bias they share. -> [G, n, H, d]"""
+        under the bias they share. Writes their rows of `out`."""
         st = step.stack_layout(self.window, stack)
         take = st.take                                                      # [N, *] -> [G, n, *]
         keys = torch.cat([lc.read_main(lc.swa, st.ring_slots, st.ring_rows, kv.dtype), take(kv)], dim=1)  # [G, P+n, d]
@@ -589,11 +584,13 @@ class Attention(nn.Module):
             entries = lc.read_main(lc.entries, ent.blocks, ent.offsets, kv.dtype)                  # [G, E, d]
             if self.indexer is not None and ent.most > self.indexer.topk:
                 ikeys = lc.read_index(ent.blocks, ent.offsets, torch.float32)
-                return self.regions.stacked_indexed_attention(self, take(q), keys, bias, entries, ikeys, take(u),
-                                                              take(c_q), take(positions)[0], ent.lo, ent.hi)
+                st.put(out, self.regions.stacked_indexed_attention(self, take(q), keys, bias, entries, ikeys, take(u),
+                                                                   take(c_q), take(positions)[0], ent.lo, ent.hi))
+                return
             keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
             bias = torch.cat([bias, ent.bias], dim=1)
-        return self.regions.stacked_attention(take(q), keys.to(q.dtype), bias, self.attn_sink, self.head_dim ** -0.5)
+        st.put(out, self.regions.stacked_attention(take(q), keys.to(q.dtype), bias, self.attn_sink,
+                                                   self.head_dim ** -0.5))
 
     def _attend_banded(self, u, c_q, q, ring, kv, ring_pad, positions, step: StepBatch, group: tuple[int, ...],
                        lc: LayerCache) -> torch.Tensor:
