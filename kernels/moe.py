@@ -63,21 +63,34 @@ def stack_experts(experts: dict[int, tuple[QuantTensor, QuantTensor, QuantTensor
     return w13, w2
 
 
-@torch.library.custom_op("v4ray::grouped_mm", mutates_args=())
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """a [M, K] with rows grouped (group g: rows offs[g-1]..offs[g], offs int32 [G] ending at M), b [G, K, N] ->
-    [M, N], each group's rows times its own b[g]. torch's `_grouped_mm` on the CPU and for bf16 on CUDA; a loop
-    over the groups elsewhere (it reads `offs` on the host, so it has no place in a CUDA graph). A custom op so
-    that inductor treats it as one opaque call: `_grouped_mm`'s own shape function accepts bf16 only."""
+# `grouped_mm` is an operator of its own so that inductor treats it as one opaque call (`_grouped_mm`'s own shape
+# function accepts bf16 only). Registered with `torch.library.Library`, not `torch.library.custom_op`: the latter's
+# Python autograd and dispatch layers cost ~50 us a call inside a compiled CPU graph (its cpp wrapper calls back
+# into Python), this ~20 us, against ~60 us for the whole GEMM of a 32-row decode step (docs/architecture.md §12).
+_LIB = torch.library.Library("v4ray", "FRAGMENT")
+_LIB.define("grouped_mm(Tensor a, Tensor b, Tensor offs) -> Tensor")
+
+
+def _grouped_mm_impl(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cpu" or a.dtype == torch.bfloat16:
         return torch._grouped_mm(a, b, offs=offs)
     ends = offs.tolist()
     return torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(zip([0] + ends[:-1], ends))])
 
 
-@grouped_mm.register_fake
+_LIB.impl("grouped_mm", _grouped_mm_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("v4ray::grouped_mm", lib=_LIB)
 def _grouped_mm_shape(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return a.new_empty(a.shape[0], b.shape[2])
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """a [M, K] with rows grouped (group g: rows offs[g-1]..offs[g], offs int32 [G] ending at M), b [G, K, N] ->
+    [M, N], each group's rows times its own b[g]. torch's `_grouped_mm` on the CPU and for bf16 on CUDA; a loop
+    over the groups elsewhere (it reads `offs` on the host, so it has no place in a CUDA graph)."""
+    return torch.ops.v4ray.grouped_mm(a, b, offs)
 
 
 def expert_offsets(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
