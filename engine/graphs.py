@@ -13,7 +13,9 @@ takes a shape from the data, so:
   nothing is padded: B is the number of sequences and W the longest block table (at least 2). A cold compile of
   a tiny preset takes about two minutes on 2 cores (one per graph), a warm one (inductor's on-disk cache)
   seconds. The cache writes are returned by the compiled graph and made right after it (`DecodeBatch.put`):
-  written inside, inductor copies the whole pools every step.
+  written inside, inductor copies the whole pools every step. One branch is left in it: an HCA layer pools its
+  128-row window only in a step where some row's window closes (`DecodeBatch.pool_on_close`, a `torch.cond` whose
+  flag inductor reads on the host: free on the CPU, where host and device are one; a CUDA graph pools every step).
 
 `EngineConfig.enforce_eager` turns all of this off: every step then runs the plain `StepBatch` path, the
 reference the tests compare against. Prompt chunks always take that path (beside the step's decode rows).
@@ -94,6 +96,10 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None  # CUDA graphs' shared memory pool
         self.compiled = compiled  # torch.compile on the CPU, CUDA graphs on CUDA; False: the step as it is
+        # compiled on the CPU: an HCA layer pools its 128-row window only in a step where one closes (a cond). Not in
+        # a router's graphs between exchanges: inductor (torch 2.13) fails on the cond there ("A subgraph argument
+        # other than striding has been modified")
+        self._pool_on_close = compiled and not self.cuda and not self.remote
         if self.remote:
             self.exchange = next(b.ffn.expert_backend for b in model.layers if b.ffn.expert_backend is not None)
             self._until, self._after = self._until_exchange, layer_after_exchange
@@ -135,11 +141,13 @@ class DecodeGraphs:
 
     # ---- the step -----------------------------------------------------------------------------------------
     def _deferred_step(self, token_ids, positions, slots, block_tables, real):
-        batch = DecodeBatch(self.cache, token_ids, positions, slots, block_tables, real, deferred=[])
+        batch = DecodeBatch(self.cache, token_ids, positions, slots, block_tables, real, deferred=[],
+                            pool_on_close=self._pool_on_close)
         return self.model.decode(batch), batch.deferred
 
     def _until_exchange(self, block, cache_layer, x, token_ids, positions, slots, block_tables, real):
-        batch = _LayerWrites(self.cache, token_ids, positions, slots, block_tables, real, deferred=[])
+        batch = _LayerWrites(self.cache, token_ids, positions, slots, block_tables, real, deferred=[],
+                             pool_on_close=self._pool_on_close)
         return layer_until_exchange(block, cache_layer, x, batch), batch.deferred
 
     def _router_step(self, *inputs):

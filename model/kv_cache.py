@@ -644,6 +644,10 @@ class DecodeBatch:
     block_tables: torch.Tensor  # [B, W] long: blocks past a table's end (and padding rows') are the scratch block
     real: torch.Tensor          # [B] long: 1 for a sequence's row, 0 for padding
     deferred: list | None = None  # None: cache writes happen in the step; a list: they are collected there
+    # HCA layers pool their open window only in steps where one closes (`Attention._pool_static`): a `torch.cond`,
+    # whose flag is read on the host. The compiled CPU step sets it (host and device are one there); a CUDA graph
+    # cannot branch on the device, so it pools every step.
+    pool_on_close: bool = False
 
     def put(self, layer: int, pool: str, index: tuple[torch.Tensor, ...], value: torch.Tensor) -> None:
         """cache.layers[layer].<pool>[index] = value — now, or collected for `apply_writes` after the step. A compiled

@@ -710,32 +710,48 @@ class Attention(nn.Module):
         """`_emit` for one token per row, in fixed shapes: every row pools the window its token falls in (the
         token's raw row taking its place among the ring rows read) and the token's raw row enters the compressor
         ring. -> (entry number or -1, block, offset, pooled RoPE'd entry) per row: its pool place where the window
-        closes with this token, the scratch block for every other row."""
+        closes with this token, the scratch block for every other row.
+
+        With `d.pool_on_close`, an HCA layer pools only in steps where some row's window closes (`torch.cond` on that
+        flag; the other steps' pooled rows are never read): its window is 128 rows, each pooled with a softmax, and
+        it closes once in 128 tokens. CSA's windows of 4 close in nearly every step of a batch: no cond there."""
         ring_kv, ring_gate = getattr(lc, kv_ring), getattr(lc, gate_ring)
         m, R, dim = comp.ratio, ring_kv.shape[1], comp.dim
         kv_new, gate_new = comp.project(u, positions)
         j = positions // m                                                  # the window of each row's token
-        slots = d.slots[:, None]
-        if R == m:  # HCA: the ring is the window, in order (a slice per row: no per-element ring index)
-            rows = torch.arange(m, device=u.device)[None, :]
-            win_kv, win_gate = ring_kv[d.slots], ring_gate[d.slots]
+        closing = ((positions + 1) % m == 0) & (d.real != 0)
+
+        def pool(ring_kv, ring_gate, slots, j, own, kv_new, gate_new):
+            """Every row's window, its own raw row in place -> [B, dim] pooled (not yet RoPE'd)."""
+            if R == m:  # HCA: the ring is the window, in order (a slice per row: no per-element ring index)
+                rows = torch.arange(m, device=u.device)[None, :]
+                win_kv, win_gate = ring_kv[slots], ring_gate[slots]
+            else:
+                rows = (j[:, None] * m + torch.arange(m, device=u.device)) % R  # [B, m] its ring rows
+                win_kv, win_gate = ring_kv[slots[:, None], rows], ring_gate[slots[:, None], rows]
+            mine = (rows == own[:, None])[..., None]                        # the token's own row
+            win_kv = torch.where(mine, kv_new[:, None], win_kv)
+            win_gate = torch.where(mine, gate_new[:, None], win_gate)
+            prev_kv = prev_gate = has_prev = None
+            if comp.overlap:                                                # window j - 1: all in the ring
+                prev = (rows - m) % R
+                prev_kv, prev_gate = ring_kv[slots[:, None], prev][..., :dim], ring_gate[slots[:, None], prev][..., :dim]
+                has_prev = j >= 1
+            return comp.pool(win_kv, win_gate, prev_kv, prev_gate, has_prev)
+
+        def idle(ring_kv, ring_gate, slots, j, own, kv_new, gate_new):
+            return kv_new.new_zeros(kv_new.shape[0], dim)
+
+        args = (ring_kv, ring_gate, d.slots, j, positions % R, kv_new, gate_new)
+        if d.pool_on_close and R == m:  # the HCA window's pool only in a step where some row's window closes
+            pooled = torch.cond(closing.any(), pool, idle, args)
         else:
-            rows = (j[:, None] * m + torch.arange(m, device=u.device)) % R  # [B, m] its ring rows
-            win_kv, win_gate = ring_kv[slots, rows], ring_gate[slots, rows]
-        mine = (rows == (positions % R)[:, None])[..., None]                # the token's own row
-        win_kv = torch.where(mine, kv_new[:, None], win_kv)
-        win_gate = torch.where(mine, gate_new[:, None], win_gate)
-        prev_kv = prev_gate = has_prev = None
-        if comp.overlap:                                                    # window j - 1: all in the ring
-            prev = (rows - m) % R
-            prev_kv, prev_gate, has_prev = ring_kv[slots, prev][..., :dim], ring_gate[slots, prev][..., :dim], j >= 1
-        pooled = comp.pool(win_kv, win_gate, prev_kv, prev_gate, has_prev)
+            pooled = pool(*args)
         ring = (d.slots, positions % R)                                     # after the reads above
         d.put(self.layer, kv_ring, ring, kv_new)
         d.put(self.layer, gate_ring, ring, gate_new)
         cos, sin = rope_cos_sin(j * m, self.inv_freq)
         per_block = d.cache.block_size // m
-        closing = ((positions + 1) % m == 0) & (d.real != 0)
         block = torch.where(closing, d.block_tables.gather(1, (j // per_block)[:, None])[:, 0], d.cache.scratch_block)
         return torch.where(closing, j, -1), block, j % per_block, apply_rope(pooled, cos, sin)
 

@@ -125,12 +125,18 @@ def test_a_sequence_decodes_the_same_alone_padded_and_in_a_full_bucket(models):
         _greedy_agree(runs["alone"], runs[name], f"bucket {name}")
 
 
-def _compile_step(model, cache, backend):
+def _compile_step(model, cache, backend, pool_on_close=False):
     def step(token_ids, positions, slots, block_tables, real):
-        batch = DecodeBatch(cache, token_ids, positions, slots, block_tables, real, deferred=[])
+        batch = DecodeBatch(cache, token_ids, positions, slots, block_tables, real, deferred=[],
+                            pool_on_close=pool_on_close)
         return model.decode(batch), batch.deferred
 
     return torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
+
+
+# a step before any HCA window closes, then one where some row's closes, for each HCA rate below (128 and 16: 127;
+# 24: 143), beside a short prompt and one past the sliding window
+CLOSING_LENS = [126, 7, 142, 300]
 
 
 @pytest.mark.parametrize("preset", ["v4-tiny", "v4-tiny-pro", "rates-4-24"])
@@ -138,15 +144,26 @@ def test_the_decode_step_compiles_as_one_graph_per_bucket(models, preset):
     """fullgraph=True, dynamic=False: a graph break, a host read or a data-dependent shape fails the compile.
     aot_eager traces and functionalises like inductor (without generating code), and runs the result: the
     compiled step's logits equal the uncompiled step's bit for bit, in two buckets of three configs (every layer
-    kind; HCA rates 128, 16 and 24). 15 s each on 2 cores."""
+    kind; HCA rates 128, 16 and 24). In the second bucket the step pools HCA windows only when one closes
+    (`pool_on_close`, as the CPU's compiled step does; the first bucket's step pools every step, as a CUDA graph
+    does): its graph holds that cond, and its steps with and without a closing window match the uncompiled step's,
+    which pools every step. 15 s each on 2 cores."""
+    from torch._dynamo.backends.registry import lookup_backend
+
     model = models[preset]
+    conds = []
+
+    def backend(gm, example_inputs):
+        conds.append(sum(n.target is torch.ops.higher_order.cond for n in gm.graph.nodes))
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
     with torch._dynamo.config.patch(disable=False, recompile_limit=8):
         torch._dynamo.reset()
-        for bucket, width in ((4, 2), (16, 4)):
-            eager_cache, eager_seqs = _prefilled(model, PROMPT_LENS[:3])
-            cache, seqs = _prefilled(model, PROMPT_LENS[:3])
-            compiled = _compile_step(model, cache, "aot_eager")
-            tokens = [20, 30, 40]
+        for bucket, width, pool_on_close in ((4, 2, False), (16, 4, True)):
+            eager_cache, eager_seqs = _prefilled(model, CLOSING_LENS)
+            cache, seqs = _prefilled(model, CLOSING_LENS)
+            compiled = _compile_step(model, cache, backend, pool_on_close)
+            tokens = [20, 30, 40, 50]
             for _ in range(3):
                 ref = _static_step(model, eager_cache, eager_seqs, tokens, bucket, width)
                 inputs = DecodeInputs(cache, bucket, width)
@@ -155,8 +172,10 @@ def test_the_decode_step_compiles_as_one_graph_per_bucket(models, preset):
                 b.apply_writes(writes)
                 for s in seqs:
                     s.num_tokens += 1
-                assert torch.equal(logits[:3], ref), (preset, bucket)
+                assert torch.equal(logits[:4], ref), (preset, bucket)
                 tokens = ref.argmax(-1).tolist()
+    hca_layers = sum(t == HCA for t in model.cfg.layer_types)
+    assert hca_layers and conds == [0, hca_layers], conds
 
 
 def test_a_host_read_in_the_decode_step_fails_the_compile(models, monkeypatch):
