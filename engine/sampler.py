@@ -407,6 +407,8 @@ class SamplingBatch:
             drawn, valid = draw(probs, [g for _, _, g in self._draws])  # [D]
         if draw_rows == list(range(num_rows)):
             tokens = drawn
+        elif not greedy and not draw_rows:  # every row plain greedy: the batch's argmax as it is
+            tokens = self.logits.argmax(dim=-1)
         else:  # one stack of per-row views (no kernel per row)
             chosen = dict(greedy) | {row: drawn[i] for i, row in enumerate(draw_rows)}
             argmax = self.logits.argmax(dim=-1) if len(chosen) < num_rows else None  # [S], the plain rows
