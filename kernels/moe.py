@@ -63,10 +63,6 @@ def stack_experts(experts: dict[int, tuple[QuantTensor, QuantTensor, QuantTensor
     return w13, w2
 
 
-# `grouped_mm` is an operator of its own so that inductor treats it as one opaque call (`_grouped_mm`'s own shape
-# function accepts bf16 only). Registered with `torch.library.Library`, not `torch.library.custom_op`: the latter's
-# Python autograd and dispatch layers cost ~50 us a call inside a compiled CPU graph (its cpp wrapper calls back
-# into Python), this ~20 us, against ~60 us for the whole GEMM of a 32-row decode step (docs/architecture.md §12).
 def _grouped_mm_impl(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cpu" or a.dtype == torch.bfloat16:
         return torch._grouped_mm(a, b, offs=offs)
@@ -78,10 +74,14 @@ def _grouped_mm_shape(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> t
     return a.new_empty(a.shape[0], b.shape[2])
 
 
+# `grouped_mm` is an operator of its own so that inductor treats it as one opaque call (`_grouped_mm`'s own shape
+# function accepts bf16 only). Registered with `torch.library.Library`, not `torch.library.custom_op`: the latter's
+# Python autograd and dispatch layers cost ~50 us a call inside a compiled CPU graph (its cpp wrapper calls back
+# into Python), this ~20 us, against ~60 us for the whole GEMM of a 32-row decode step (docs/architecture.md §12).
+# Defined once per process: this file can be imported a second time under another name (transformers probes for a
+# package named `kernels` and imports this repository's top-level `kernels/` when it is on sys.path), and an
+# operator's schema may be defined only once.
 _LIB = None
-# Once per process: this file can be imported a second time under another name (transformers probes for a package
-# named `kernels` and imports this repository's top-level `kernels/` when it is on sys.path), and an operator's
-# schema may be defined only once.
 if not hasattr(torch.ops.v4ray, "grouped_mm"):
     _LIB = torch.library.Library("v4ray", "FRAGMENT")
     _LIB.define("grouped_mm(Tensor a, Tensor b, Tensor offs) -> Tensor")

@@ -723,20 +723,20 @@ class Attention(nn.Module):
 
         def pool(ring_kv, ring_gate, slots, j, own, kv_new, gate_new):
             """Every row's window, its own raw row in place -> [B, dim] pooled (not yet RoPE'd)."""
+            col, ring_rows = slots[:, None], torch.arange(m, device=slots.device)
             if R == m:  # HCA: the ring is the window, in order (a slice per row: no per-element ring index)
-                rows = torch.arange(m, device=u.device)[None, :]
+                rows = ring_rows[None, :]
                 win_kv, win_gate = ring_kv[slots], ring_gate[slots]
             else:
-                rows = (j[:, None] * m + torch.arange(m, device=u.device)) % R  # [B, m] its ring rows
-                win_kv, win_gate = ring_kv[slots[:, None], rows], ring_gate[slots[:, None], rows]
+                rows = (j[:, None] * m + ring_rows) % R                     # [B, m] its ring rows
+                win_kv, win_gate = ring_kv[col, rows], ring_gate[col, rows]
             mine = (rows == own[:, None])[..., None]                        # the token's own row
             win_kv = torch.where(mine, kv_new[:, None], win_kv)
             win_gate = torch.where(mine, gate_new[:, None], win_gate)
             prev_kv = prev_gate = has_prev = None
             if comp.overlap:                                                # window j - 1: all in the ring
                 prev = (rows - m) % R
-                prev_kv, prev_gate = ring_kv[slots[:, None], prev][..., :dim], ring_gate[slots[:, None], prev][..., :dim]
-                has_prev = j >= 1
+                prev_kv, prev_gate, has_prev = ring_kv[col, prev][..., :dim], ring_gate[col, prev][..., :dim], j >= 1
             return comp.pool(win_kv, win_gate, prev_kv, prev_gate, has_prev)
 
         def idle(ring_kv, ring_gate, slots, j, own, kv_new, gate_new):
