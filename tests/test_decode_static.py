@@ -90,7 +90,14 @@ def test_static_decode_matches_the_eager_step(models, preset):
                                               (torch.bfloat16, "fp8")])
 def test_static_decode_matches_the_eager_step_in_bf16_and_with_an_fp8_cache(tiny_ckpt, dtype, kv_format):
     """The fixed-shape step reads every key as stored (a fresh entry substituted in storage form), so it sees what
-    the eager step's write-then-read sees: bf16 logits are equal bit for bit (measured), fp8 within LOGIT_TOL."""
+    the eager step's write-then-read sees: bf16 logits are equal bit for bit, fp8 within LOGIT_TOL.
+
+    The bucket holds exactly the batch's rows. ATen's vectorized elementwise kernels round a tensor's tail on
+    another path than its body (`torch.sigmoid` of 48 values differs in the last bit from the first 48 of 64), so
+    a padded bucket's mHC weights can differ from the unpadded eager batch's by an fp32 ulp, which a bf16 stream
+    then sometimes rounds the other way (measured: bucket 8 for these 4 rows, a 6e-8 difference in one mHC post
+    weight, 1.2e-3 in the logits 37 steps in). Padded buckets are compared in fp32 (LOGIT_TOL) by
+    `test_a_sequence_decodes_the_same_alone_padded_and_in_a_full_bucket` and the tests above."""
     ckpt = tiny_ckpt("v4-tiny", dtype="bf16" if dtype == torch.bfloat16 else "fp32", confident=True)
     model = load_model(ckpt, dtype)
     caches = [PagedKVCache(model.cfg, 16, 6, dtype=dtype, kv_format=kv_format) for _ in range(2)]
@@ -101,7 +108,9 @@ def test_static_decode_matches_the_eager_step_in_bf16_and_with_an_fp8_cache(tiny
     tokens = [20, 30, 40, 50]
     for step in range(DECODE_STEPS):
         ref = model.step(torch.tensor(tokens), StepBatch.build(caches[0], seqs[0], [1] * len(tokens)))
-        got = _static_step(model, caches[1], seqs[1], tokens, 8, 4)
+        got = _static_step(model, caches[1], seqs[1], tokens, len(tokens), 4)
+        if kv_format == "bf16":
+            assert torch.equal(ref, got), f"{dtype} {kv_format} step {step}"
         assert (ref - got).abs().max() <= LOGIT_TOL, f"{dtype} {kv_format} step {step}"
         _greedy_agree(ref, got, f"{dtype} {kv_format} step {step}")
         tokens = ref.argmax(-1).tolist()
