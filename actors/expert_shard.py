@@ -7,6 +7,7 @@ import os
 import time
 
 from v4ray.engine.build import resolve_dtype, select_device
+from v4ray.engine.host_memory import keep_freed_memory
 from v4ray.model.config import V4Config
 from v4ray.model.loader import load_expert_weights
 
@@ -36,6 +37,8 @@ class ExpertShard:
 
         t0 = time.perf_counter()
         device = select_device(self.device_spec)   # under Ray, cuda:0 is the GPU assigned to this actor
+        if device.type == "cpu":
+            keep_freed_memory()                        # engine/host_memory.py
         backend = init_group(init_method, self.rank, self.world, self.timeout_s, device=device,
                              node_address=ray.util.get_node_ip_address())
         cfg = V4Config.from_file(self.model_path)

@@ -19,6 +19,7 @@ from v4ray.kernels.backend import kernel_backend
 from v4ray.model.v4 import EAGER_REGIONS, StepRegions, V4Model
 
 from .graphs import DecodeGraphs, static_decode_problem
+from .host_memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class ModelRunner:
         if decode_step not in DECODE_STEPS:
             raise ValueError(f"decode_step must be one of {DECODE_STEPS}, got {decode_step!r}")
         self.model = model
+        if model.device.type == "cpu":
+            keep_freed_memory()  # a CPU step's activations reuse the last step's freed pages (engine/host_memory.py)
         self.cache = PagedKVCache.from_budget(model.cfg, kv_cache_bytes, max_num_seqs, model.dtype, block_size,
                                               kv_format, model.device)
         self.prefix_cache = prefix_cache

@@ -1,0 +1,56 @@
+"""The host allocator under CPU steps: freed memory stays in the process for the next step.
+
+glibc's malloc serves a large block (over 128 KiB, a threshold it raises as such blocks are freed, up to 32 MiB)
+with its own `mmap` and returns it to the kernel on `free`, and trims the top of its heap whenever 128 KiB there are
+free. A CPU prefill allocates and frees hundreds of MiB of activations per step (a 32 x 128-token batch of
+v4-tiny: 13-35 thousand fresh 4 KiB pages per step, each faulted and zeroed by the kernel on first touch, ~0.5 us
+apiece on the 2-core CI host), so every step paid again for memory the previous step had just given back. With
+larger thresholds, set once per process by `keep_freed_memory`, a step's blocks come from the heap the previous
+step freed: no page faults from the third step on (docs/architecture.md §12). vLLM's CPU backend asks for
+tcmalloc through LD_PRELOAD for the same reason; this needs nothing installed.
+
+The cost: a process keeps up to `trim_threshold` of freed heap (its high-water mark of transient memory) instead
+of returning it. `V4RAY_HOST_ALLOCATOR=system` leaves glibc's defaults alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+ENV = "V4RAY_HOST_ALLOCATOR"           # "keep" (default) or "system"
+MMAP_THRESHOLD = 64 << 20              # blocks below this come from the heap (and go back to it)
+TRIM_THRESHOLD = 1 << 30               # free memory at the heap's top kept before trimming
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters (malloc.h)
+_applied: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process (once; later calls return the first answer).
+    True where applied; False with `V4RAY_HOST_ALLOCATOR=system` or without glibc (musl, macOS), where the
+    system allocator runs as it is."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    choice = os.environ.get(ENV, "keep")
+    if choice not in ("keep", "system"):
+        raise ValueError(f"{ENV} must be 'keep' or 'system', got {choice!r}")
+    _applied = False
+    if choice == "system":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        log.info("host allocator left as it is: no glibc mallopt here")
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    if not _applied:
+        log.warning("mallopt refused the host allocator's thresholds; CPU steps keep glibc's defaults")
+    return _applied
