@@ -9,7 +9,7 @@ larger thresholds, set once per process by `keep_freed_memory`, a step's blocks 
 step freed: no page faults from the third step on (docs/architecture.md §12). vLLM's CPU backend asks for
 tcmalloc through LD_PRELOAD for the same reason; this needs nothing installed.
 
-The cost: a process keeps up to `trim_threshold` of freed heap (its high-water mark of transient memory) instead
+The cost: a process keeps up to TRIM_THRESHOLD of freed heap (its high-water mark of transient memory) instead
 of returning it. `V4RAY_HOST_ALLOCATOR=system` leaves glibc's defaults alone.
 """
 
