@@ -100,7 +100,11 @@ def test_dry_run_on_cpu_standalone_with_ray_pydantic_safetensors_tokenizers_bloc
     assert checks["bf16 top-1 agreement with CPU fp32"]["ok"]
     assert checks["bf16 mean relative logit error vs CPU fp32"]["ok"]
     bf16 = next(r for r in corr["rows"] if "bf16" in r["model"])
-    assert 0 < bf16["max_rel_err"] < 0.05, "bf16 logits should differ from fp32 by bf16 rounding, not 0 or a lot"
+    # bf16 really ran (its logits differ); "not a lot" is the script's mean bound and top-1 agreement. No bound on
+    # the worst position: where the MoE gate's top-2 is a near-tie bf16 may pick another expert (measured: position
+    # 25 of the quick inputs, fp32 scores of the 2nd and 3rd expert 6.9e-4 apart, experts [1, 6] -> [3, 6], that
+    # position's logits 9 % of their max off; the same run's mean 0.31 %, top-1 agreement 100 %).
+    assert bf16["max_rel_err"] > 0, "bf16 logits equal to fp32: the bf16 model did not run in bf16"
     assert corr["kernel_backend"] == "torch"
 
     dec = report["sections"]["decode"]
