@@ -37,8 +37,7 @@ class ExpertShard:
 
         t0 = time.perf_counter()
         device = select_device(self.device_spec)   # under Ray, cuda:0 is the GPU assigned to this actor
-        if device.type == "cpu":
-            keep_freed_memory()                        # engine/host_memory.py
+        keep_freed_memory(device)                      # on a CPU: engine/host_memory.py
         backend = init_group(init_method, self.rank, self.world, self.timeout_s, device=device,
                              node_address=ray.util.get_node_ip_address())
         cfg = V4Config.from_file(self.model_path)

@@ -30,11 +30,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters (malloc.h)
 _applied: bool | None = None
 
 
-def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process (once; later calls return the first answer).
-    True where applied; False with `V4RAY_HOST_ALLOCATOR=system` or without glibc (musl, macOS), where the
-    system allocator runs as it is."""
+def keep_freed_memory(device=None) -> bool:
+    """Raise glibc's mmap and trim thresholds for this process (once; later calls return the first answer) when its
+    steps run on `device` (a torch.device; None: the CPU). True where applied; False for a GPU's steps, with
+    `V4RAY_HOST_ALLOCATOR=system` or without glibc (musl, macOS), where the system allocator runs as it is."""
     global _applied
+    if device is not None and device.type != "cpu":
+        return False
     if _applied is not None:
         return _applied
     choice = os.environ.get(ENV, "keep")

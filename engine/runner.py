@@ -38,8 +38,7 @@ class ModelRunner:
         if decode_step not in DECODE_STEPS:
             raise ValueError(f"decode_step must be one of {DECODE_STEPS}, got {decode_step!r}")
         self.model = model
-        if model.device.type == "cpu":
-            keep_freed_memory()  # a CPU step's activations reuse the last step's freed pages (engine/host_memory.py)
+        keep_freed_memory(model.device)  # a CPU step's activations reuse the last step's freed pages
         self.cache = PagedKVCache.from_budget(model.cfg, kv_cache_bytes, max_num_seqs, model.dtype, block_size,
                                               kv_format, model.device)
         self.prefix_cache = prefix_cache
