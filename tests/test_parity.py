@@ -139,5 +139,5 @@ def test_a_csa_prefill_group_skips_the_indexer_only_where_it_would_keep_every_en
         hi[0] = lo[0] + most
         visible = torch.arange(E)[None, :]
         all_visible = torch.zeros(T, E).masked_fill((visible < lo[:, None]) | (visible >= hi[:, None]), float("-inf"))
-        bias = attn.indexer_bias(keys, u, c_q, positions, lo, hi)
+        bias = attn.indexer_bias(keys, u, c_q, *v4.rope_cos_sin(positions, attn.inv_freq), lo, hi)
         assert torch.equal(bias, all_visible) == (most <= k), most
