@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import torch
 
+# Higher-order ops whose graphs inductor may keep in its on-disk cache (it bypasses the cache for every HOP it does
+# not know to be safe). `torch.cond` (the decode step's HCA pool, `DecodeBatch.pool_on_close`) is a pure choice
+# between two subgraphs that are part of the cache key (inductor hashes a graph module with its submodules' code);
+# without this, every start-up recompiled the decode step's two graphs cold (~85 s on 2 cores, v4-tiny). The value
+# is part of the cache key: a new torch misses.
+CACHEABLE_OPS = {"torch.ops.higher_order.cond": torch.__version__}
+
 
 def compile_graph(fn, dynamic: bool | None = None, cpp_wrapper: bool = False):
     """torch.compile(fn, fullgraph=True) as v4ray's CPU graphs are built (module docstring)."""
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic, options={"cpp_wrapper": cpp_wrapper})
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic,
+                         options={"cpp_wrapper": cpp_wrapper, "unsafe_marked_cacheable_functions": CACHEABLE_OPS})

@@ -257,6 +257,10 @@ def test_the_compiled_engine_generates_what_the_eager_engine_does(tiny_ckpt):
         # and banded; the compressors' emit per kind) and the Sinkhorn op's own graph (1 row, any count): all
         # compiled at start-up
         assert counters["stats"]["unique_graphs"] == GRAPHS, dict(counters["stats"])
+        # every graph can come from inductor's on-disk cache at the next start-up (the HCA pool's torch.cond among
+        # them, kernels/compiled.py CACHEABLE_OPS): none is compiled past the cache
+        assert not counters["inductor"]["fxgraph_cache_bypass"], dict(counters["inductor"])
+        assert not counters["aot_autograd"]["autograd_cache_bypass"], dict(counters["aot_autograd"])
         compiled = _drain(core, greedy)
         first, second = _drain(core, seeded), _drain(core, [(f"again-{r}", p, s) for r, p, s in seeded])
         assert len({b for b, _ in core.runner.graphs.inputs}) >= 5, list(core.runner.graphs.inputs)
