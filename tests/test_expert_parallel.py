@@ -582,6 +582,7 @@ def _compiled_router_rank(rank: int, ckpt: str, ready) -> dict:
             outputs += core.step()
         report["tokens"] = {o.request_id: o.outputs[0].token_ids for o in outputs if o.finished}
         report["graphs"] = counters["stats"]["unique_graphs"]
+        report["cache_bypass"] = counters["inductor"]["fxgraph_cache_bypass"]   # graphs the disk cache cannot keep
         report["ping_pong_steps"] = exchange.ping_pong_steps
     else:
         ready.wait(600)
@@ -610,6 +611,7 @@ def test_a_compiled_router_decode_step_gives_the_single_process_tokens(tiny_ckpt
     router = _spawn_ranks(_compiled_router_rank, 1 + c["shards"], str(ckpt), ready, timeout_s=600)[0]
     assert router["compiled"]
     assert router["graphs"] == COMPILED_ROUTER_GRAPHS, router["graphs"]
+    assert router["cache_bypass"] == 0, router["cache_bypass"]   # a restart takes every graph from the disk cache
     assert router["ping_pong_steps"] == c["decode_steps"] // 2, router["ping_pong_steps"]
     core = _local_engine(ckpt)
     params = SamplingParams(max_tokens=1 + c["decode_steps"], temperature=0.0, ignore_eos=True, logprobs=2)
