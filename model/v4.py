@@ -321,7 +321,7 @@ def layer_until_exchange(block: "Block", cache: LayerCache, x: torch.Tensor, bat
     """An expert-parallel router's fixed-shape layer up to its exchange: attention, the way into the MoE sublayer,
     gate and shared expert. -> (x, u, routing weights, expert ids, shared expert output, post, comb)."""
     (u, c_q, q, kv, cos, sin), post, comb = attn_enter(block, x, batch.positions)
-    x = attn_leave(block, x, block.attn.attend(u, c_q, q, kv, batch.positions, batch, cache), cos, sin, post, comb)
+    x = attn_leave(block, x, block.attn.attend(u, c_q, q, kv, batch.positions, (cos, sin), batch, cache), cos, sin, post, comb)
     u, post, comb = block.enter("ffn", x)
     weights, idx = block.ffn.gate(u, batch.token_ids)
     return x, u, weights, idx, block.ffn.shared(u), post, comb
@@ -447,17 +447,19 @@ class Attention(nn.Module):
         yarn = None if self.kind == SWA else cfg.yarn
         self.register_buffer("inv_freq", yarn_inv_freq(cfg.qk_rope_head_dim, theta, yarn), persistent=False)
 
-    def attend(self, u, c_q, q, kv, positions, step: "StepBatch | None", cache: "LayerCache | None") -> torch.Tensor:
+    def attend(self, u, c_q, q, kv, positions, rope: tuple[torch.Tensor, torch.Tensor], step: "StepBatch | None",
+               cache: "LayerCache | None") -> torch.Tensor:
         """The attention of the projected queries (`project`; `output` takes it on) -> [N, H, d], RoPE still applied.
+        rope: the queries' (cos, sin) from `project`, which the CSA indexer's queries rotate by too.
         Without `step`: the full causal forward of one sequence (positions 0..N-1), recomputing everything — the
         plain reference. With a `StepBatch`: N is the concatenation of each sequence's chunk of new tokens, which
         read and extend their cached state in `cache` (paged prefill and decode). With a `DecodeBatch`: the
         fixed-shape decode step."""
         if step is None:
-            return self._attend(q, kv, positions, self._full_entries(u, c_q, positions), positions)
+            return self._attend(q, kv, positions, self._full_entries(u, c_q, positions, rope), positions)
         if isinstance(step, DecodeBatch):
-            return self._attend_static(u, c_q, q, kv, positions, step, cache)
-        return self._attend_cached(u, c_q, q, kv, positions, step, cache)
+            return self._attend_static(u, c_q, q, kv, positions, rope, step, cache)
+        return self._attend_cached(u, c_q, q, kv, positions, rope, step, cache)
 
     def output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Inverse RoPE, grouped low-rank output projection: o [N, H, d] -> [N, D]."""
@@ -492,21 +494,21 @@ class Attention(nn.Module):
         return sink_attention(q, keys, bias, self.attn_sink, self.head_dim ** -0.5)
 
     def _entry_bias(self, entries: torch.Tensor, index_keys: torch.Tensor | None, u: torch.Tensor,
-                    c_q: torch.Tensor, positions: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    c_q: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], lo: torch.Tensor, hi: torch.Tensor,
                     all_visible: torch.Tensor):
         """Per-query bias over the entries (0 = attend, -inf = not): query t may use entries [lo_t, hi_t) —
         its sequence's closed windows. HCA attends to all of them (`all_visible`); CSA to the indexer's top-k."""
         if self.indexer is None:
             return entries, all_visible
-        return entries, self.indexer_bias(index_keys, u, c_q, *rope_cos_sin(positions, self.inv_freq), lo, hi)
+        return entries, self.indexer_bias(index_keys, u, c_q, *rope, lo, hi)
 
     def indexer_bias(self, index_keys: torch.Tensor, u: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """CSA: the bias [T, C] over C entries (their index keys [C, dI]) that keeps the lightning indexer's top-k of
         each query's entries [lo_t, hi_t). Stacked groups: u, c_q [G, T, *] and index_keys [G, C, dI] -> [G, T, C].
 
-        cos/sin [T, r/2]: `rope_cos_sin` of the queries' positions, computed by the caller outside the compiled
-        prefill regions: derived inside one, inductor fused them into the rotation and evaluated them again for
+        cos/sin [T, r/2]: the queries' RoPE, as `project` computed it outside the compiled prefill regions: derived
+        inside one, inductor fused them into the rotation and evaluated them again for
         every group and head (16 x 32 times over at 32 prompts of 128 tokens; 5.5 ms of a CSA layer's region)."""
         lead, C = c_q.shape[:-1], index_keys.shape[-2]
         ix = self.indexer
@@ -518,7 +520,8 @@ class Attention(nn.Module):
         return bias[..., :C]
 
     # -- full reference path ----------------------------------------------------------------------------------
-    def _full_entries(self, u: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor):
+    def _full_entries(self, u: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
+                      rope: tuple[torch.Tensor, torch.Tensor]):
         if self.compressor is None:
             return None
         entries = self._compress_all(self.compressor, u)                    # [C, d]
@@ -526,7 +529,7 @@ class Attention(nn.Module):
         hi = (positions + 1) // self.ratio                                  # entries query t may see
         hidden = torch.arange(entries.shape[0], device=u.device)[None, :] >= hi[:, None]
         all_visible = torch.zeros(hidden.shape, device=u.device).masked_fill(hidden, float("-inf"))
-        return self._entry_bias(entries, ikeys, u, c_q, positions, torch.zeros_like(hi), hi, all_visible)
+        return self._entry_bias(entries, ikeys, u, c_q, rope, torch.zeros_like(hi), hi, all_visible)
 
     def _compress_all(self, comp: Compressor, u: torch.Tensor) -> torch.Tensor:
         m = comp.ratio
@@ -543,7 +546,7 @@ class Attention(nn.Module):
         return apply_rope(pooled, cos, sin)
 
     # -- cached (paged) path ----------------------------------------------------------------------------------
-    def _attend_cached(self, u, c_q, q, kv, positions, step: StepBatch, lc: LayerCache) -> torch.Tensor:
+    def _attend_cached(self, u, c_q, q, kv, positions, rope, step: StepBatch, lc: LayerCache) -> torch.Tensor:
         """All chunks of the step in one attention call: every query row sees its own sequence's window keys
         (ring rows, then this step's rows) and its own closed-window entries (bias -inf elsewhere)."""
         if self.compressor is not None:  # emit the entries of windows closing in this step first
@@ -553,21 +556,23 @@ class Attention(nn.Module):
             self._emit(self.indexer.compressor, u, positions, step, lc.write_index, lc.index_state_kv,
                        lc.index_state_gate)
         out = torch.empty_like(q)
+        cos, sin = rope
         if step.decode_group:
             dec = step.decode_tables(step.decode_group)
             r = dec.rows
-            out[r] = self._attend_decode(u[r], c_q[r], q[r], kv[r], positions[r], lc, dec.slots, dec.block_tables)
+            out[r] = self._attend_decode(u[r], c_q[r], q[r], kv[r], positions[r], (cos[r], sin[r]), lc, dec.slots,
+                                         dec.block_tables)
         for stack in step.prefill_stacks:
             if len(stack) > 1:
-                self._attend_stack(u, c_q, q, kv, positions, step, stack, lc, out)
+                self._attend_stack(u, c_q, q, kv, rope, step, stack, lc, out)
                 continue
             group = stack[0]
             win = step.window_layout(self.window, group)
             r = win.rows
             ring = lc.read_main(lc.swa, win.ring_slots, win.ring_rows, kv.dtype)
             if win.bias is None:  # one long chunk: its window as a band (StepBatch.banded)
-                out[r] = self._attend_banded(u[r], c_q[r], q[r], ring, kv[r], win.ring_pad, positions[r], step, group,
-                                             lc)
+                out[r] = self._attend_banded(u[r], c_q[r], q[r], ring, kv[r], win.ring_pad, (cos[r], sin[r]), step,
+                                             group, lc)
                 continue
             keys, bias = torch.cat([ring, kv[r]]), win.bias
             if self.compressor is not None:
@@ -576,7 +581,7 @@ class Attention(nn.Module):
                 if self.indexer is not None and ent.most > self.indexer.topk:   # the indexer drops some entries
                     ikeys = lc.read_index(ent.blocks, ent.offsets, torch.float32)
                     out[r] = self.regions.indexed_attention(self, q[r], keys, bias, entries, ikeys, u[r], c_q[r],
-                                                            *rope_cos_sin(positions[r], self.inv_freq), ent.lo, ent.hi)
+                                                            cos[r], sin[r], ent.lo, ent.hi)
                     continue
                 # HCA; or CSA where no query has more entries than the indexer keeps: its top-k keeps them all
                 keys = torch.cat([keys, entries.to(keys.dtype)])
@@ -586,7 +591,7 @@ class Attention(nn.Module):
         lc.write_main(lc.swa, writes.slots, writes.rows, kv[writes.src])
         return out
 
-    def _attend_stack(self, u, c_q, q, kv, positions, step: StepBatch, stack: tuple[tuple[int, ...], ...],
+    def _attend_stack(self, u, c_q, q, kv, rope, step: StepBatch, stack: tuple[tuple[int, ...], ...],
                       lc: LayerCache, out: torch.Tensor) -> None:
         """G prefill groups of one chunk each, of the same length n at the same start (`StepBatch.prefill_stacks`),
         as one batched call: each group's queries over its own keys (ring rows, then its own rows; then its entries)
@@ -601,16 +606,15 @@ class Attention(nn.Module):
             if self.indexer is not None and ent.most > self.indexer.topk:
                 ikeys = lc.read_index(ent.blocks, ent.offsets, torch.float32)
                 st.put(out, self.regions.stacked_indexed_attention(self, take(q), keys, bias, entries, ikeys, take(u),
-                                                                   take(c_q), *rope_cos_sin(take(positions)[0],
-                                                                                            self.inv_freq),
-                                                                   ent.lo, ent.hi))
+                                                                   take(c_q), *(take(t)[0] for t in rope), ent.lo,
+                                                                   ent.hi))
                 return
             keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
             bias = torch.cat([bias, ent.bias], dim=1)
         st.put(out, self.regions.stacked_attention(take(q), keys.to(q.dtype), bias, self.attn_sink,
                                                    self.head_dim ** -0.5))
 
-    def _attend_banded(self, u, c_q, q, ring, kv, ring_pad, positions, step: StepBatch, group: tuple[int, ...],
+    def _attend_banded(self, u, c_q, q, ring, kv, ring_pad, rope, step: StepBatch, group: tuple[int, ...],
                        lc: LayerCache) -> torch.Tensor:
         """A prefill group of one chunk (`StepBatch.banded`): its keys, the cached window rows ring [P, d] then its
         own kv [n, d], padded in front to w - 1 + n rows, attended as a band beside the chunk's entries (the indexer's
@@ -624,8 +628,8 @@ class Attention(nn.Module):
             entries = lc.read_main(lc.entries, ent.blocks, ent.offsets, keys.dtype)
             if self.indexer is not None and ent.most > self.indexer.topk:
                 ikeys = lc.read_index(ent.blocks, ent.offsets, torch.float32)
-                return self.regions.indexed_window_attention(self, q, keys, ring_pad, entries, ikeys, u, c_q,
-                                                             *rope_cos_sin(positions, self.inv_freq), ent.lo, ent.hi)
+                return self.regions.indexed_window_attention(self, q, keys, ring_pad, entries, ikeys, u, c_q, *rope,
+                                                             ent.lo, ent.hi)
             bias = ent.bias
         if entries.shape[0] < 2:  # masked entries make up two: a count of 0 or 1 would be a graph of its own
             pad = 2 - entries.shape[0]
@@ -633,7 +637,7 @@ class Attention(nn.Module):
             bias = torch.cat([bias, torch.full((n, pad), float("-inf"), device=bias.device)], dim=1)
         return self.regions.window_attention(self, q, keys, ring_pad, entries, bias)
 
-    def _attend_decode(self, u, c_q, q, kv, positions, lc: LayerCache, slots: torch.Tensor,
+    def _attend_decode(self, u, c_q, q, kv, positions, rope, lc: LayerCache, slots: torch.Tensor,
                        block_tables: torch.Tensor, fresh: "FreshEntries | None" = None) -> torch.Tensor:
         """Single-token chunks, paged-attention style: each query (row t at positions[t], the count of its sequence's
         cached tokens) reads its own window ring in state slot slots[t] (the ring row of the position falling out
@@ -674,7 +678,7 @@ class Attention(nn.Module):
             entry = None                                                    # column e holds entry e
             if self.indexer is not None and width:
                 ix = self.indexer
-                cos, sin = rope_cos_sin(positions, self.inv_freq)
+                cos, sin = rope
                 iq = apply_rope(ix.wq_b(c_q).view(n, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
                 wts = ix.weights_proj(u) * ix.n_heads ** -0.5
                 stored = lc.index_keys[block_tables].flatten(1, 2)             # [n, width, *]: whole blocks
@@ -701,7 +705,7 @@ class Attention(nn.Module):
         return sparse_sink_attention(q, keys_t.to(q.dtype), bias, self.attn_sink, scale)
 
     # -- fixed-shape decode (DecodeBatch) ---------------------------------------------------------------------
-    def _attend_static(self, u, c_q, q, kv, positions, d: DecodeBatch, lc: LayerCache) -> torch.Tensor:
+    def _attend_static(self, u, c_q, q, kv, positions, rope, d: DecodeBatch, lc: LayerCache) -> torch.Tensor:
         """The decode step as a function of fixed shapes: every row (padding included) pools its open window and
         attends; writes that have no place (padding rows, windows not closing yet) go to the scratch slot or block
         instead of being skipped, so no shape depends on the data. Every pool is read before it is written: an
@@ -715,7 +719,7 @@ class Attention(nn.Module):
             *_, key = self._pool_static(self.indexer.compressor, u, positions, d, "index_state_kv",
                                         "index_state_gate", lc)
             fresh.index_key = lc.store_index(key)
-        out = self._attend_decode(u, c_q, q, kv, positions, lc, d.slots, d.block_tables, fresh)
+        out = self._attend_decode(u, c_q, q, kv, positions, rope, lc, d.slots, d.block_tables, fresh)
         if fresh is not None:
             d.put(self.layer, "entries", (fresh.block, fresh.offset), fresh.main)
             if self.indexer is not None:
@@ -961,7 +965,7 @@ class Block(nn.Module):
         """x [N, n, D] residual streams of N tokens (one whole sequence, or a step's chunks)."""
         fns = self.regions if isinstance(step, StepBatch) else EAGER_REGIONS
         (u, c_q, q, kv, cos, sin), post, comb = fns.attn_enter(self, x, positions, isinstance(step, StepBatch))
-        o = self.attn.attend(u, c_q, q, kv, positions, step, cache)
+        o = self.attn.attend(u, c_q, q, kv, positions, (cos, sin), step, cache)
         x = fns.attn_leave(self, x, o, cos, sin, post, comb)
         return fns.ffn_for(self, x)(self, x, token_ids, isinstance(step, DecodeBatch))
 
