@@ -321,7 +321,8 @@ def layer_until_exchange(block: "Block", cache: LayerCache, x: torch.Tensor, bat
     """An expert-parallel router's fixed-shape layer up to its exchange: attention, the way into the MoE sublayer,
     gate and shared expert. -> (x, u, routing weights, expert ids, shared expert output, post, comb)."""
     (u, c_q, q, kv, cos, sin), post, comb = attn_enter(block, x, batch.positions)
-    x = attn_leave(block, x, block.attn.attend(u, c_q, q, kv, batch.positions, (cos, sin), batch, cache), cos, sin, post, comb)
+    o = block.attn.attend(u, c_q, q, kv, batch.positions, (cos, sin), batch, cache)
+    x = attn_leave(block, x, o, cos, sin, post, comb)
     u, post, comb = block.enter("ffn", x)
     weights, idx = block.ffn.gate(u, batch.token_ids)
     return x, u, weights, idx, block.ffn.shared(u), post, comb
@@ -508,8 +509,8 @@ class Attention(nn.Module):
         each query's entries [lo_t, hi_t). Stacked groups: u, c_q [G, T, *] and index_keys [G, C, dI] -> [G, T, C].
 
         cos/sin [T, r/2]: the queries' RoPE, as `project` computed it outside the compiled prefill regions: derived
-        inside one, inductor fused them into the rotation and evaluated them again for
-        every group and head (16 x 32 times over at 32 prompts of 128 tokens; 5.5 ms of a CSA layer's region)."""
+        inside one, inductor fused them into the rotation and evaluated them again for every group and head (16 x 32
+        times over at 32 prompts of 128 tokens; 5.5 ms of a CSA layer's region)."""
         lead, C = c_q.shape[:-1], index_keys.shape[-2]
         ix = self.indexer
         iq = apply_rope(ix.wq_b(c_q).view(*lead, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
