@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .backend import kernel_backend, launch, record_triton_call
 from .kv_fp8 import index_entry_bytes, unpack_index_ref
+from .paged_cpu import paged_index_scores
 
 
 def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -204,6 +205,27 @@ def indexer_topk_padded(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tens
     if kernel_backend(q.device) == "triton":
         return indexer_topk_padded_triton(q, keys, weights, valid, topk)
     return indexer_topk_padded_ref(q, keys, weights, valid, topk)
+
+
+def indexer_topk_paged(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, weights: torch.Tensor,
+                       valid: torch.Tensor, topk: int, fresh_index: torch.Tensor | None = None,
+                       fresh_key: torch.Tensor | None = None) -> torch.Tensor:
+    """`indexer_topk_padded` with each row's candidates read in place from a key pool through its block table (the
+    CPU's decode step: kernels/paged_cpu.py), not from a gathered copy: q [n, h, dI], pool [blocks, E, dI] fp32,
+    tables [n, W], weights [n, h], valid [n, W * E] -> indices [n, min(topk, W * E)] into each row's W * E columns
+    (-1 = none). fresh_index [n] / fresh_key [n, dI]: row t's entry fresh_index[t] (-1: none) is not in the pool
+    yet; it is scored from fresh_key instead."""
+    n, E = valid.shape
+    k = min(topk, E)
+    if E == 0:
+        return torch.empty(n, 0, dtype=torch.long, device=q.device)
+    scores = paged_index_scores(q, pool, tables, weights)                           # [n, W * E]
+    if fresh_index is not None:
+        own = torch.einsum("nd,nhd->nh", fresh_key.float(), q.float()).relu() * (q.shape[-1] ** -0.5)
+        own = (own * weights.float()).sum(dim=-1)                                   # [n]
+        cols = torch.arange(E, device=q.device)
+        scores = torch.where(cols[None, :] == fresh_index[:, None], own[:, None], scores)
+    return _top_valid(scores.masked_fill(~valid, float("-inf")), valid, k)
 
 
 def indexer_topk_padded_fp8_ref(q: torch.Tensor, packed: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,

@@ -182,3 +182,62 @@ def test_banded_sink_attention_is_the_dense_window(w, n, cached, E):
     window_keys = torch.cat([torch.full((pad, d), 1e4), keys])
     out = banded_sink_attention(q, window_keys, torch.tensor([pad]), entries, entry_bias, sinks, d ** -0.5, w)
     assert (out - ref).abs().max() <= BANDED_ATOL
+
+
+# ---- the CPU decode's paged indexer scores (kernels/paged_cpu.py) ---------------------------------------------------
+
+# fp32 both sides: the same dot products of dI terms, ReLU, head weights and head sum, in another order (the kernel's
+# SIMD lanes over heads against a GEMM); relative to the largest score, observed <= 3e-7 at these sizes
+PAGED_SCORE_RTOL = 2e-6
+
+
+@pytest.mark.parametrize("n,W,blocks,E,H,D", [(1, 130, 131, 64, 16, 64),   # v4-tiny at 32K tokens, batch 1
+                                              (5, 3, 12, 64, 16, 64),      # a batch, tables sharing blocks
+                                              (2, 4, 9, 12, 64, 128),      # V4's 64 heads x 128; E not a multiple of 8
+                                              (3, 2, 5, 5, 32, 40)])       # only a tail of entries
+def test_paged_index_scores_read_in_place_equal_the_gathered_keys(n, W, blocks, E, H, D):
+    """The native kernel reads each table block of the key pool where it lives: its scores equal the torch
+    formulation's over the gathered copy (the decode step's former path), and its top-k with a row's fresh entry
+    substituted picks what `indexer_topk_padded_ref` picks over the gathered keys with that entry in place."""
+    from v4ray.kernels import paged_cpu
+    from v4ray.kernels.indexer import indexer_topk_padded_ref, indexer_topk_paged
+
+    assert paged_cpu._build() is not None, "the paged kernel did not build here (a C++ compiler is needed: g++)"
+    g = torch.Generator().manual_seed(n * W + E)
+    pool, tables = torch.randn(blocks, E, D, generator=g), torch.randint(0, blocks, (n, W), generator=g)
+    q, w = torch.randn(n, H, D, generator=g), torch.randn(n, H, generator=g) * H ** -0.5
+    assert paged_cpu.native_applies(q, pool)
+    got, want = paged_cpu.paged_index_scores(q, pool, tables, w), paged_cpu.paged_index_scores_ref(q, pool, tables, w)
+    assert got.shape == (n, W * E)
+    assert (got - want).abs().max() <= PAGED_SCORE_RTOL * want.abs().max()
+    # top-k: a fresh entry per row (row 0 none), a valid prefix per row
+    valid = torch.arange(W * E)[None, :] < torch.randint(1, W * E + 1, (n, 1), generator=g)
+    fresh_index = torch.randint(0, W * E, (n,), generator=g)
+    fresh_index[0] = -1
+    fresh_key = torch.randn(n, D, generator=g)
+    gathered = pool[tables].flatten(1, 2).clone()
+    rows = torch.arange(1, n)
+    gathered[rows, fresh_index[1:]] = fresh_key[1:]
+    k = min(16, W * E)
+    assert torch.equal(indexer_topk_paged(q, pool, tables, w, valid, 16, fresh_index, fresh_key),
+                       indexer_topk_padded_ref(q, gathered, w, valid, k))
+
+
+def test_paged_index_scores_outside_the_kernel_and_out_of_range():
+    """Operands the kernel does not take (4 heads: not a multiple of 16; bf16 keys) get the torch formulation; a
+    table entry outside the pool is an IndexError, not a read of foreign memory."""
+    from v4ray.kernels import paged_cpu
+
+    g = torch.Generator().manual_seed(7)
+    pool, tables = torch.randn(6, 8, 32, generator=g), torch.randint(0, 6, (2, 3), generator=g)
+    q, w = torch.randn(2, 4, 32, generator=g), torch.randn(2, 4, generator=g)
+    assert not paged_cpu.native_applies(q, pool)
+    assert torch.equal(paged_cpu.paged_index_scores(q, pool, tables, w),
+                       paged_cpu.paged_index_scores_ref(q, pool, tables, w))
+    q16, w16 = torch.randn(2, 16, 32, generator=g), torch.randn(2, 16, generator=g)
+    assert not paged_cpu.native_applies(q16, pool.bfloat16())
+    assert paged_cpu.paged_index_scores(q16, pool.bfloat16(), tables, w16).dtype == torch.float32
+    with pytest.raises(IndexError, match="outside the pool's 6 blocks"):
+        paged_cpu.paged_index_scores(q16, pool, torch.full((2, 3), 6), w16)
+    with pytest.raises(IndexError, match="outside the pool"):
+        paged_cpu.paged_index_scores(q16, pool, torch.full((2, 3), -1), w16)
