@@ -79,7 +79,7 @@ BF16_REL = 2e-2         # bf16 outputs: one bf16 ulp is 2^-8 relative, rounding 
 BF16_COS_MIN = 0.9995
 # Decode and kernel_perf measure; they fail only if a step or kernel errors or produces non-finite output.
 
-MODEL_KERNELS = ("expert_mlp", "sink_attention", "sparse_sink_attention", "indexer_topk", "indexer_topk_padded",
+MODEL_KERNELS = ("expert_mlp", "sink_attention", "sparse_sink_attention", "indexer_topk", "indexer_topk_paged",
                  "compress_pool", "mhc_weights")
 
 
@@ -396,6 +396,16 @@ def kernel_cases(lib, dev: torch.device, quick: bool):
         yield ("indexer_topk_padded", case, lambda q=q, kp=keys_p, w=w, v=valid, k=k, s=scores: (
             K.kernels_indexer.indexer_topk_padded_triton(q, kp, w, v, k),
             K.kernels_indexer.indexer_topk_padded_ref(q, kp, w, v, k), s), True)
+        # the decode step's form: the same candidates as a pool of 8-entry blocks read through each row's table
+        Eb, Wb = 8, -(-E // 8)
+        pool = torch.randn(T * Wb + 3, Eb, dI, generator=g)
+        tables = torch.randperm(T * Wb + 3, generator=g)[:T * Wb].view(T, Wb)
+        valid_p = torch.rand(T, Wb * Eb, generator=g) < 0.8
+        scores = _index_scores(q.cpu(), pool[tables].flatten(1, 2), w.cpu()).masked_fill(~valid_p, float("-inf"))
+        pool, tables, valid_p = to(pool, tables, valid_p)
+        yield ("indexer_topk_paged", case, lambda q=q, p=pool, t=tables, w=w, v=valid_p, k=k, s=scores: (
+            K.kernels_indexer.indexer_topk_paged_triton(q, p, t, w, v, k),
+            K.kernels_indexer.indexer_topk_paged_ref(q, p, t, w, v, k), s), True)
 
     g = torch.Generator().manual_seed(3)
     for case, W, S, d, dtype in real([("regular", 4, 8, 64, torch.float32), ("ragged", 5, 6, 100, torch.float32),

@@ -155,6 +155,14 @@ def indexer_cases(k, m, dev):
            lambda: k["indexer"].indexer_topk_padded_triton(qd, keys_p, wd, valid, top),
            lambda: k["indexer"].indexer_topk_padded_ref(qd, keys_p, wd, valid, top),
            2 * n * h * C * dI, nbytes(qd, keys_p, wd, valid) + n * C * 4)
+    # the decode step's form: the same candidates read in place from a pool of 256-token blocks (64 entries each)
+    blk = 64
+    pool = keys_p.view(n * (C // blk), blk, dI)
+    tables = torch.randperm(n * (C // blk), device=dev).view(n, C // blk)
+    yield ("indexer_topk_paged", f"decode n={n} E={C} h={h} dI={dI} k={top}",
+           lambda: k["indexer"].indexer_topk_paged_triton(qd, pool, tables, wd, valid, top),
+           lambda: k["indexer"].indexer_topk_paged_ref(qd, pool, tables, wd, valid, top),
+           2 * n * h * C * dI, nbytes(qd, pool, tables, wd, valid) + n * C * 4)
     packed = torch.randint(0, 256, (n, C, k["kv_fp8"].index_entry_bytes(dI)), device=dev, dtype=torch.uint8)
     packed[..., :dI] &= 0x77                                             # finite e4m3
     packed[..., dI:] = torch.tensor([0, 0, 128, 60], dtype=torch.uint8, device=dev)   # fp32 scale 2^-6

@@ -49,6 +49,7 @@ CHUNK_TOKENS = 1024       # tokens of a chunked-prefill step
 PREFILL_TOKENS = 4096     # tokens of a long prefill step
 CONTEXT = 32768           # context tokens behind a decode query (indexer candidates: CONTEXT / 4)
 CSA_RATIO, HCA_RATIO = 4, 128
+BLOCK_SIZE = 256          # tokens per KV-cache block (the engine's default for V4's rates)
 
 
 def unavailable() -> str | None:
@@ -264,7 +265,8 @@ def _attention_cases(model: str, m: dict):
 
 
 def _indexer_cases(model: str, m: dict):
-    from .indexer import indexer_topk_padded_fp8_triton, indexer_topk_padded_triton, indexer_topk_triton
+    from .indexer import (indexer_scores_paged_triton, indexer_topk_padded_fp8_triton, indexer_topk_padded_triton,
+                          indexer_topk_triton)
     from .kv_fp8 import index_entry_bytes
 
     h, dI, top = m["index_heads"], m["index_dim"], m["index_topk"]
@@ -281,6 +283,17 @@ def _indexer_cases(model: str, m: dict):
                    lambda dtype=dtype: indexer_topk_padded_fp8_triton(
                        _meta(n, h, dI, dtype=dtype), _meta(n, E, index_entry_bytes(dI), dtype=torch.uint8),
                        _meta(n, h, dtype=dtype), _meta(n, E, dtype=torch.bool), top), decode=True)
+        # the decode step's form: the keys read in place from the cache's pool through the block tables
+        blk, W = BLOCK_SIZE // CSA_RATIO, CONTEXT // BLOCK_SIZE
+        yield Case("indexer", model, f"paged {dt} q, fp32 keys, decode n={n} E={W}x{blk}", dt,
+                   lambda dtype=dtype: indexer_scores_paged_triton(
+                       _meta(n, h, dI, dtype=dtype), _meta(n * W, blk, dI), _meta(n, W, dtype=torch.long),
+                       _meta(n, h, dtype=dtype), _meta(n, W * blk, dtype=torch.bool)), decode=True)
+        yield Case("indexer", model, f"paged {dt} q, fp8 keys, decode n={n} E={W}x{blk}", f"fp8 keys, {dt} q",
+                   lambda dtype=dtype: indexer_scores_paged_triton(
+                       _meta(n, h, dI, dtype=dtype), _meta(n * W, blk, index_entry_bytes(dI), dtype=torch.uint8),
+                       _meta(n, W, dtype=torch.long), _meta(n, h, dtype=dtype), _meta(n, W * blk, dtype=torch.bool)),
+                   decode=True)
         yield Case("indexer", model, f"{dt}, prefill T={T} C={C}", dt,
                    lambda dtype=dtype: indexer_topk_triton(
                        _meta(T, h, dI, dtype=dtype), _meta(C, dI, dtype=dtype), _meta(T, h, dtype=dtype),

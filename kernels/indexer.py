@@ -68,10 +68,11 @@ def indexer_launch_settings(NH: int, DI: int) -> dict:
 
 
 @triton.jit
-def _indexer_scores_kernel(q_ptr, k_ptr, w_ptr, lo_ptr, hi_ptr, valid_ptr, out_ptr, NH, C, DI, head_scale,
+def _indexer_scores_kernel(q_ptr, k_ptr, w_ptr, lo_ptr, hi_ptr, valid_ptr, tab_ptr, out_ptr, NH, C, DI, head_scale,
                            stride_qt, stride_qh, stride_kt, stride_kc, stride_wt, stride_vt, stride_ot,
-                           HAS_VALID: tl.constexpr, KEYS_FP8: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                           stride_tt, stride_kb, ENTRIES,
+                           HAS_VALID: tl.constexpr, KEYS_FP8: tl.constexpr, PAGED: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     h = tl.arange(0, BLOCK_H)
@@ -79,14 +80,18 @@ def _indexer_scores_kernel(q_ptr, k_ptr, w_ptr, lo_ptr, hi_ptr, valid_ptr, out_p
     c_mask, h_mask, d_mask = c < C, h < NH, d < DI
     q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :], mask=h_mask[:, None] & d_mask[None, :],
                 other=0.0).to(tl.float32)                                                      # [BH, BD]
+    if PAGED:  # candidate c is entry c % ENTRIES of block tables[t, c // ENTRIES] of a pool: read in place
+        blk = tl.load(tab_ptr + t * stride_tt + c // ENTRIES, mask=c_mask, other=0).to(tl.int64)
+        row = blk * stride_kb + (c % ENTRIES).to(tl.int64) * stride_kc
+    else:
+        row = t.to(tl.int64) * stride_kt + c.to(tl.int64) * stride_kc
     if KEYS_FP8:  # packed uint8 keys (kv_fp8's layout, strides in bytes): e4m3 dims, then one fp32 scale
-        row = t * stride_kt + c * stride_kc
         keys = tl.load(k_ptr.to(tl.pointer_type(tl.float8e4nv)) + row[:, None] + d[None, :],
                        mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)        # [BC, BD]
         scale = tl.load(k_ptr.to(tl.pointer_type(tl.float32)) + (row + DI) // 4, mask=c_mask, other=0.0)
         keys = keys * scale[:, None]                                  # dequantized in registers, as unpack_index
     else:
-        keys = tl.load(k_ptr + t * stride_kt + c[:, None] * stride_kc + d[None, :],
+        keys = tl.load(k_ptr + row[:, None] + d[None, :],
                        mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)        # [BC, BD]
     w = tl.load(w_ptr + t * stride_wt + h, mask=h_mask, other=0.0).to(tl.float32)              # [BH]
     s = tl.maximum(tl.dot(q, tl.trans(keys), input_precision="ieee"), 0.0) * head_scale       # [BH, BC]
@@ -100,10 +105,11 @@ def _indexer_scores_kernel(q_ptr, k_ptr, w_ptr, lo_ptr, hi_ptr, valid_ptr, out_p
 
 def _launch_indexer_scores(q: torch.Tensor, keys: torch.Tensor, stride_kt: int, weights: torch.Tensor,
                            C: int, lo: torch.Tensor | None, hi: torch.Tensor | None, valid: torch.Tensor | None,
-                           name: str, keys_fp8: bool = False) -> torch.Tensor:
+                           name: str, keys_fp8: bool = False, tables: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, h, dI]; the keys of row t at keys + t * stride_kt ([C, dI]) -> fp32 scores [T, C], -inf where
     entry c is not selectable (outside [lo_t, hi_t), or not valid[t, c]). keys_fp8: keys are packed uint8
-    [C, dI + 4] rows (kv_fp8's layout; strides in bytes)."""
+    [C, dI + 4] rows (kv_fp8's layout; strides in bytes). tables [T, W]: keys is a pool [blocks, E, *] instead and
+    row t's candidate c is entry c % E of block tables[t, c // E] (C = W * E), read in place."""
     T, NH, DI = q.shape
     for x, what in ((q, "q"), (keys, "keys"), (weights, "weights")):
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) and not (what == "keys" and keys_fp8):
@@ -121,12 +127,19 @@ def _launch_indexer_scores(q: torch.Tensor, keys: torch.Tensor, stride_kt: int, 
         lo = hi = valid  # unused placeholders
     else:
         lo, hi = lo.to(q.device).contiguous(), hi.to(q.device).contiguous()
+    if tables is not None:
+        if tables.device != q.device or tables.dtype not in (torch.int32, torch.int64) or tables.stride(1) != 1:
+            raise ValueError(f"{name}: tables must be contiguous int32/int64 rows on {q.device}, got {tables.dtype} "
+                             f"on {tables.device}, strides {tables.stride()}")
+        stride_tt, stride_kb, entries = tables.stride(0), keys.stride(0), keys.shape[1]
+    else:
+        stride_tt, stride_kb, entries = 0, 0, 1
     cfg = indexer_launch_settings(NH, DI)
     launch(_indexer_scores_kernel, (T, triton.cdiv(C, cfg["BLOCK_C"])),
-           q, keys, weights, lo, hi, valid if valid is not None else lo, scores, NH, C, DI, DI ** -0.5,
-           q.stride(0), q.stride(1), stride_kt, keys.stride(-2), weights.stride(0),
-           valid.stride(0) if valid is not None else 0, scores.stride(0),
-           HAS_VALID=valid is not None, KEYS_FP8=keys_fp8, **cfg)
+           q, keys, weights, lo, hi, valid if valid is not None else lo, tables if tables is not None else lo, scores,
+           NH, C, DI, DI ** -0.5, q.stride(0), q.stride(1), stride_kt, keys.stride(-2), weights.stride(0),
+           valid.stride(0) if valid is not None else 0, scores.stride(0), stride_tt, stride_kb, entries,
+           HAS_VALID=valid is not None, KEYS_FP8=keys_fp8, PAGED=tables is not None, **cfg)
     record_triton_call(name)
     return scores
 
@@ -207,25 +220,68 @@ def indexer_topk_padded(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tens
     return indexer_topk_padded_ref(q, keys, weights, valid, topk)
 
 
-def indexer_topk_paged(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, weights: torch.Tensor,
-                       valid: torch.Tensor, topk: int, fresh_index: torch.Tensor | None = None,
-                       fresh_key: torch.Tensor | None = None) -> torch.Tensor:
-    """`indexer_topk_padded` with each row's candidates read in place from a key pool through its block table (the
-    CPU's decode step: kernels/paged_cpu.py), not from a gathered copy: q [n, h, dI], pool [blocks, E, dI] fp32,
-    tables [n, W], weights [n, h], valid [n, W * E] -> indices [n, min(topk, W * E)] into each row's W * E columns
-    (-1 = none). fresh_index [n] / fresh_key [n, dI]: row t's entry fresh_index[t] (-1: none) is not in the pool
-    yet; it is scored from fresh_key instead."""
+def indexer_scores_paged_triton(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, weights: torch.Tensor,
+                                valid: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel's paged form: `indexer_topk_paged`'s scores [n, W * E] (-inf where not valid), the keys
+    (fp32/bf16, or FP8-packed uint8) read in place from pool [blocks, E, *] through tables [n, W]."""
+    return _launch_indexer_scores(q, pool, 0, weights, valid.shape[1], None, None, valid, "indexer_topk_paged",
+                                  keys_fp8=pool.dtype == torch.uint8, tables=tables)
+
+
+def _paged_top(q: torch.Tensor, scores: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, topk: int,
+               fresh_index: torch.Tensor | None, fresh_key: torch.Tensor | None) -> torch.Tensor:
+    """A paged scoring's top-k: row t's fresh entry (column fresh_index[t], not in the pool yet) scored from its key
+    (storage form: FP8-packed uint8 or fp32/bf16) in place of what the pool held there, then the masked stable
+    top-k."""
     n, E = valid.shape
-    k = min(topk, E)
-    if E == 0:
-        return torch.empty(n, 0, dtype=torch.long, device=q.device)
-    scores = paged_index_scores(q, pool, tables, weights)                           # [n, W * E]
     if fresh_index is not None:
-        own = torch.einsum("nd,nhd->nh", fresh_key.float(), q.float()).relu() * (q.shape[-1] ** -0.5)
+        key = unpack_index_ref(fresh_key, torch.float32) if fresh_key.dtype == torch.uint8 else fresh_key.float()
+        own = torch.einsum("nd,nhd->nh", key, q.float()).relu() * (q.shape[-1] ** -0.5)
         own = (own * weights.float()).sum(dim=-1)                                   # [n]
         cols = torch.arange(E, device=q.device)
         scores = torch.where(cols[None, :] == fresh_index[:, None], own[:, None], scores)
-    return _top_valid(scores.masked_fill(~valid, float("-inf")), valid, k)
+    return _top_valid(scores.masked_fill(~valid, float("-inf")), valid, min(topk, E))
+
+
+def indexer_topk_paged_ref(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, weights: torch.Tensor,
+                           valid: torch.Tensor, topk: int, fresh_index: torch.Tensor | None = None,
+                           fresh_key: torch.Tensor | None = None) -> torch.Tensor:
+    """`indexer_topk_paged` with torch's scores: on the CPU the native kernel reading the pool in place
+    (kernels/paged_cpu.py), elsewhere (and for FP8-packed keys, unpacked) gathered keys and one GEMM."""
+    if valid.shape[1] == 0:
+        return torch.empty(valid.shape[0], 0, dtype=torch.long, device=q.device)
+    if pool.dtype == torch.uint8:
+        keys = unpack_index_ref(pool[tables].flatten(1, 2), torch.float32)
+        scores = torch.einsum("ned,nhd->neh", keys, q.float()).relu() * (q.shape[-1] ** -0.5)
+        scores = (scores * weights.float()[:, None, :]).sum(dim=-1)
+    else:
+        scores = paged_index_scores(q, pool, tables, weights)                       # [n, W * E]
+    return _paged_top(q, scores, weights, valid, topk, fresh_index, fresh_key)
+
+
+def indexer_topk_paged_triton(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, weights: torch.Tensor,
+                              valid: torch.Tensor, topk: int, fresh_index: torch.Tensor | None = None,
+                              fresh_key: torch.Tensor | None = None) -> torch.Tensor:
+    """`indexer_topk_paged` with the Triton kernel's paged form reading the pool in place (FP8 keys dequantized in
+    registers)."""
+    if valid.shape[1] == 0:
+        return torch.empty(valid.shape[0], 0, dtype=torch.long, device=q.device)
+    scores = indexer_scores_paged_triton(q, pool, tables, weights, valid)
+    return _paged_top(q, scores, weights, valid, topk, fresh_index, fresh_key)
+
+
+def indexer_topk_paged(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, weights: torch.Tensor,
+                       valid: torch.Tensor, topk: int, fresh_index: torch.Tensor | None = None,
+                       fresh_key: torch.Tensor | None = None) -> torch.Tensor:
+    """`indexer_topk_padded` with each row's candidates read in place from a key pool through its block table, not
+    from a gathered copy (the decode step): q [n, h, dI], pool [blocks, E, dI] (fp32/bf16, or FP8-packed uint8
+    [blocks, E, dI + 4]), tables [n, W], weights [n, h], valid [n, W * E] -> indices [n, min(topk, W * E)] into each
+    row's W * E columns (-1 = none). fresh_index [n] / fresh_key [n, dI] (storage form): row t's entry
+    fresh_index[t] (-1: none) is not in the pool yet; it is scored from fresh_key instead. Same scores and tie rule
+    as `indexer_topk_padded` over the gathered keys."""
+    if kernel_backend(q.device) == "triton":
+        return indexer_topk_paged_triton(q, pool, tables, weights, valid, topk, fresh_index, fresh_key)
+    return indexer_topk_paged_ref(q, pool, tables, weights, valid, topk, fresh_index, fresh_key)
 
 
 def indexer_topk_padded_fp8_ref(q: torch.Tensor, packed: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from v4ray.kernels import (compress_pool, expert_mlp, indexer_topk, indexer_topk_padded, indexer_topk_padded_fp8,
-                           indexer_topk_paged, mhc_weights, sink_attention, sparse_sink_attention,
-                           sparse_sink_attention_fp8)
+from v4ray.kernels import (compress_pool, expert_mlp, indexer_topk, indexer_topk_padded, indexer_topk_paged,
+                           mhc_weights, sink_attention, sparse_sink_attention, sparse_sink_attention_fp8)
 from v4ray.kernels.attention import banded_sink_attention
 from v4ray.kernels.backend import kernel_backend
 from v4ray.kernels.compiled import compile_graph
@@ -683,18 +682,16 @@ class Attention(nn.Module):
                 cos, sin = rope
                 iq = apply_rope(ix.wq_b(c_q).view(n, ix.n_heads, ix.head_dim), cos[:, None], sin[:, None])
                 wts = ix.weights_proj(u) * ix.n_heads ** -0.5
-                # the CPU's torch backend reads the keys in place (kernels/paged_cpu.py); the rest gathers them
-                if not fp8 and dev.type == "cpu" and kernel_backend(dev) == "torch":
+                # the keys read in place through the block tables: the Triton kernel's paged form, on the CPU's
+                # torch backend kernels/paged_cpu.py; the torch reference elsewhere (and FP8 keys on it) gathers them
+                if kernel_backend(dev) == "triton" or (not fp8 and dev.type == "cpu"):
                     top = indexer_topk_paged(iq, lc.index_keys, block_tables, wts, ok, ix.topk,
                                              *((fresh.index, fresh.index_key) if fresh is not None else ()))
                 else:
                     stored = lc.index_keys[block_tables].flatten(1, 2)         # [n, width, *]: whole blocks
                     if fresh is not None:
                         stored = fresh.substitute(stored, entry, fresh.index_key)
-                    if in_registers:
-                        top = indexer_topk_padded_fp8(iq, stored, wts, ok, ix.topk)
-                    else:
-                        top = indexer_topk_padded(iq, lc.load_index(stored, torch.float32), wts, ok, ix.topk)
+                    top = indexer_topk_padded(iq, lc.load_index(stored, torch.float32), wts, ok, ix.topk)  # [n, k]
                 ok = top >= 0
                 blocks, offsets = blocks.gather(1, top.clamp(min=0)), offsets.gather(1, top.clamp(min=0))
                 entry = top

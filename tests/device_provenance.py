@@ -239,7 +239,7 @@ class Provenance(TorchDispatchMode):
 KERNEL_CALL_SITES = {
     "v4ray.model.v4": ("compress_pool", "expert_mlp", "indexer_topk", "indexer_topk_padded", "mhc_weights",
                        "sink_attention", "sparse_sink_attention", "sparse_sink_attention_fp8",
-                       "indexer_topk_padded_fp8"),
+                       "indexer_topk_padded_fp8", "indexer_topk_paged"),
     "v4ray.actors.expert_parallel": ("expert_mlp",),
 }
 

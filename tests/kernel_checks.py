@@ -30,8 +30,8 @@ os.environ["V4RAY_KERNELS"] = "triton"   # the dispatch functions must take the 
 import torch  # noqa: E402
 
 from v4ray.kernels import (compress_pool, expert_mlp, indexer_topk, indexer_topk_padded,  # noqa: E402
-                           indexer_topk_padded_fp8, mhc_weights, sink_attention, sparse_sink_attention,
-                           sparse_sink_attention_fp8)
+                           indexer_topk_padded_fp8, indexer_topk_paged, mhc_weights, sink_attention,
+                           sparse_sink_attention, sparse_sink_attention_fp8)
 from v4ray.kernels.attention import (sink_attention_ref, sparse_sink_attention_fp8_ref,  # noqa: E402
                                      sparse_sink_attention_ref)
 from v4ray.kernels.backend import ENV_KERNELS, triton_calls  # noqa: E402
@@ -251,6 +251,37 @@ def check_indexer():
                                      keys_fp8=True)
         _compare("indexer", f"padded-fp8-{case}-scores", raw, scores, FP32_REL, FP32_COS_MIN, shape=[T, h, dI, E])
 
+        # paged (the decode step): the candidates as blocks of 8 entries of a pool, read through each row's table,
+        # with a row's fresh entry (not in the pool yet) scored from its key; fp32 keys, then FP8-packed ones
+        Eb, W = 8, -(-E // 8)
+        blocks = T * W + 3
+        pool = torch.randn(blocks, Eb, dI, generator=g)
+        pool[:, :2] = -pool[:, :2].abs()                  # exact-zero scores for q[0] >= 0: ties
+        tables = torch.randperm(blocks, generator=g)[:T * W].view(T, W)
+        valid_p = torch.rand(T, W * Eb, generator=g) < 0.8
+        valid_p[1, 3:] = False
+        fresh_index = torch.randint(0, W * Eb, (T,), generator=g)
+        fresh_index[0] = -1
+        fresh_key = torch.randn(T, dI, generator=g)
+        rows = torch.arange(1, T)
+        for fmt in ("fp32", "fp8"):
+            if fmt == "fp8":
+                pool = pack_index(pool.flatten(0, 1) * torch.logspace(-2, 2, blocks * Eb)[:, None]).view(blocks, Eb, -1)
+                fresh_key = pack_index(fresh_key)
+            as_fp32 = (lambda x: unpack_index_ref(x, torch.float32)) if fmt == "fp8" else (lambda x: x)
+            gathered = as_fp32(pool[tables].flatten(1, 2)).clone()
+            gathered[rows, fresh_index[1:]] = as_fp32(fresh_key)[1:]
+            with ran_triton("indexer_topk_paged"):
+                top = indexer_topk_paged(q, pool, tables, w, valid_p, k, fresh_index, fresh_key)
+            ref_top = indexer_topk_padded_ref(q, gathered, w, valid_p, k)
+            scores = _index_scores(q, gathered, w).masked_fill(~valid_p, float("-inf"))
+            _compare_topk(f"paged-{fmt}-{case}", top, ref_top, scores)
+            raw = _launch_indexer_scores(q, pool, 0, w, W * Eb, None, None, valid_p, "indexer_topk_paged",
+                                         keys_fp8=fmt == "fp8", tables=tables)
+            in_pool = _index_scores(q, as_fp32(pool[tables].flatten(1, 2)), w).masked_fill(~valid_p, float("-inf"))
+            _compare("indexer", f"paged-{fmt}-{case}-scores", raw, in_pool, FP32_REL, FP32_COS_MIN,
+                     shape=[T, h, dI, W * Eb])
+
 
 # ---- compressor -----------------------------------------------------------------------------------------------------
 
@@ -291,9 +322,9 @@ def check_mhc():
 
 # ---- the whole model ------------------------------------------------------------------------------------------------
 
-MODEL_KERNELS = ("expert_mlp", "sink_attention", "sparse_sink_attention", "indexer_topk", "indexer_topk_padded",
+MODEL_KERNELS = ("expert_mlp", "sink_attention", "sparse_sink_attention", "indexer_topk", "indexer_topk_paged",
                  "compress_pool", "mhc_weights")
-MODEL_FP8_KERNELS = ("sparse_sink_attention_fp8", "indexer_topk_padded_fp8")  # decode over an FP8 cache
+MODEL_FP8_KERNELS = ("sparse_sink_attention_fp8",)  # decode over an FP8 cache (its indexer: the paged kernel on bytes)
 
 
 def _run_model(model, prompt: list[int], decode_steps: int, kv_format: str | None = None) -> list[torch.Tensor]:
@@ -334,7 +365,7 @@ def check_model():
             os.environ[ENV_KERNELS] = "triton"
             out = _run_model(model, prompt, 2, kv_format)
             wanted = MODEL_KERNELS if kv_format != "fp8" else tuple(
-                k for k in MODEL_KERNELS if k not in ("sparse_sink_attention", "indexer_topk_padded")) + MODEL_FP8_KERNELS
+                k for k in MODEL_KERNELS if k != "sparse_sink_attention") + MODEL_FP8_KERNELS
             cfg = model.cfg
             csa = min(m for kind, m in zip(cfg.layer_types, cfg.compress_ratios) if kind == CSA)
             if len(prompt) // csa <= cfg.index_topk:

@@ -125,7 +125,7 @@ def test_kernel_section_under_the_interpreter_compares_every_kernel(tmp_path):
     assert sec["status"] == "ok" and sec["interpreted"] is True
     kernels = {c["check"].split("/")[0] for c in sec["checks"]}
     assert kernels == {"expert_mlp", "sparse_sink_attention", "sink_attention", "indexer_topk",
-                       "indexer_topk_padded", "compress_pool", "mhc_weights"}
+                       "indexer_topk_padded", "indexer_topk_paged", "compress_pool", "mhc_weights"}
     assert all(c["ok"] for c in sec["checks"])
 
 

@@ -221,6 +221,12 @@ def test_paged_index_scores_read_in_place_equal_the_gathered_keys(n, W, blocks, 
     k = min(16, W * E)
     assert torch.equal(indexer_topk_paged(q, pool, tables, w, valid, 16, fresh_index, fresh_key),
                        indexer_topk_padded_ref(q, gathered, w, valid, k))
+    # an FP8 cache's packed keys (the torch reference unpacks the gathered blocks; Triton reads them in place)
+    packed, fresh_packed = kv_format.pack_index(pool.flatten(0, 1)).view(blocks, E, -1), kv_format.pack_index(fresh_key)
+    gathered = kv_fp8.unpack_index_ref(packed[tables].flatten(1, 2), torch.float32).clone()
+    gathered[rows, fresh_index[1:]] = kv_fp8.unpack_index_ref(fresh_packed, torch.float32)[1:]
+    assert torch.equal(indexer_topk_paged(q, packed, tables, w, valid, 16, fresh_index, fresh_packed),
+                       indexer_topk_padded_ref(q, gathered, w, valid, k))
 
 
 def test_paged_index_scores_outside_the_kernel_and_out_of_range():
