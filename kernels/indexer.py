@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .backend import kernel_backend, launch, record_triton_call
 from .kv_fp8 import index_entry_bytes, unpack_index_ref
-from .paged_cpu import paged_index_scores
+from .paged_cpu import index_scores, paged_index_scores
 
 
 def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -189,12 +189,7 @@ def indexer_topk_padded_ref(q: torch.Tensor, keys: torch.Tensor, weights: torch.
     k = min(topk, E)
     if E == 0:
         return torch.empty(n, 0, dtype=torch.long, device=q.device)
-    # keys as the GEMM's tall left operand ([E, dI] x [dI, h] per row), heads last: at 32K tokens (8192 entries)
-    # this GEMM reads the gathered keys once at ~2/3 the time of [h, dI] x [dI, E], and the batch-1 compiled decode
-    # step went from 2.03 to 1.94 ms (docs/architecture.md §12)
-    scores = torch.einsum("ned,nhd->neh", keys.float(), q.float()).relu() * (q.shape[-1] ** -0.5)
-    scores = (scores * weights.float()[:, None, :]).sum(dim=-1).masked_fill(~valid, float("-inf"))  # [n, E]
-    return _top_valid(scores, valid, k)
+    return _top_valid(index_scores(q, keys, weights).masked_fill(~valid, float("-inf")), valid, k)
 
 
 def indexer_topk_padded_triton(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
@@ -235,9 +230,8 @@ def _paged_top(q: torch.Tensor, scores: torch.Tensor, weights: torch.Tensor, val
     top-k."""
     n, E = valid.shape
     if fresh_index is not None:
-        key = unpack_index_ref(fresh_key, torch.float32) if fresh_key.dtype == torch.uint8 else fresh_key.float()
-        own = torch.einsum("nd,nhd->nh", key, q.float()).relu() * (q.shape[-1] ** -0.5)
-        own = (own * weights.float()).sum(dim=-1)                                   # [n]
+        key = unpack_index_ref(fresh_key, torch.float32) if fresh_key.dtype == torch.uint8 else fresh_key
+        own = index_scores(q, key[:, None, :], weights)[:, 0]                       # [n]
         cols = torch.arange(E, device=q.device)
         scores = torch.where(cols[None, :] == fresh_index[:, None], own[:, None], scores)
     return _top_valid(scores.masked_fill(~valid, float("-inf")), valid, min(topk, E))
@@ -250,12 +244,7 @@ def indexer_topk_paged_ref(q: torch.Tensor, pool: torch.Tensor, tables: torch.Te
     (kernels/paged_cpu.py), elsewhere (and for FP8-packed keys, unpacked) gathered keys and one GEMM."""
     if valid.shape[1] == 0:
         return torch.empty(valid.shape[0], 0, dtype=torch.long, device=q.device)
-    if pool.dtype == torch.uint8:
-        keys = unpack_index_ref(pool[tables].flatten(1, 2), torch.float32)
-        scores = torch.einsum("ned,nhd->neh", keys, q.float()).relu() * (q.shape[-1] ** -0.5)
-        scores = (scores * weights.float()[:, None, :]).sum(dim=-1)
-    else:
-        scores = paged_index_scores(q, pool, tables, weights)                       # [n, W * E]
+    scores = paged_index_scores(q, pool, tables, weights)                           # [n, W * E]
     return _paged_top(q, scores, weights, valid, topk, fresh_index, fresh_key)
 
 

@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 
+from .kv_fp8 import unpack_index_ref
+
 log = logging.getLogger(__name__)
 
-HEADS_PER_VECTOR = 16    # index heads scored in one SIMD vector (the kernel's `H`)
-MAX_INDEX_DIM = 256      # dI bound of the kernel's per-thread transposed query ([dI][heads] floats on its stack)
-MAX_INDEX_HEADS = 64     # heads bound of the same (V4-Flash and V4-Pro: 64 heads x 128)
+HEADS_PER_VECTOR = 16    # index heads scored in one SIMD vector (the kernel's `H`; more heads: groups of 16)
+MAX_INDEX_DIM = 256      # dI bound of the kernel's per-thread transposed query ([dI][16] floats on its stack)
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -138,16 +139,24 @@ def native_applies(q: torch.Tensor, pool: torch.Tensor) -> bool:
     """Whether the native kernel takes these operands (else the op's torch formulation runs)."""
     h, d = q.shape[-2:]
     return (q.device.type == "cpu" and pool.device.type == "cpu" and pool.dtype == torch.float32
-            and h % HEADS_PER_VECTOR == 0 and h <= MAX_INDEX_HEADS and d <= MAX_INDEX_DIM
+            and h % HEADS_PER_VECTOR == 0 and d <= MAX_INDEX_DIM
             and pool.dim() == 3 and pool.shape[-1] == d)
+
+
+def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The indexer's scores of each row's own keys in torch, the reference formula: q [n, h, dI], keys [n, E, dI],
+    weights [n, h] -> [n, E] fp32, I = sum_h w_h * ReLU(q_h . k) * dI^-1/2."""
+    # keys as the GEMM's tall left operand ([E, dI] x [dI, h] per row), heads last: at 32K tokens (8192 entries)
+    # this GEMM reads the gathered keys once at ~2/3 the time of [h, dI] x [dI, E] (docs/architecture.md §12)
+    scores = torch.einsum("ned,nhd->neh", keys.float(), q.float()).relu() * (q.shape[-1] ** -0.5)
+    return (scores * weights.float()[:, None, :]).sum(dim=-1)
 
 
 def paged_index_scores_ref(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor,
                            weights: torch.Tensor) -> torch.Tensor:
-    """The torch formulation: keys gathered through the tables, one GEMM (`indexer_topk_padded_ref`'s scores)."""
-    keys = pool[tables].flatten(1, 2).float()                                        # [n, W * E, dI]
-    scores = torch.einsum("ned,nhd->neh", keys, q.float()).relu() * (q.shape[-1] ** -0.5)
-    return (scores * weights.float()[:, None, :]).sum(dim=-1)
+    """The torch formulation: keys gathered through the tables (FP8-packed ones unpacked), `index_scores`."""
+    keys = pool[tables].flatten(1, 2)                                                # [n, W * E, *]
+    return index_scores(q, unpack_index_ref(keys, torch.float32) if pool.dtype == torch.uint8 else keys, weights)
 
 
 def _paged_index_scores_impl(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor,
@@ -188,7 +197,8 @@ if not hasattr(torch.ops.v4ray, "paged_index_scores"):
 
 def paged_index_scores(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor,
                        weights: torch.Tensor) -> torch.Tensor:
-    """q [n, h, dI] (RoPE'd index queries), pool [blocks, E, dI] (a layer's index keys, E per token block), tables
+    """q [n, h, dI] (RoPE'd index queries), pool [blocks, E, dI] (a layer's index keys, E per token block; FP8-packed
+    uint8 [blocks, E, dI + 4] keys take the torch formulation), tables
     [n, W] block numbers, weights [n, h] (scaled by h^-1/2) -> [n, W * E] fp32: column b * E + e scores entry e of
     row n's table block b, I = sum_h w_h * ReLU(q_h . k) * dI^-1/2, with the keys read in place."""
     return torch.ops.v4ray.paged_index_scores(q, pool, tables, weights)
