@@ -14,7 +14,8 @@ from a search over the sorted ids, and one grouped GEMM per projection (`grouped
 the experts' stacked weights. No host read and no data-dependent shape, so it compiles with `fullgraph=True` (the
 CPU's stand-in for a CUDA graph), and it computes only the routed rows. The caller picks it for plain weights
 (model/v4.py `MoE.route`); `expert_mlp_ref` (sort, per-expert loop, host reads) stays the reference and the path
-of experts kept quantized.
+of experts kept quantized. A CPU decode step's few fp32 rows go to a native kernel instead (kernels/moe_cpu.py,
+`expert_mlp_rows`): one BLAS call per expert costs more than its arithmetic there.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import moe_cpu
 from .backend import kernel_backend, launch, record_triton_call, triton_interpreted
 from .quant import FP4_BLOCK, FP8_BLOCK, QuantTensor
 
@@ -89,6 +91,26 @@ if not hasattr(torch.ops.v4ray, "grouped_mm"):
     torch.library.register_fake("v4ray::grouped_mm", _grouped_mm_shape, lib=_LIB)
 
 
+def _expert_mlp_rows_impl(x: torch.Tensor, offs: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                          w2: torch.Tensor, limit: float) -> torch.Tensor:
+    y = moe_cpu.expert_mlp_rows(x, offs, weights, w13, w2, limit)
+    return expert_mlp_grouped_ref(x, offs, weights, w13, w2, limit) if y is None else y
+
+
+def _expert_mlp_rows_shape(x: torch.Tensor, offs: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                           w2: torch.Tensor, limit: float) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+# The native expert MLP (kernels/moe_cpu.py) as one opaque call in a compiled CPU step, registered as `grouped_mm`.
+if not hasattr(torch.ops.v4ray, "expert_mlp_rows"):
+    _LIB_ROWS = torch.library.Library("v4ray", "FRAGMENT")
+    _LIB_ROWS.define("expert_mlp_rows(Tensor x, Tensor offs, Tensor weights, Tensor w13, Tensor w2, float limit) "
+                     "-> Tensor")
+    _LIB_ROWS.impl("expert_mlp_rows", _expert_mlp_rows_impl, "CompositeExplicitAutograd")
+    torch.library.register_fake("v4ray::expert_mlp_rows", _expert_mlp_rows_shape, lib=_LIB_ROWS)
+
+
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """a [M, K] with rows grouped (group g: rows offs[g-1]..offs[g], offs int32 [G] ending at M), b [G, K, N] ->
     [M, N], each group's rows times its own b[g]. torch's `_grouped_mm` on the CPU and for bf16 on CUDA; a loop
@@ -104,10 +126,20 @@ def expert_offsets(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def expert_mlp_grouped(x: torch.Tensor, offs: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-                       w2: torch.Tensor, limit: float) -> torch.Tensor:
+                       w2: torch.Tensor, limit: float, native: bool = True) -> torch.Tensor:
     """Rows grouped by expert: x [M, D], their group ends offs [E] (`expert_offsets`), routing weights [M] and the
     stacked weights (`stack_experts`) -> [M, D] weighted expert outputs in x's dtype, as `expert_mlp_ref` (one
-    gate/up GEMM for W1 and W3 together: the same dot products)."""
+    gate/up GEMM for W1 and W3 together: the same dot products). native: fp32 rows on the CPU go to one opaque
+    operator that runs the native kernel for a decode step's few rows (kernels/moe_cpu.py) and the grouped GEMMs
+    for more; False keeps the grouped GEMMs in the caller's graph (a compiled prefill region)."""
+    if native and moe_cpu.native_applies(x, w13, w2):
+        return torch.ops.v4ray.expert_mlp_rows(x, offs, weights, w13, w2, float(limit))
+    return expert_mlp_grouped_ref(x, offs, weights, w13, w2, limit)
+
+
+def expert_mlp_grouped_ref(x: torch.Tensor, offs: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                           w2: torch.Tensor, limit: float) -> torch.Tensor:
+    """`expert_mlp_grouped` in torch: two grouped GEMMs and the clamped SwiGLU between them."""
     I = w13.shape[1] // 2
     gu = grouped_mm(x, w13.to(x.dtype).transpose(1, 2), offs)              # [M, 2I]
     h = swiglu_clamped(gu[:, :I], gu[:, I:], limit)

@@ -8,11 +8,9 @@ each block of keys in place through the block table (int64 offsets) and scores i
 (heads in one SIMD vector per 16, eight entries in flight), ReLU, head weights, sum over heads: the paged reading
 the GPU path's Triton kernel does, for the CPU (docs/architecture.md §12).
 
-It is C++ compiled with the compiler inductor uses (`CXX`, default g++) for this machine (-march=native), OpenMP
-over (row, block) pairs on the OpenMP runtime torch itself loaded; built once per process into a temporary
-directory (~0.2 s), so no build product is shared between machines. Where it cannot be built (no compiler) or
-does not apply (keys not fp32, heads not a multiple of 16, dI above 256, tensors not on the CPU), the op computes
-the same scores with torch (gather + GEMM), its reference (tests/test_kernels.py).
+It is C++ built at first use for this machine (kernels/native_cpu.py), OpenMP over (row, block) pairs. Where it
+cannot be built (no compiler) or does not apply (keys not fp32, heads not a multiple of 16, dI above 256, tensors
+not on the CPU), the op computes the same scores with torch (gather + GEMM), its reference (tests/test_kernels.py).
 
 `torch.ops.v4ray.paged_index_scores` is an operator of its own (registered like `kernels/moe.py`'s grouped GEMM)
 so that a compiled decode step calls it as one opaque call.
@@ -21,19 +19,11 @@ so that a compiled decode step calls it as one opaque call.
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import shlex
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
 
 import torch
 
+from . import native_cpu
 from .kv_fp8 import unpack_index_ref
-
-log = logging.getLogger(__name__)
 
 HEADS_PER_VECTOR = 16    # index heads scored in one SIMD vector (the kernel's `H`; more heads: groups of 16)
 MAX_INDEX_DIM = 256      # dI bound of the kernel's per-thread transposed query ([dI][16] floats on its stack)
@@ -98,41 +88,11 @@ extern "C" int64_t paged_index_scores(const float* pool, int64_t num_blocks, con
 }
 """
 
-_lock = threading.Lock()
-_kernel = None           # the built function, or False once building failed
-
-
 def _build():
-    """Compile the kernel (once per process) -> the ctypes function, or None where it cannot be built."""
-    global _kernel
-    if _kernel is not None:
-        return _kernel or None
-    with _lock:
-        if _kernel is None:
-            _kernel = False
-            compiler = os.environ.get("CXX", "g++")
-            with tempfile.TemporaryDirectory(prefix="v4ray-paged-") as tmp:
-                src, lib = Path(tmp) / "paged.cpp", Path(tmp) / "paged.so"
-                src.write_text(_SOURCE)
-                for openmp in (["-fopenmp"], []):   # without OpenMP (one thread) where the compiler has none
-                    cmd = [*shlex.split(compiler), "-O3", "-march=native", *openmp, "-shared", "-fPIC", str(src),
-                           "-o", str(lib)]
-                    try:
-                        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-                    except (OSError, subprocess.TimeoutExpired) as e:
-                        log.warning("paged indexer kernel not built (%s); the CPU decode gathers keys instead", e)
-                        break
-                    if done.returncode == 0:
-                        fn = ctypes.CDLL(str(lib)).paged_index_scores   # mapped: the file may go with the dir
-                        fn.restype = ctypes.c_int64
-                        fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                        ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_float])
-                        _kernel = fn
-                        break
-                else:
-                    log.warning("paged indexer kernel not built (%s: %s); the CPU decode gathers keys instead",
-                                " ".join(cmd), done.stderr.strip()[-500:])
-    return _kernel or None
+    """The kernel built for this machine (kernels/native_cpu.py), or None where it cannot be built."""
+    return native_cpu.load("paged_index_scores", _SOURCE, ctypes.c_int64,
+                           [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_float])
 
 
 def native_applies(q: torch.Tensor, pool: torch.Tensor) -> bool:

@@ -920,8 +920,9 @@ class MoE(nn.Module):
         if self.uses_grouped(x):                                             # on the device: no host read
             w13, w2 = self.stacked_experts()
             ids = idx.reshape(-1)[order]
+            # the native CPU kernel in a decode step and eagerly; a compiled prefill region keeps the grouped GEMMs
             y = expert_mlp_grouped(x[tok], expert_offsets(ids, w13.shape[0]), weights.reshape(-1)[order], w13, w2,
-                                   self.cfg.swiglu_limit)
+                                   self.cfg.swiglu_limit, native=static or not torch.compiler.is_compiling())
             return combine_rows(order, y, idx.shape[1])
         y = self.compute_experts(x[tok], idx.reshape(-1)[order], weights.reshape(-1)[order])
         return combine_rows(order, y, idx.shape[1])

@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from v4ray.kernels.moe import expert_mlp_grouped, expert_mlp_ref, expert_offsets, stack_experts
+from v4ray.kernels import moe_cpu
+from v4ray.kernels.moe import (expert_mlp_grouped, expert_mlp_grouped_ref, expert_mlp_ref, expert_offsets,
+                               stack_experts)
 from v4ray.kernels.quant import QuantTensor
 from v4ray.model import v4
 from v4ray.model.loader import load_model
@@ -24,8 +26,11 @@ LIMIT = 7.0
 # The grouped form computes each expert's own rows, as the reference does, and sums the same terms in the same
 # (expert id) order; what differs is the GEMM: one [M, D] x [D, 2I] call for W1 and W3 together and the grouped
 # kernel's blocking instead of one F.linear per weight. Measured: bit-equal on this machine; the bounds allow a
-# GEMM library that blocks otherwise a few ulp in fp32 and one bf16 rounding (2^-8 relative) in bf16.
+# GEMM library that blocks otherwise a few ulp in fp32 and one bf16 rounding (2^-8 relative) in bf16. A CPU decode's
+# few fp32 rows take the native kernel (kernels/moe_cpu.py): the same products summed in 16 SIMD lanes, then a
+# tree; observed <= 5.3e-7 of the largest output at D=128, I=64 (within FP32_RTOL here too).
 FP32_RTOL = 1e-6
+NATIVE_RTOL = 2e-6
 BF16_RTOL = 1e-2
 # inductor fuses and reorders the fp32 elementwise work of gate, SwiGLU and combine: ulp-level differences.
 COMPILED_RTOL = 1e-5
@@ -81,6 +86,48 @@ def test_grouped_form_equals_the_per_expert_reference(dtype, rtol, N):
         return offs + (torch.arange(num_experts) == ids[-1] - 1).int()
     if N > 1:
         assert _rel(_grouped(x, idx, weights, *stack_experts(experts), offsets=off_by_one), want) > 10 * rtol
+
+
+@pytest.mark.parametrize("E,D,I,M", [(16, 128, 64, 1), (16, 128, 64, 4), (16, 128, 64, 128),  # v4-tiny-pro decode
+                                     (16, 128, 64, moe_cpu.NATIVE_MAX_SLOTS),
+                                     (8, 64, 32, 37),                    # tiles of 4 rows with a remainder
+                                     (3, 16, 16, 9)])                    # one vector per dot product
+def test_native_expert_kernel_equals_the_grouped_gemms(E, D, I, M):
+    """The CPU decode's expert kernel against the torch grouped GEMMs on the same operands, experts without rows
+    among them; a row's result is bit-equal alone and in the batch (decode buckets rely on it); offsets that do not
+    ascend within [0, M] are an error, not a read past the rows."""
+    assert moe_cpu._build() is not None, "the expert kernel did not build here (a C++ compiler is needed: g++)"
+    g = torch.Generator().manual_seed(M)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g) / D ** 0.5, torch.randn(E, D, I, generator=g) / I ** 0.5
+    ids = torch.sort(torch.randint(1, E, (M,), generator=g)).values    # expert 0 has no rows
+    x, w = torch.randn(M, D, generator=g) * 3, torch.rand(M, generator=g) + 0.1   # some SwiGLU inputs clamp
+    offs = expert_offsets(ids, E)
+    assert moe_cpu.native_applies(x, w13, w2)
+    got, want = expert_mlp_grouped(x, offs, w, w13, w2, LIMIT), expert_mlp_grouped_ref(x, offs, w, w13, w2, LIMIT)
+    assert _rel(got, want) <= NATIVE_RTOL, f"rel err {_rel(got, want):.2e}"
+    # the comparison can fail: a row handed to the expert before its own
+    if M > 1:
+        shifted = offs + (torch.arange(E) == ids[-1] - 1).int()
+        assert _rel(expert_mlp_grouped(x, shifted, w, w13, w2, LIMIT), want) > 10 * NATIVE_RTOL
+    last = ids[-1]
+    alone = expert_mlp_grouped(x[-1:], (torch.arange(E) >= last).int(), w[-1:], w13, w2, LIMIT)
+    assert torch.equal(alone[0], got[-1])
+    with pytest.raises(ValueError, match="ascend"):
+        expert_mlp_grouped(x, offs.flip(0), w, w13, w2, LIMIT)
+
+
+def test_native_expert_kernel_leaves_other_operands_to_the_grouped_gemms():
+    E, D, I = 4, 32, 16
+    w13, w2, x = torch.randn(E, 2 * I, D), torch.randn(E, D, I), torch.randn(8, D)
+    assert moe_cpu.native_applies(x, w13, w2)
+    assert not moe_cpu.native_applies(x.bfloat16(), w13.bfloat16(), w2.bfloat16())          # not fp32
+    assert not moe_cpu.native_applies(torch.randn(8, 24), torch.randn(E, 2 * I, 24), torch.randn(E, 24, I))
+    # a prefill's rows: the operator runs the grouped GEMMs (bit-equal to them)
+    M = moe_cpu.NATIVE_MAX_SLOTS + 1
+    x, offs, w = torch.randn(M, D), torch.tensor([M // 4, M // 2, M // 2, M], dtype=torch.int32), torch.rand(M)
+    assert moe_cpu.expert_mlp_rows(x, offs, w, w13, w2, LIMIT) is None
+    assert torch.equal(expert_mlp_grouped(x, offs, w, w13, w2, LIMIT), expert_mlp_grouped_ref(x, offs, w, w13, w2,
+                                                                                               LIMIT))
 
 
 def test_expert_offsets_end_each_experts_rows():
