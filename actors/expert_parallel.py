@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from v4ray.kernels import expert_mlp
+from v4ray.kernels.moe import StackedExperts
 from v4ray.model.expert_placement import ExpertPlacement
 from v4ray.model.v4 import combine_rows, group_rows
 
@@ -297,6 +298,8 @@ class ShardServer:
                  device: torch.device | str = "cpu"):
         """experts: per layer {global expert id: (w1, w2, w3)}, already on `device`."""
         self.world, self.hidden, self.experts, self.dtype = world_size, hidden, experts, dtype
+        # plain fp32 experts on a CPU run grouped (the native kernel for a decode step's rows): kernels/moe.py
+        self.stacks = [StackedExperts.stacked(layer) for layer in experts]
         self.limit, self.device = swiglu_limit, torch.device(device)
         self.timer = PhaseTimer()
         dev = self.device
@@ -327,7 +330,8 @@ class ShardServer:
         rows = recv if used == recv_sizes else torch.cat([recv[a:b] for a, b in spans] or [recv[:0]])
         x, e, w = rows[:, :D].to(self.dtype), rows[:, D].long(), rows[:, D + 1]
         self.timer.computing(True)
-        y = expert_mlp(x, e, w, experts, self.limit).float()
+        stack = self.stacks[layer]
+        y = (stack(x, e, w, self.limit) if stack is not None else expert_mlp(x, e, w, experts, self.limit)).float()
         if used != recv_sizes:   # back into the blocks; the unused rows return zeros
             full, at = torch.zeros(recv.shape[0], D, device=self.device), 0
             for a, b in spans:

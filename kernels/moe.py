@@ -118,6 +118,38 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return torch.ops.v4ray.grouped_mm(a, b, offs)
 
 
+class StackedExperts:
+    """A set of experts (any global ids) stacked for `expert_mlp_grouped`, for callers that hold experts by id
+    (an expert shard): `local` maps a global id to its index in the stacks. Built with `stacked`."""
+
+    def __init__(self, experts: dict[int, tuple[QuantTensor, QuantTensor, QuantTensor]]):
+        ids = sorted(experts)
+        self.w13, self.w2 = stack_experts(experts)
+        self.local = torch.full((ids[-1] + 1,), -1, dtype=torch.long, device=self.w13.device)
+        self.local[ids] = torch.arange(len(ids), device=self.w13.device)
+        I = self.w13.shape[1] // 2
+        for i, e in enumerate(ids):   # the caller's experts become views of the stacks: one copy of the weights
+            experts[e] = (QuantTensor(self.w13[i, :I]), QuantTensor(self.w2[i]), QuantTensor(self.w13[i, I:]))
+
+    @staticmethod
+    def stacked(experts: dict[int, tuple[QuantTensor, QuantTensor, QuantTensor]]) -> "StackedExperts | None":
+        """The stacks where the experts run grouped: plain fp32 weights on the CPU's torch backend (where
+        `expert_mlp` runs the per-expert reference: a host read and one GEMM per expert and weight); else None."""
+        weights = [w for t in experts.values() for w in t]
+        if (not weights or any(w.fmt is not None or w.data.dtype != torch.float32 or w.data.device.type != "cpu"
+                               for w in weights) or kernel_backend(weights[0].data.device) != "torch"):
+            return None
+        return StackedExperts(experts)
+
+    def __call__(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, limit: float) -> torch.Tensor:
+        """As `expert_mlp`: rows x [M, D] in any order, global expert ids [M], routing weights [M] -> [M, D]."""
+        local = self.local[expert_idx]
+        order = torch.argsort(local, stable=True)
+        y = expert_mlp_grouped(x[order], expert_offsets(local[order], self.w13.shape[0]), weights[order], self.w13,
+                               self.w2, limit)
+        return torch.empty_like(y).index_copy_(0, order, y)
+
+
 def expert_offsets(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Expert ids sorted ascending [M] -> int32 [E]: the end of each expert's rows (an expert without rows ends
     where the one before it does). A search on the device: fixed shape, no host read."""

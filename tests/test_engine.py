@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from v4ray.engine.core import EngineCore
+from v4ray.kernels import moe_cpu
 from v4ray.model.kv_format import kv_bytes
 from v4ray.model.loader import load_model
 from v4ray.engine.runner import ModelRunner
@@ -250,19 +251,26 @@ def _provenance_steps(ckpt, cases: list[dict], tagged: bool = True):
 
     torch.manual_seed(0)
     prov = Provenance()
-    with prov if tagged else contextlib.nullcontext(), kernels_as_device_ops(prov) if tagged else contextlib.nullcontext():
-        model = load_model(ckpt, torch.float32)
-        model = mark_device(model) if tagged else model
-        core = EngineCore(ModelRunner(model, 64 << 20, NUM_SEQS), V4Tokenizer.from_dir(ckpt), 4096, 4096, NUM_SEQS)
-        for i, kw in enumerate(cases):
-            core.add_request(f"r{i}", parity_prompt(30 + 7 * i, seed=i).tolist(),
-                             SamplingParams(max_tokens=DECODE_STEPS + 2, ignore_eos=True, **kw))
-        steps, final = [], {}
-        while core.has_work():
-            with prov.window(f"step {len(steps)}") as w:
-                for out in core.step():
-                    final[out.request_id] = out
-            steps.append(w)
+    # the same formulation both ways: tagged tensors say they live on a device, where the routed experts run as
+    # grouped GEMMs; plain CPU tensors would take the native CPU kernel (kernels/moe_cpu.py), equal within ulps only
+    native_rows = moe_cpu.NATIVE_MAX_SLOTS
+    moe_cpu.NATIVE_MAX_SLOTS = native_rows if tagged else 0
+    try:
+        with prov if tagged else contextlib.nullcontext(), kernels_as_device_ops(prov) if tagged else contextlib.nullcontext():
+            model = load_model(ckpt, torch.float32)
+            model = mark_device(model) if tagged else model
+            core = EngineCore(ModelRunner(model, 64 << 20, NUM_SEQS), V4Tokenizer.from_dir(ckpt), 4096, 4096, NUM_SEQS)
+            for i, kw in enumerate(cases):
+                core.add_request(f"r{i}", parity_prompt(30 + 7 * i, seed=i).tolist(),
+                                 SamplingParams(max_tokens=DECODE_STEPS + 2, ignore_eos=True, **kw))
+            steps, final = [], {}
+            while core.has_work():
+                with prov.window(f"step {len(steps)}") as w:
+                    for out in core.step():
+                        final[out.request_id] = out
+                steps.append(w)
+    finally:
+        moe_cpu.NATIVE_MAX_SLOTS = native_rows
     return steps, final
 
 

@@ -130,6 +130,28 @@ def test_native_expert_kernel_leaves_other_operands_to_the_grouped_gemms():
                                                                                                LIMIT))
 
 
+def test_a_shards_stacked_experts_equal_the_per_expert_reference():
+    """An expert shard's experts (global ids 0, 10, 13) stacked: rows in any order give the per-expert reference's
+    outputs in their own order, the shard's dict now holds views of the stacks, and quantized experts stay off."""
+    from v4ray.kernels.moe import StackedExperts
+
+    D, I = 64, 32
+    experts = {g: t for g, t in zip((0, 10, 13), _experts(3, D, I, torch.float32).values())}
+    reference = dict(experts)
+    stack = StackedExperts.stacked(experts)
+    g = torch.Generator().manual_seed(3)
+    for M in (1, 7, 1500):                       # a decode step's rows (native kernel), a prefill's (grouped GEMMs)
+        x, w = torch.randn(M, D, generator=g) * 3, torch.rand(M, generator=g) + 0.1
+        ids = torch.tensor([0, 10, 13])[torch.randint(0, 3, (M,), generator=g)]
+        want = expert_mlp_ref(x, ids, w, reference, LIMIT)
+        assert _rel(stack(x, ids, w, LIMIT), want) <= NATIVE_RTOL
+    assert experts[10][1].data.data_ptr() == stack.w2[1].data_ptr()
+    quantized = _experts(2, 128, 128, torch.float32)
+    quantized[1] = (QuantTensor(quantized[1][0].data.to(torch.float8_e4m3fn),
+                                torch.full((1, 1), 127, dtype=torch.uint8), "fp8"), *quantized[1][1:])
+    assert StackedExperts.stacked(quantized) is None and StackedExperts.stacked({}) is None
+
+
 def test_expert_offsets_end_each_experts_rows():
     ids = torch.tensor([1, 1, 3, 3, 3])
     assert expert_offsets(ids, 5).tolist() == [0, 2, 2, 5, 5]
