@@ -102,7 +102,7 @@ def _expert_mlp_rows_shape(x: torch.Tensor, offs: torch.Tensor, weights: torch.T
     return x.new_empty(x.shape)
 
 
-# The native expert MLP (kernels/moe_cpu.py) as one opaque call in a compiled CPU step, registered as `grouped_mm`.
+# The native expert MLP (kernels/moe_cpu.py) as one opaque call in a compiled CPU step, registered as `grouped_mm` is.
 if not hasattr(torch.ops.v4ray, "expert_mlp_rows"):
     _LIB_ROWS = torch.library.Library("v4ray", "FRAGMENT")
     _LIB_ROWS.define("expert_mlp_rows(Tensor x, Tensor offs, Tensor weights, Tensor w13, Tensor w2, float limit) "
