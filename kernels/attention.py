@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import attention_cpu
 from .backend import kernel_backend, launch, record_triton_call, triton_interpreted
 from .kv_fp8 import main_entry_bytes, unpack_main_ref
 
@@ -258,7 +259,28 @@ def sparse_sink_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor,
                          f"bias [n,K]={tuple(bias.shape)}, sinks [H]={tuple(sinks.shape)} do not fit")
     if kernel_backend(q.device) == "triton":
         return sparse_sink_attention_triton(q, kv, bias, sinks, scale)
+    if attention_cpu.native_applies(q, kv):   # one opaque call, also inside a compiled step
+        return torch.ops.v4ray.sparse_sink_attention(q, kv, bias, sinks, float(scale))
     return sparse_sink_attention_ref(q, kv, bias, sinks, scale)
+
+
+def _sparse_sink_attention_impl(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
+                                scale: float) -> torch.Tensor:
+    out = attention_cpu.sparse_sink_attention(q, kv, bias, sinks, scale)
+    return sparse_sink_attention_ref(q, kv, bias, sinks, scale) if out is None else out
+
+
+def _sparse_sink_attention_shape(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
+                                 scale: float) -> torch.Tensor:
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+# the CPU's native kernel (kernels/attention_cpu.py) as an operator, as kernels/paged_cpu.py registers its own
+if not hasattr(torch.ops.v4ray, "sparse_sink_attention"):
+    _LIB_SPARSE = torch.library.Library("v4ray", "FRAGMENT")
+    _LIB_SPARSE.define("sparse_sink_attention(Tensor q, Tensor kv, Tensor bias, Tensor sinks, float scale) -> Tensor")
+    _LIB_SPARSE.impl("sparse_sink_attention", _sparse_sink_attention_impl, "CompositeExplicitAutograd")
+    torch.library.register_fake("v4ray::sparse_sink_attention", _sparse_sink_attention_shape, lib=_LIB_SPARSE)
 
 
 def sink_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,

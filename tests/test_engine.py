@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from v4ray.engine.core import EngineCore
-from v4ray.kernels import moe_cpu
+from v4ray.kernels import native_cpu
 from v4ray.model.kv_format import kv_bytes
 from v4ray.model.loader import load_model
 from v4ray.engine.runner import ModelRunner
@@ -251,10 +251,10 @@ def _provenance_steps(ckpt, cases: list[dict], tagged: bool = True):
 
     torch.manual_seed(0)
     prov = Provenance()
-    # the same formulation both ways: tagged tensors say they live on a device, where the routed experts run as
-    # grouped GEMMs; plain CPU tensors would take the native CPU kernel (kernels/moe_cpu.py), equal within ulps only
-    native_rows = moe_cpu.NATIVE_MAX_SLOTS
-    moe_cpu.NATIVE_MAX_SLOTS = native_rows if tagged else 0
+    # the same formulation both ways: tagged tensors say they live on a device, where the routed experts and the
+    # decode attention run as torch ops; plain CPU tensors would take the native CPU kernels (kernels/moe_cpu.py,
+    # kernels/attention_cpu.py), equal within ulps only
+    native_cpu.ENABLED = tagged
     try:
         with prov if tagged else contextlib.nullcontext(), kernels_as_device_ops(prov) if tagged else contextlib.nullcontext():
             model = load_model(ckpt, torch.float32)
@@ -270,7 +270,7 @@ def _provenance_steps(ckpt, cases: list[dict], tagged: bool = True):
                         final[out.request_id] = out
                 steps.append(w)
     finally:
-        moe_cpu.NATIVE_MAX_SLOTS = native_rows
+        native_cpu.ENABLED = True
     return steps, final
 
 

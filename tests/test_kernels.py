@@ -247,3 +247,68 @@ def test_paged_index_scores_outside_the_kernel_and_out_of_range():
         paged_cpu.paged_index_scores(q16, pool, torch.full((2, 3), 6), w16)
     with pytest.raises(IndexError, match="outside the pool"):
         paged_cpu.paged_index_scores(q16, pool, torch.full((2, 3), -1), w16)
+
+
+def _sink_attention_f64(q, kv, bias, sinks, scale):
+    """`sparse_sink_attention_ref`'s formula in float64: the yardstick for both fp32 forms."""
+    q, kv, bias, sinks = (t.double() for t in (q, kv, bias, sinks))
+    logits = torch.einsum("nhd,nkd->nhk", q, kv) * scale + bias[:, None, :]
+    m = torch.maximum(logits.amax(-1, keepdim=True), sinks[:, None])
+    p = torch.exp(logits - m)
+    return torch.einsum("nhk,nkd->nhd", p / (p.sum(-1, keepdim=True) + torch.exp(sinks[:, None] - m)), kv)
+
+
+@pytest.mark.parametrize("n,H,K,d,qscale", [(32, 4, 136, 128, 1.0),    # v4-tiny's decode step at 32 rows
+                                            (1, 4, 200, 128, 3.0),     # sharper softmax
+                                            (2, 64, 640, 512, 1.0),    # V4-Flash's heads x head_dim
+                                            (3, 6, 37, 32, 10.0),      # head and key tails, near one-hot
+                                            (2, 3, 1, 16, 1.0)])       # a single key
+def test_sparse_sink_attention_native_kernel_is_as_accurate_as_torch(n, H, K, d, qscale):
+    """The CPU's native decode attention (kernels/attention_cpu.py) against the same formula in float64: no further
+    from it than torch's fp32 formulation (its reference) is, within a factor of 2 (the two sum in different
+    orders and the kernel's exp is a polynomial: observed 0.5-1.3x torch's own error). Masked keys (bias -inf)
+    have no weight; the same check fails for a mask shifted by one key."""
+    from v4ray.kernels import attention_cpu
+    from v4ray.kernels.attention import sparse_sink_attention, sparse_sink_attention_ref
+
+    assert attention_cpu._build() is not None, "the attention kernel did not build here (a C++ compiler is needed)"
+    g = torch.Generator().manual_seed(n * K + H)
+    q, kv = torch.randn(n, H, d, generator=g) * qscale, torch.randn(n, K, d, generator=g)
+    bias, sinks, scale = torch.zeros(n, K), torch.randn(H, generator=g), d ** -0.5
+    bias[:, K // 3:K // 2] = float("-inf")
+    assert attention_cpu.native_applies(q, kv)
+    exact = _sink_attention_f64(q, kv, bias, sinks, scale)
+    got, ref = sparse_sink_attention(q, kv, bias, sinks, scale), sparse_sink_attention_ref(q, kv, bias, sinks, scale)
+    assert got.shape == (n, H, d) and got.dtype == torch.float32
+    torch_err = (ref.double() - exact).abs().max()
+    assert (got.double() - exact).abs().max() <= 2 * torch_err + 1e-7 * exact.abs().max()
+    if K > 3:
+        shifted = bias.roll(1, dims=1)
+        assert (_sink_attention_f64(q, kv, shifted, sinks, scale) - got.double()).abs().max() > 100 * torch_err
+
+
+def test_sparse_sink_attention_native_kernel_rows_and_fallbacks():
+    """A row's result is the same bits alone as in a batch (the bucket-invariance of the decode step relies on it);
+    a row whose keys are all masked attends to the sink alone (zeros); bf16 operands and a head dimension that is
+    not a multiple of 16 take the torch reference; with the native kernels switched off the operator runs it too."""
+    from v4ray.kernels import attention_cpu, native_cpu
+    from v4ray.kernels.attention import sparse_sink_attention, sparse_sink_attention_ref
+
+    g = torch.Generator().manual_seed(3)
+    q, kv, sinks = torch.randn(9, 4, 64, generator=g), torch.randn(9, 50, 64, generator=g), torch.randn(4, generator=g)
+    bias = torch.zeros(9, 50)
+    bias[4] = float("-inf")
+    batch = sparse_sink_attention(q, kv, bias, sinks, 0.125)
+    for r in (0, 4, 8):
+        assert torch.equal(sparse_sink_attention(q[r:r + 1], kv[r:r + 1], bias[r:r + 1], sinks, 0.125), batch[r:r + 1])
+    assert torch.equal(batch[4], torch.zeros(4, 64))
+    for args in ((q.bfloat16(), kv.bfloat16()), (q[..., :40], kv[..., :40])):
+        assert not attention_cpu.native_applies(*args)
+        assert torch.equal(sparse_sink_attention(*args, bias, sinks, 0.125),
+                           sparse_sink_attention_ref(*args, bias, sinks, 0.125))
+    native_cpu.ENABLED = False
+    try:
+        assert torch.equal(sparse_sink_attention(q, kv, bias, sinks, 0.125),
+                           sparse_sink_attention_ref(q, kv, bias, sinks, 0.125))
+    finally:
+        native_cpu.ENABLED = True
