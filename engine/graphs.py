@@ -111,7 +111,7 @@ class DecodeGraphs:
                 self._after = compile_graph(self._after, cpp_wrapper=True)
             self._step = self._router_step
         else:
-            self._step = (compile_graph(self._deferred_step, cpp_wrapper=True, fixed_modules=True)
+            self._step = (compile_graph(self._deferred_step, cpp_wrapper=True)
                           if compiled and not self.cuda else self._deferred_step)
 
     def fits(self, num_seqs: int, longest_table: int) -> bool:

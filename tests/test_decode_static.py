@@ -209,46 +209,6 @@ def test_a_host_read_in_the_decode_step_fails_the_compile(models, monkeypatch):
             compiled(b.token_ids, b.positions, b.slots, b.block_tables, b.real)
 
 
-class _Scaled(torch.nn.Module):
-    def __init__(self, scale: int):
-        super().__init__()
-        self.lin, self.scale = torch.nn.Linear(16, 16), scale
-
-
-class _Holder:
-    """A decode step's shape: a method reading a model that it holds."""
-
-    def __init__(self, model: _Scaled):
-        self.model = model
-
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.lin(x) * self.model.scale
-
-
-def test_a_step_compiled_without_module_guards_keeps_graphs_of_its_own():
-    """The single-process decode step is compiled without dynamo's guards on the model's modules
-    (`compile_graph(fixed_modules=True)`, kernels/compiled.py). Without a code object of its own, a second model's
-    step would then run the first model's graph (it does, below: the hazard is real); with it, each object's step
-    computes its own model."""
-    from v4ray.kernels.compiled import compile_graph
-
-    x = torch.randn(4, 16)
-    a, b = _Holder(_Scaled(2)), _Holder(_Scaled(3))
-    with torch._dynamo.config.patch(disable=False):
-        torch._dynamo.reset()
-        shared = {h: torch.compile(h.step, fullgraph=True, backend="eager",
-                                   options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-                  for h in (a, b)}
-        assert torch.equal(shared[a](x), a.step(x))
-        # b's weights (a graph's inputs) but a's scale (a constant of a's graph)
-        assert torch.equal(shared[b](x), b.model.lin(x) * a.model.scale)
-        assert not torch.equal(shared[b](x), b.step(x))
-        torch._dynamo.reset()
-        own = {h: compile_graph(h.step, fixed_modules=True) for h in (a, b)}
-        for h in (a, b, a):
-            torch.testing.assert_close(own[h](x), h.step(x), rtol=0, atol=1e-6)  # inductor's own matmul order
-
-
 def _engine(ckpt, decode_step: str) -> EngineCore:
     runner = ModelRunner(load_model(ckpt, torch.float32), 64 << 20, 16, decode_step=decode_step, max_model_len=1024)
     return EngineCore(runner, V4Tokenizer.from_dir(ckpt), 1024, max_num_batched_tokens=4096, max_num_seqs=16)
