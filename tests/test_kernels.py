@@ -259,7 +259,7 @@ def _sink_attention_f64(q, kv, bias, sinks, scale):
 
 
 @pytest.mark.parametrize("n,H,K,d,qscale", [(32, 4, 136, 128, 1.0),    # v4-tiny's decode step at 32 rows
-                                            (1, 4, 200, 128, 3.0),     # sharper softmax
+                                            (2, 4, 200, 128, 3.0),     # sharper softmax
                                             (2, 64, 640, 512, 1.0),    # V4-Flash's heads x head_dim
                                             (3, 6, 37, 32, 10.0),      # head and key tails, near one-hot
                                             (2, 3, 1, 16, 1.0)])       # a single key
@@ -288,9 +288,9 @@ def test_sparse_sink_attention_native_kernel_is_as_accurate_as_torch(n, H, K, d,
 
 
 def test_sparse_sink_attention_native_kernel_rows_and_fallbacks():
-    """A row's result is the same bits alone as in a batch (the bucket-invariance of the decode step relies on it);
-    a row whose keys are all masked attends to the sink alone (zeros); bf16 operands and a head dimension that is
-    not a multiple of 16 take the torch reference; with the native kernels switched off the operator runs it too."""
+    """The kernel's result for a row is the same bits alone as in a batch; a row whose keys are all masked attends to
+    the sink alone (zeros); one row (`NATIVE_MIN_ROWS`), bf16 operands and a head dimension that is not a multiple of
+    16 take the torch reference; with the native kernels switched off the operator runs it too."""
     from v4ray.kernels import attention_cpu, native_cpu
     from v4ray.kernels.attention import sparse_sink_attention, sparse_sink_attention_ref
 
@@ -300,12 +300,14 @@ def test_sparse_sink_attention_native_kernel_rows_and_fallbacks():
     bias[4] = float("-inf")
     batch = sparse_sink_attention(q, kv, bias, sinks, 0.125)
     for r in (0, 4, 8):
-        assert torch.equal(sparse_sink_attention(q[r:r + 1], kv[r:r + 1], bias[r:r + 1], sinks, 0.125), batch[r:r + 1])
+        one = (q[r:r + 1], kv[r:r + 1], bias[r:r + 1], sinks, 0.125)
+        assert torch.equal(attention_cpu.sparse_sink_attention(*one), batch[r:r + 1])
     assert torch.equal(batch[4], torch.zeros(4, 64))
-    for args in ((q.bfloat16(), kv.bfloat16()), (q[..., :40], kv[..., :40])):
+    for args in ((q[:1], kv[:1]), (q.bfloat16(), kv.bfloat16()), (q[..., :40], kv[..., :40])):
+        rows = bias[:args[0].shape[0]]
         assert not attention_cpu.native_applies(*args)
-        assert torch.equal(sparse_sink_attention(*args, bias, sinks, 0.125),
-                           sparse_sink_attention_ref(*args, bias, sinks, 0.125))
+        assert torch.equal(sparse_sink_attention(*args, rows, sinks, 0.125),
+                           sparse_sink_attention_ref(*args, rows, sinks, 0.125))
     native_cpu.ENABLED = False
     try:
         assert torch.equal(sparse_sink_attention(q, kv, bias, sinks, 0.125),
