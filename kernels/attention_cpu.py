@@ -32,26 +32,10 @@ SIMD = 16       # fp32 lanes of the kernel's vectors: the head dimension is a mu
 # the check adds no guard.
 NATIVE_MIN_ROWS = 2
 
-_SOURCE = r"""
-#include <stdint.h>
-#include <math.h>
-#include <string.h>
-#include <stdlib.h>
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
+_SOURCE = native_cpu.SIMD_PRELUDE + r"""
 #define HT 4        /* heads per tile */
 #define KT 4        /* keys per tile of the scores */
 #define DC 4        /* vectors of the head dimension per chunk of the weighted sum */
-static inline v16 ld(const float* p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void st(float* p, v16 v) { memcpy(p, &v, sizeof v); }
-static inline float hsum(v16 a) {
-    v8 lo, hi; memcpy(&lo, &a, 32); memcpy(&hi, (char*)&a + 32, 32);
-    v8 s8 = lo + hi;
-    v4 l4, h4; memcpy(&l4, &s8, 16); memcpy(&h4, (char*)&s8 + 16, 16);
-    v4 s4 = l4 + h4;
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
 /* exp of 16 lanes (Cephes' expf: 2^n times a degree-7 polynomial, ~1 ulp); lanes below -87 (masked keys: -inf)
    give exactly 0, as expf would (it underflows there) */
 static inline v16 vexp(v16 x) {

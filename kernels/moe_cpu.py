@@ -29,26 +29,11 @@ NATIVE_MAX_SLOTS = 1024     # rows (token, expert slots) up to which the kernel 
 MAX_INTERMEDIATE = 4096     # the kernel's SwiGLU tile ([4][I] floats on each thread's stack)
 SIMD = 16                   # fp32 lanes of the kernel's vectors: hidden and intermediate sizes are multiples
 
-_SOURCE = r"""
-#include <stdint.h>
-#include <math.h>
-#include <string.h>
-#include <stdlib.h>
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
+_SOURCE = native_cpu.SIMD_PRELUDE + r"""
 #define RT 4        /* rows per tile */
 #define CH 16       /* rows per work item */
 #define MAXI 4096
 
-static inline v16 ld(const float* p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-static inline float hsum(v16 a) {
-    v8 lo, hi; memcpy(&lo, &a, 32); memcpy(&hi, (char*)&a + 32, 32);
-    v8 s8 = lo + hi;
-    v4 l4, h4; memcpy(&l4, &s8, 16); memcpy(&h4, (char*)&s8 + 16, 16);
-    v4 s4 = l4 + h4;
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
 /* out[r] = <x[r * ldx ..], w[..]> over K (a multiple of 16) for the nr <= RT rows of a tile */
 static inline void dots(const float* x, int64_t ldx, int nr, const float* w, int64_t K, float* out) {
     v16 a[RT];

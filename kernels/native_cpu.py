@@ -27,6 +27,28 @@ BUILD_TIMEOUT_S = 120
 # must take the same formulation as a device would (tests/test_engine.py's provenance comparison)
 ENABLED = True
 
+# What the kernels' sources start with: 16-lane fp32 vectors (GCC vector extensions), unaligned loads and stores,
+# and a horizontal sum in one fixed order
+SIMD_PRELUDE = r"""
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+#include <stdlib.h>
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+static inline v16 ld(const float* p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float* p, v16 v) { memcpy(p, &v, sizeof v); }
+/* the sum of 16 lanes, in one fixed order */
+static inline float hsum(v16 a) {
+    v8 lo, hi; memcpy(&lo, &a, 32); memcpy(&hi, (char*)&a + 32, 32);
+    v8 s8 = lo + hi;
+    v4 l4, h4; memcpy(&l4, &s8, 16); memcpy(&h4, (char*)&s8 + 16, 16);
+    v4 s4 = l4 + h4;
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+"""
+
 _lock = threading.Lock()
 _built: dict[str, object] = {}      # name -> the ctypes function, or False once building it failed
 
