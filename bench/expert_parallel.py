@@ -10,6 +10,12 @@ every rank, no exchange) and an empty lockstep step (routers with nothing to run
 exchanges, once per micro-batch: the round trip plus the collectives' floor); per-phase time on the routers and
 shards; and from the ranks' busy intervals (one monotonic clock on this host) the time per step the routers compute,
 the shards compute, and both compute at once: the overlap ping-pong buys.
+
+First, without Ray or the model, the floor the transport sets (`gloo_floor`): R + S bare processes on this host
+run one MoE layer's three gloo collectives (counts, a fixed-capacity dispatch of batch x top_k rows per router to
+every shard, the combine back: the shapes of a decode step's exchange) again and again; the median and 90th
+percentile of one layer's exchange, times the model's MoE layers, is what a lockstep decode step costs in
+collectives alone, before any control path or compute.
 """
 
 from __future__ import annotations
@@ -70,6 +76,52 @@ def overlap(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> float
     return total
 
 
+def _exchange_rank(rank: int, routers: int, world: int, rows: int, width: int, reps: int, store: str,
+                   out: str) -> None:
+    """One rank of `gloo_floor`: one MoE layer's collectives as a decode step issues them, timed per layer."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=__import__("datetime").timedelta(seconds=60))
+    shards = world - routers
+    router = rank < routers
+    send_rows = [0] * routers + [rows if router else 0] * shards    # a router sends every shard a full block
+    recv_rows = [0] * world if router else [rows] * routers + [0] * shards
+    counts, counts_in = torch.zeros(world, 2, dtype=torch.int64), torch.empty(world, 2, dtype=torch.int64)
+    payload, inbox = torch.zeros(sum(send_rows), width + 2), torch.empty(sum(recv_rows), width + 2)
+    back, home = torch.zeros(sum(recv_rows), width), torch.empty(sum(send_rows), width)
+
+    def layer() -> None:
+        dist.all_to_all_single(counts_in, counts)
+        dist.all_to_all_single(inbox, payload, recv_rows, send_rows)
+        dist.all_to_all_single(home, back, send_rows, recv_rows)
+
+    times = []
+    for i in range(reps + 20):
+        t = time.perf_counter()
+        layer()
+        times.append(time.perf_counter() - t)
+    dist.barrier()
+    if rank == 0:
+        Path(out).write_text(" ".join(str(x) for x in times[20:]))
+    dist.destroy_process_group()
+
+
+def gloo_floor(routers: int, shards: int, rows: int, width: int, reps: int = 300) -> dict:
+    """One MoE layer's exchange among R + S bare processes (no Ray, no model) -> ms per layer, median and p90."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/times"
+        mp.spawn(_exchange_rank, args=(routers, routers + shards, rows, width, reps, f"{tmp}/store", out),
+                 nprocs=routers + shards)
+        times = sorted(float(x) for x in Path(out).read_text().split())
+    return {"layer_median_ms": round(1e3 * times[len(times) // 2], 3),
+            "layer_p90_ms": round(1e3 * times[int(0.9 * len(times))], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="v4-tiny")
@@ -89,9 +141,16 @@ def main() -> None:
     from v4ray.cluster.replica import Replica, ReplicaConfig, ReplicaEngine
     from v4ray.engine.build import build_engine_core
     from v4ray.engine.config import EngineConfig
+    from v4ray.model.config import V4Config
     from v4ray.model.tiny import make_tiny
 
     ckpt = make_tiny(Path(tempfile.mkdtemp()) / "ckpt", preset=args.preset, dtype="fp32")
+    cfg = V4Config.from_file(ckpt)
+    floor = gloo_floor(args.routers, args.shards, args.batch * cfg.num_experts_per_tok, cfg.hidden_size)
+    layers = cfg.num_hidden_layers   # every V4 layer is a MoE layer
+    floor |= {"moe_layers": layers, "step_median_ms": round(layers * floor["layer_median_ms"], 2),
+              "step_p90_ms": round(layers * floor["layer_p90_ms"], 2)}
+    print(f"gloo floor, {args.routers + args.shards} bare processes, one decode step's exchanges:", floor, flush=True)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(16, 272, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
     N = args.new_tokens * args.batch
@@ -153,9 +212,11 @@ def main() -> None:
                        "routers_busy_ms", "shards_busy_ms", "both_busy_ms"]))
     for name, per_step in phases.items():
         print(f"phases per step, {name} (ms):", per_step)
+    print("gloo floor (bare processes, the step's collectives alone):", floor)
     path = write("expert_parallel", {"preset": args.preset, "routers": args.routers, "shards": args.shards,
                                      "batch": args.batch, "prompt_len": args.prompt_len,
-                                     "new_tokens": args.new_tokens, "rows": rows, "phase_ms_per_step": phases})
+                                     "new_tokens": args.new_tokens, "rows": rows, "phase_ms_per_step": phases,
+                                     "gloo_floor": floor})
     print(f"wrote {path}")
 
 
