@@ -111,7 +111,7 @@ class EngineCore:
         if not plan:
             return []
         try:
-            logits = self.runner.step([(c.state.key, c.state.tokens[c.start:c.start + c.num_tokens], c.logit_rows)
+            logits = self.runner.step([(c.state.key, c.state.token_ids(c.start, c.num_tokens), c.logit_rows)
                                        for c in plan])
         except Exception as e:
             if self.lockstep:

@@ -50,13 +50,13 @@ class SeqState:
     store_at: int | None = None           # cache length at which to store the prompt prefix
     num_preemptions: int = 0
 
-    @property
-    def tokens(self) -> list[int]:
-        return self.seq.all_token_ids
+    def token_ids(self, start: int, num_tokens: int) -> list[int]:
+        """The sequence's tokens [start, start + num_tokens): a chunk's input."""
+        return self.seq.token_ids(start, start + num_tokens)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.seq.prompt_token_ids) + len(self.seq.output_token_ids)
+        return self.seq.num_tokens
 
 
 @dataclass

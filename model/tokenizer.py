@@ -92,6 +92,7 @@ class V4Tokenizer:
         self.bos_token_id = self._require_id(BOS_TOKEN)
         self.eos_token_id = self._require_id(EOS_TOKEN)
         self._token_text: dict[int, str] = {}  # decode_token's answers: logprobs ask for ~21 per token
+        self._token_bytes: tuple[dict[int, bytes], dict[int, bytes]] = ({}, {})  # token_bytes', by skip_special
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "V4Tokenizer":
@@ -138,7 +139,15 @@ class V4Tokenizer:
         return text
 
     def token_bytes(self, token_id: int, skip_special_tokens: bool = True) -> bytes:
-        """Raw bytes of one token, mirroring the ByteLevel decoder; b"" for unused ids and skipped specials."""
+        """Raw bytes of one token, mirroring the ByteLevel decoder; b"" for unused ids and skipped specials.
+        Every generated token asks (the streaming detokenizer): each answer is kept."""
+        known = self._token_bytes[skip_special_tokens]
+        raw = known.get(token_id)
+        if raw is None:
+            raw = known[token_id] = self._token_bytes_of(token_id, skip_special_tokens)
+        return raw
+
+    def _token_bytes_of(self, token_id: int, skip_special_tokens: bool) -> bytes:
         token = self._tokenizer.id_to_token(token_id) if 0 <= token_id < self.vocab_size else None
         if token is None or (skip_special_tokens and token_id in self.special_token_ids):
             return b""

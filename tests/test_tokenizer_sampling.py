@@ -11,6 +11,7 @@ import torch
 from v4ray.engine.sampler import (
     INVALID_PROBABILITIES,
     Penalties,
+    SampledToken,
     SamplingBatch,
     apply_min_tokens,
     apply_penalties,
@@ -379,3 +380,23 @@ def test_a_sampling_batch_reads_back_once_with_the_same_results():
 )
 def test_check_stop(text, new_text_start, stop, expected):
     assert check_stop(text, new_text_start, stop) == expected
+
+
+def test_a_sequence_reads_any_token_range_without_building_the_whole_list(tokenizer):
+    """`Sequence.token_ids(start, stop)` (a step's chunk input) equals the slice of prompt + output for ranges in
+    the prompt, in the output and across the boundary; a sequence stops at max_model_len counting both."""
+    from v4ray.engine.sequence import Sequence
+
+    prompt = list(range(100, 110))
+    seq = Sequence(0, prompt, SamplingParams(max_tokens=50, ignore_eos=True), tokenizer, None, 14, None,
+                   torch.zeros(7))
+    for t in (300, 301, 302):
+        seq.append(SampledToken(t, -1.0))
+    whole = prompt + [300, 301, 302]
+    assert seq.num_tokens == len(whole) == 13
+    for start in range(len(whole) + 1):
+        for stop in range(start, len(whole) + 1):
+            assert seq.token_ids(start, stop) == whole[start:stop], (start, stop)
+    assert not seq.finished
+    seq.append(SampledToken(303, -1.0))          # the 14th token: max_model_len
+    assert seq.finish_reason == "length"
