@@ -14,7 +14,7 @@ import torch
 from .grammar import GrammarBackend
 from .outputs import RequestOutput
 from .runner import ModelRunner
-from .sampler import Penalties, SamplingBatch, make_generator, sampling_row
+from .sampler import Penalties, SampledToken, SamplingBatch, make_generator, picked_tokens, sampling_row
 from .sampling import RequestOutputKind, SamplingParamError, SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, SeqState
 from .sequence import Sequence, prompt_logprobs
@@ -151,6 +151,12 @@ class EngineCore:
         sampling raises — now, or when its row's probabilities turn out invalid — fails alone; the other rows'
         tokens do not depend on it."""
         rows = [row for _, row in sampled]
+        picks = self.runner.greedy_picks
+        if (picks is not None and rows == list(range(logits.shape[0]))
+                and all(s.seq.plain_greedy and s.seq.params.logprobs is None for s, _ in sampled)):
+            # a decode step of plain greedy rows: the step's graph chose them already (`greedy_picks`)
+            self._take(sampled, picked_tokens(picks), set(), failed, touched)
+            return
         batch = SamplingBatch(logits if rows == list(range(logits.shape[0]))
                               else torch.stack([logits[row] for row in rows]))  # [S, V]
         for i, (s, _) in enumerate(sampled):
@@ -171,6 +177,11 @@ class EngineCore:
         if constrained:
             ok = self.grammars.advance([m for m, _ in constrained], [results[i].token for _, i in constrained])
             refused = {i for (_, i), good in zip(constrained, ok) if not good and not results[i].error}
+        self._take(sampled, results, refused, failed, touched)
+
+    def _take(self, sampled: list[tuple[SeqState, int]], results: list[SampledToken], refused: set[int],
+              failed: dict[str, str], touched: dict[str, "_Request"]) -> None:
+        """Each sampled sequence takes its token (the rows in `refused` fail: their grammar refused it)."""
         for i, ((s, _), result) in enumerate(zip(sampled, results)):
             if s.request_id not in self.requests:
                 continue

@@ -35,6 +35,8 @@ from v4ray.kernels.compiled import compile_graph
 from v4ray.model.kv_cache import DecodeBatch, DecodeInputs, PagedKVCache, SeqCache
 from v4ray.model.v4 import V4Model, layer_after_exchange, layer_until_exchange
 
+from .sampler import greedy_picks
+
 log = logging.getLogger(__name__)
 
 CPU_INPUTS_KEPT = 64  # (B, W) input buffers kept on the CPU, where every size is a bucket (a few KiB each)
@@ -93,7 +95,7 @@ class DecodeGraphs:
             self.widths = bucket_sizes(self.max_width)
         # the buckets' persistent inputs; on the CPU the most recently used CPU_INPUTS_KEPT of them
         self.inputs: OrderedDict[tuple[int, int], DecodeInputs] = OrderedDict()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None  # CUDA graphs' shared memory pool
         self.compiled = compiled  # torch.compile on the CPU, CUDA graphs on CUDA; False: the step as it is
         # compiled on the CPU: an HCA layer pools its 128-row window only in a step where one closes (a cond). Not in
@@ -143,7 +145,8 @@ class DecodeGraphs:
     def _deferred_step(self, token_ids, positions, slots, block_tables, real):
         batch = DecodeBatch(self.cache, token_ids, positions, slots, block_tables, real, deferred=[],
                             pool_on_close=self._pool_on_close)
-        return self.model.decode(batch), batch.deferred
+        logits = self.model.decode(batch)
+        return logits, greedy_picks(logits), batch.deferred
 
     def _until_exchange(self, block, cache_layer, x, token_ids, positions, slots, block_tables, real):
         batch = _LayerWrites(self.cache, token_ids, positions, slots, block_tables, real, deferred=[],
@@ -164,7 +167,8 @@ class DecodeGraphs:
             (x, u, weights, idx, shared, post, comb), writes_i = self._layer_until_exchange(i, x, inputs)
             writes += writes_i
             x = self._layer_after_exchange(x, block.ffn.route(u, weights, idx, static=True), shared, post, comb)
-        return model.logits(x), writes
+        logits = model.logits(x)
+        return logits, greedy_picks(logits), writes
 
     def _ping_pong(self, inputs: tuple[torch.Tensor, ...]):
         """The step as two micro-batches, the first ceil(B/2) rows and the rest, through every layer in turn: each
@@ -191,7 +195,8 @@ class DecodeGraphs:
                 xs[m] = self._layer_after_exchange(x, ex.finish(started), shared, post, comb)
                 if i + 1 < len(model.layers):
                     until(m, i + 1)
-        return torch.cat([model.logits(x) for x in xs]), writes
+        logits = torch.cat([model.logits(x) for x in xs])
+        return logits, greedy_picks(logits), writes
 
     def _layer_until_exchange(self, i: int, x: torch.Tensor, inputs: tuple[torch.Tensor, ...]):
         """Layer i up to its exchange (the `_until` graph) -> its outputs and its cache writes, layer-tagged."""
@@ -208,22 +213,25 @@ class DecodeGraphs:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         return self._after(*tensors)
 
-    def run(self, seqs: list[SeqCache], token_ids: list[int]) -> torch.Tensor:
-        """One decode step of `seqs` (their blocks already appended) -> logits [len(seqs), V] fp32. The caller
-        advances each sequence's cached token count."""
-        key = self.bucket(len(seqs), max(len(s.block_table) for s in seqs))
+    def run(self, seqs: list[SeqCache], token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step of `seqs` (their blocks already appended) -> (logits [len(seqs), V] fp32, their greedy
+        picks [len(seqs), 2], `greedy_picks`, computed in the step's graph). The caller advances each sequence's
+        cached token count."""
+        n = len(seqs)
+        key = self.bucket(n, max(len(s.block_table) for s in seqs))
         inputs = self._inputs(key)
         if self.cuda:
             if key not in self.graphs:
                 self._capture(key, inputs)
             inputs.fill(seqs, token_ids)
-            graph, logits = self.graphs[key]
+            graph, logits, picks = self.graphs[key]
             graph.replay()
-            return logits[:len(seqs)]
+            return logits[:n], picks[:n]
         batch = inputs.fill(seqs, token_ids)
-        logits, writes = self._step(batch.token_ids, batch.positions, batch.slots, batch.block_tables, batch.real)
+        logits, picks, writes = self._step(batch.token_ids, batch.positions, batch.slots, batch.block_tables,
+                                           batch.real)
         batch.apply_writes(writes)
-        return logits[:len(seqs)]
+        return logits[:n], picks[:n]
 
     def _capture(self, key: tuple[int, int], inputs: DecodeInputs) -> None:
         """Capture the bucket's step on padding rows (they touch only the scratch slot and block): one eager run
@@ -241,7 +249,8 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits = self.model.decode(batch)
-        self.graphs[key] = (graph, logits)
+            picks = greedy_picks(logits)
+        self.graphs[key] = (graph, logits, picks)
         log.info("captured the decode step for %d rows x %d blocks in %.2f s", *key, time.perf_counter() - t0)
 
     def warm_up(self) -> float:
@@ -266,7 +275,8 @@ class DecodeGraphs:
                 batch = self._inputs((rows, 2)).padding()
                 if rows == 2:
                     self.model.decode(batch)  # eager first: lazily built state (stacked experts) exists before tracing
-                _, writes = self._step(batch.token_ids, batch.positions, batch.slots, batch.block_tables, batch.real)
+                *_, writes = self._step(batch.token_ids, batch.positions, batch.slots, batch.block_tables,
+                                        batch.real)
                 batch.apply_writes(writes)
         finally:
             for ex in exchanges:

@@ -45,6 +45,9 @@ class ModelRunner:
         self.io = PrefixIO(self.cache) if prefix_cache is not None else None
         self.seqs: dict[str, SeqCache] = {}
         self.graphs: DecodeGraphs | None = None
+        # the last step's greedy picks ([rows, 2], `greedy_picks`) when it ran as the fixed-shape decode step alone
+        # (computed inside its graph; the engine reads them instead of sampling plain greedy rows); else None
+        self.greedy_picks: torch.Tensor | None = None
         # the variable-shape step's mHC and prefill attention: compiled with the decode step on the torch backend
         # (CUDA runs them as Triton kernels); on the model itself, so a model shared by runners takes the last one's
         compile_regions = (decode_step == "compiled" and kernel_backend(model.device) == "torch"
@@ -130,6 +133,7 @@ class ModelRunner:
             if not self.cache.can_append(seq, len(new)):
                 raise CacheFullError(f"sequence {key!r} needs blocks for {seq.num_tokens + len(new)} tokens")
             self.cache.append(seq, len(new))
+        self.greedy_picks = None
         if not chunks:
             return torch.empty(0, self.model.cfg.vocab_size, device=self.model.device)
         decode = [i for i, (_, new, want) in enumerate(chunks) if len(new) == 1 and list(want) == [0]]
@@ -137,10 +141,11 @@ class ModelRunner:
         if (self.graphs is None or not decode or (self.model.experts_remote and len(decode) < len(chunks))
                 or not self.graphs.fits(len(seqs), max(len(s.block_table) for s in seqs))):
             return self._eager(chunks)
-        decoded = self.graphs.run(seqs, [chunks[i][1][0] for i in decode])
+        decoded, picks = self.graphs.run(seqs, [chunks[i][1][0] for i in decode])
         for seq in seqs:
             seq.num_tokens += 1
         if len(decode) == len(chunks):
+            self.greedy_picks = picks
             return decoded
         is_decode = set(decode)
         rest = self._eager([c for i, c in enumerate(chunks) if i not in is_decode])

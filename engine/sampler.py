@@ -281,6 +281,21 @@ class SampledToken:
         return one[0]
 
 
+def greedy_picks(logits: torch.Tensor) -> torch.Tensor:
+    """Every row's plain greedy choice as one small tensor: logits [N, V] -> [N, 2] float64 of (the argmax, the
+    first among equal maxima; its raw logprob) — what `SamplingBatch.run` reads back for rows nobody shaped, computed
+    by the fixed-shape decode step inside its graph (engine/graphs.py), so that a step whose every row is plain greedy
+    reads back this and nothing else (`picked_tokens`). Token ids < 2^53 are exact in float64."""
+    tokens = logits.argmax(dim=-1)
+    chosen = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+    return torch.stack([tokens.to(torch.float64), chosen.to(torch.float64)], dim=1)
+
+
+def picked_tokens(picks: torch.Tensor) -> list[SampledToken]:
+    """`greedy_picks` on the host (the step's one device->host transfer) -> each row's SampledToken."""
+    return [SampledToken(int(t), lp) for t, lp in picks.tolist()]
+
+
 def read_back(tokens: torch.Tensor, raw_logprobs: torch.Tensor, k: int | None = None,
               extra: torch.Tensor | None = None, argmax: bool = False) -> tuple[list[SampledToken], list[float]]:
     """Everything the host needs about rows whose tokens [N] were chosen on the device, in ONE transfer.

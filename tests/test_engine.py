@@ -300,3 +300,26 @@ def test_prompt_logprobs_add_one_transfer_per_request_to_the_prefill_step(tiny_c
     assert all(len(_engine_events(w, "sync")) == SYNCS_PER_STEP for w in decode)
     assert all(not _engine_events(w, "upload") for w in steps)
     assert len(final["r0"].prompt_logprobs) == 30 and len(final["r1"].prompt_logprobs) == 37
+
+
+def test_plain_greedy_decode_steps_take_the_picks_of_the_steps_graph(tiny_ckpt):
+    """A decode step whose rows are all plain greedy reads back the picks its fixed-shape step computed
+    (`greedy_picks`) instead of sampling the logits again: the same tokens and cumulative logprobs, bit for bit,
+    as the same requests asking for logprobs (which go through `SamplingBatch` on the same logits)."""
+    ckpt = tiny_ckpt("v4-tiny")
+    prompts = [parity_prompt(20 + 9 * i, seed=70 + i).tolist() for i in range(5)]
+    runs = {}
+    for name, extra in (("picks", {}), ("sampled", {"logprobs": 0})):
+        runner = ModelRunner(load_model(ckpt, torch.float32), 64 << 20, 8, decode_step="static")
+        core = EngineCore(runner, V4Tokenizer.from_dir(ckpt), 4096, 512, 8)
+        for i, ids in enumerate(prompts):
+            core.add_request(f"r{i}", ids, SamplingParams(max_tokens=6 + i, temperature=0, ignore_eos=True, **extra))
+        core.step()                                           # the prefill: no graph, no picks
+        assert runner.greedy_picks is None
+        core.step()                                           # a decode step of the fixed-shape graph
+        assert runner.greedy_picks is not None and runner.greedy_picks.shape == (5, 2)
+        runs[name] = _drain(core)
+    assert runs["picks"].keys() == runs["sampled"].keys()
+    for rid, out in runs["picks"].items():
+        a, b = out.outputs[0], runs["sampled"][rid].outputs[0]
+        assert a.token_ids == b.token_ids and a.cumulative_logprob == b.cumulative_logprob, rid
