@@ -21,6 +21,7 @@ collectives alone, before any control path or compute.
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import os
 import sys
@@ -84,7 +85,7 @@ def _exchange_rank(rank: int, routers: int, world: int, rows: int, width: int, r
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=__import__("datetime").timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=60))
     shards = world - routers
     router = rank < routers
     send_rows = [0] * routers + [rows if router else 0] * shards    # a router sends every shard a full block
@@ -99,7 +100,7 @@ def _exchange_rank(rank: int, routers: int, world: int, rows: int, width: int, r
         dist.all_to_all_single(home, back, send_rows, recv_rows)
 
     times = []
-    for i in range(reps + 20):
+    for _ in range(reps + 20):
         t = time.perf_counter()
         layer()
         times.append(time.perf_counter() - t)

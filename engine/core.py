@@ -151,14 +151,14 @@ class EngineCore:
         sampling raises — now, or when its row's probabilities turn out invalid — fails alone; the other rows'
         tokens do not depend on it."""
         rows = [row for _, row in sampled]
+        every_row = rows == list(range(logits.shape[0]))
         picks = self.runner.greedy_picks
-        if (picks is not None and rows == list(range(logits.shape[0]))
+        if (picks is not None and every_row
                 and all(s.seq.plain_greedy and s.seq.params.logprobs is None for s, _ in sampled)):
             # a decode step of plain greedy rows: the step's graph chose them already (`greedy_picks`)
             self._take(sampled, picked_tokens(picks), set(), failed, touched)
             return
-        batch = SamplingBatch(logits if rows == list(range(logits.shape[0]))
-                              else torch.stack([logits[row] for row in rows]))  # [S, V]
+        batch = SamplingBatch(logits if every_row else torch.stack([logits[row] for row in rows]))  # [S, V]
         for i, (s, _) in enumerate(sampled):
             if s.request_id in self.requests:
                 try:

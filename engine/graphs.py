@@ -160,14 +160,15 @@ class DecodeGraphs:
         two micro-batches (`RouterExchange.micro_batches`) and at least two rows, the rows run as two ping-ponged
         halves (`_ping_pong`)."""
         if self.exchange.micro_batches == 2 and inputs[0].shape[0] >= 2:
-            return self._ping_pong(inputs)
-        model, writes = self.model, []
-        x = model._embed(inputs[0])
-        for i, block in enumerate(model.layers):
-            (x, u, weights, idx, shared, post, comb), writes_i = self._layer_until_exchange(i, x, inputs)
-            writes += writes_i
-            x = self._layer_after_exchange(x, block.ffn.route(u, weights, idx, static=True), shared, post, comb)
-        logits = model.logits(x)
+            logits, writes = self._ping_pong(inputs)
+        else:
+            model, writes = self.model, []
+            x = model._embed(inputs[0])
+            for i, block in enumerate(model.layers):
+                (x, u, weights, idx, shared, post, comb), writes_i = self._layer_until_exchange(i, x, inputs)
+                writes += writes_i
+                x = self._layer_after_exchange(x, block.ffn.route(u, weights, idx, static=True), shared, post, comb)
+            logits = model.logits(x)
         return logits, greedy_picks(logits), writes
 
     def _ping_pong(self, inputs: tuple[torch.Tensor, ...]):
@@ -195,8 +196,7 @@ class DecodeGraphs:
                 xs[m] = self._layer_after_exchange(x, ex.finish(started), shared, post, comb)
                 if i + 1 < len(model.layers):
                     until(m, i + 1)
-        logits = torch.cat([model.logits(x) for x in xs])
-        return logits, greedy_picks(logits), writes
+        return torch.cat([model.logits(x) for x in xs]), writes
 
     def _layer_until_exchange(self, i: int, x: torch.Tensor, inputs: tuple[torch.Tensor, ...]):
         """Layer i up to its exchange (the `_until` graph) -> its outputs and its cache writes, layer-tagged."""

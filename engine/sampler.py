@@ -283,9 +283,10 @@ class SampledToken:
 
 def greedy_picks(logits: torch.Tensor) -> torch.Tensor:
     """Every row's plain greedy choice as one small tensor: logits [N, V] -> [N, 2] float64 of (the argmax, the
-    first among equal maxima; its raw logprob) — what `SamplingBatch.run` reads back for rows nobody shaped, computed
-    by the fixed-shape decode step inside its graph (engine/graphs.py), so that a step whose every row is plain greedy
-    reads back this and nothing else (`picked_tokens`). Token ids < 2^53 are exact in float64."""
+    first among equal maxima; its raw logprob). `SamplingBatch.run` reads it back when no row is shaped and no
+    logprobs are asked; the fixed-shape decode step computes it inside its graph (engine/graphs.py), so that a step
+    whose every row is plain greedy reads back this and nothing else (`picked_tokens`). Token ids < 2^53 are exact in
+    float64."""
     tokens = logits.argmax(dim=-1)
     chosen = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
     return torch.stack([tokens.to(torch.float64), chosen.to(torch.float64)], dim=1)
@@ -409,6 +410,8 @@ class SamplingBatch:
         num_rows = self.logits.shape[0]
         if num_rows == 0:
             return []
+        if not (self._shaped or self._greedy or self._draws or self._counted) and num_logprobs is None:
+            return picked_tokens(greedy_picks(self.logits))  # every row plain greedy, as a decode step's graph does
         greedy, shaped_probs = self._shape()
         greedy += self._greedy
         draw_rows = [row for row, _, _ in self._draws]

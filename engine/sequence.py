@@ -48,11 +48,6 @@ class Sequence:
         return self.grammar is not None and not self._grammar_waits
 
     @property
-    def all_token_ids(self) -> list[int]:
-        """A new list of every token (prompt, then output): O(length); a step reads `token_ids` instead."""
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 

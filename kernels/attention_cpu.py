@@ -11,8 +11,9 @@ The kernel's result for a row does not depend on the other rows of the batch.
 
 It applies to fp32 operands on the CPU with the head dimension a multiple of 16, from 2 rows (`native_applies`,
 `NATIVE_MIN_ROWS`); elsewhere, or where it cannot be built (kernels/native_cpu.py), `sparse_sink_attention_ref`
-(kernels/attention.py) runs, its reference (tests/test_kernels.py). `torch.ops.v4ray.sparse_sink_attention` is an operator of its own (registered
-as `kernels/paged_cpu.py`'s), so a compiled decode step calls it as one opaque call (docs/architecture.md §12).
+(kernels/attention.py) runs, its reference (tests/test_kernels.py). `torch.ops.v4ray.sparse_sink_attention` is an
+operator of its own (registered as `kernels/paged_cpu.py`'s), so a compiled decode step calls it as one opaque call
+(docs/architecture.md §12).
 """
 
 from __future__ import annotations
