@@ -2,7 +2,7 @@
 
     python bench/engine.py [--preset v4-tiny] [--concurrency 1,4,8,16,32] [--prompt-len 128]
                            [--min-new-tokens 8] [--max-new-tokens 64] [--workloads mixed,uniform]
-                           [--decode-steps eager,compiled]
+                           [--decode-steps eager,compiled] [--repeats 3]
 
 At each concurrency C, C greedy requests with prompts of the same length (transformers' V4 cannot left-pad:
 its compressors align windows by absolute position) run on the same tiny model and machine: the v4ray
@@ -10,6 +10,11 @@ engine in-process (EngineCore: scheduler, paged cache, sampler) against transfor
 of C. Workloads: "mixed" output lengths drawn uniformly from [min, max] (a serving workload: a static batch
 runs until its longest member finishes, the engine retires each request when done), and "uniform" (every
 request generates max tokens: no scheduling advantage). Throughput counts requested tokens only.
+
+Repeats (--repeats R, default 3): each workload runs R rounds, transformers then each engine mode, so that both
+sides see the same phases of a shared host (on the 2-core CI host, latency-bound steps swing by ~30 % over tens of
+seconds while throughput-bound GEMMs do not); a row reports the median of each side's totals (the ratio is of
+those medians) and the lowest and highest ratio of one round's pair.
 
 Decode steps: "eager" (`enforce_eager`: every step through StepBatch) and "compiled" (decode-only steps as the
 fixed-shape step compiled by torch.compile, as `v4ray serve` runs on the CPU; its compile is paid before timing
@@ -23,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, write  # noqa: E402
@@ -75,6 +81,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--workloads", default="mixed,uniform")
     ap.add_argument("--decode-steps", default="eager,compiled")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds per workload (module docstring)")
     args = ap.parse_args()
     import random
 
@@ -107,19 +114,28 @@ def main() -> None:
             lens = ([rng.randint(args.min_new_tokens, args.max_new_tokens) for _ in range(c)] if workload == "mixed"
                     else [args.max_new_tokens] * c)
             run_hf(hf, prompts, [2] * c)  # warm-up
-            h_total, h_tpot = run_hf(hf, prompts, lens)
+            for core in cores.values():
+                run_engine(core, prompts, [4] * c)
+            hf_runs, runs = [], {mode: [] for mode in cores}
+            for _ in range(args.repeats):  # rounds: each side sees the same phases of the host
+                hf_runs.append(run_hf(hf, prompts, lens))
+                for mode, core in cores.items():
+                    runs[mode].append(run_engine(core, prompts, lens))
             n = sum(lens)
-            for mode, core in cores.items():
-                run_engine(core, prompts, [4] * c)  # warm-up
-                e_total, e_tpot = run_engine(core, prompts, lens)
+            h_total, h_tpot = median(t for t, _ in hf_runs), median(p for _, p in hf_runs)
+            for mode in cores:
+                e_total, e_tpot = median(t for t, _ in runs[mode]), median(p for _, p in runs[mode])
+                paired = [h / e for (h, _), (e, _) in zip(hf_runs, runs[mode])]
                 rows.append({"workload": workload, "concurrency": c, "decode_step": mode,
                              "v4ray_tok_s": round(n / e_total, 1), "hf_tok_s": round(n / h_total, 1),
-                             "ratio": round(h_total / e_total, 2), "v4ray_tpot_ms": round(1e3 * e_tpot, 2),
-                             "hf_tpot_ms": round(1e3 * h_tpot, 2)})
+                             "ratio": round(h_total / e_total, 2), "ratio_range": [round(min(paired), 2),
+                                                                                   round(max(paired), 2)],
+                             "v4ray_tpot_ms": round(1e3 * e_tpot, 2), "hf_tpot_ms": round(1e3 * h_tpot, 2)})
                 print(rows[-1], flush=True)
-    print(table(rows, ["workload", "concurrency", "decode_step", "v4ray_tok_s", "hf_tok_s", "ratio", "v4ray_tpot_ms",
-                       "hf_tpot_ms"]))
+    print(table(rows, ["workload", "concurrency", "decode_step", "v4ray_tok_s", "hf_tok_s", "ratio", "ratio_range",
+                       "v4ray_tpot_ms", "hf_tpot_ms"]))
     path = write("engine", {"preset": args.preset, "prompt_len": args.prompt_len, "compile_s": compile_s,
+                            "repeats": args.repeats,
                             "new_tokens": [args.min_new_tokens, args.max_new_tokens], "rows": rows,
                             "baseline": "transformers generate, batch = concurrency, runs to the longest request"})
     print(f"wrote {path}")
