@@ -333,6 +333,10 @@ class EntryLayout:
     hi: torch.Tensor
     bias: torch.Tensor     # [N, E] 0 on [lo_r, hi_r) (HCA attends to all of them)
     most: int = 0          # max_r (hi_r - lo_r): a CSA indexer keeping top-k >= most keeps them all (this bias)
+    # the leading rows that see at most the config's index_topk entries: a CSA group's queries there attend to
+    # all of theirs without the indexer (`Attention._plain_rows`); 0 where under 2 such rows or under 2 after them
+    # (a compiled region's size of 0 or 1 is a graph of its own)
+    plain_rows: int = 0
 
 
 @dataclass
@@ -598,9 +602,12 @@ class StepBatch:
         lo_t, hi_t = torch.tensor(lo, dtype=torch.long), torch.tensor(hi, dtype=torch.long)
         j = torch.arange(base)[None, :]
         hidden = (j < lo_t[:, None]) | (j >= hi_t[:, None])
+        k = self.cache.cfg.index_topk
+        plain = next((r for r, (l, h) in enumerate(zip(lo, hi)) if h - l > k), len(lo))
         return EntryLayout(torch.tensor(blocks, dtype=torch.long), torch.tensor(offsets, dtype=torch.long),
                            lo_t, hi_t, torch.zeros(hidden.shape).masked_fill(hidden, float("-inf")),
-                           max((h - l for l, h in zip(lo, hi)), default=0))
+                           max((h - l for l, h in zip(lo, hi)), default=0),
+                           plain if 2 <= plain <= len(lo) - 2 else 0)
 
     def emit_layout(self, ratio: int, ring_rows: int, overlap: bool) -> EmitLayout:
         return self._cached(("emit", ratio, ring_rows, overlap), lambda: self._emit_layout(ratio, ring_rows, overlap))

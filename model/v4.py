@@ -581,8 +581,15 @@ class Attention(nn.Module):
                 entries = lc.read_main(lc.entries, ent.blocks, ent.offsets, kv.dtype)   # [E, d]
                 if self.indexer is not None and ent.most > self.indexer.topk:   # the indexer drops some entries
                     ikeys = lc.read_index(ent.blocks, ent.offsets, torch.float32)
+                    p = ent.plain_rows                  # leading rows whose entries the top-k keeps all of
+                    if p:
+                        rp = r[:p]
+                        out[rp] = self.regions.attention(q[rp], torch.cat([keys, entries.to(keys.dtype)]).to(q.dtype),
+                                                         torch.cat([bias[:p], ent.bias[:p]], dim=1), self.attn_sink,
+                                                         self.head_dim ** -0.5)
+                        r, bias = r[p:], bias[p:]
                     out[r] = self.regions.indexed_attention(self, q[r], keys, bias, entries, ikeys, u[r], c_q[r],
-                                                            cos[r], sin[r], ent.lo, ent.hi)
+                                                            cos[r], sin[r], ent.lo[p:], ent.hi[p:])
                     continue
                 # HCA; or CSA where no query has more entries than the indexer keeps: its top-k keeps them all
                 keys = torch.cat([keys, entries.to(keys.dtype)])
@@ -606,9 +613,19 @@ class Attention(nn.Module):
             entries = lc.read_main(lc.entries, ent.blocks, ent.offsets, kv.dtype)                  # [G, E, d]
             if self.indexer is not None and ent.most > self.indexer.topk:
                 ikeys = lc.read_index(ent.blocks, ent.offsets, torch.float32)
-                st.put(out, self.regions.stacked_indexed_attention(self, take(q), keys, bias, entries, ikeys, take(u),
-                                                                   take(c_q), *(take(t)[0] for t in rope), ent.lo,
-                                                                   ent.hi))
+                p = ent.plain_rows                      # leading rows whose entries the top-k keeps all of
+                qs = take(q)
+                # the rows from p on, contiguous (a view's strides would be guards of a graph of its own)
+                tail = (lambda t: t[:, p:].contiguous()) if p else (lambda t: t)
+                y = self.regions.stacked_indexed_attention(self, tail(qs), keys, bias[p:], entries, ikeys,
+                                                           tail(take(u)), tail(take(c_q)),
+                                                           *(take(t)[0][p:] for t in rope), ent.lo[p:], ent.hi[p:])
+                if p:
+                    plain = self.regions.stacked_attention(
+                        qs[:, :p].contiguous(), torch.cat([keys, entries.to(keys.dtype)], dim=1).to(q.dtype),
+                        torch.cat([bias[:p], ent.bias[:p]], dim=1), self.attn_sink, self.head_dim ** -0.5)
+                    y = torch.cat([plain, y], dim=1)
+                st.put(out, y)
                 return
             keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
             bias = torch.cat([bias, ent.bias], dim=1)
@@ -629,8 +646,18 @@ class Attention(nn.Module):
             entries = lc.read_main(lc.entries, ent.blocks, ent.offsets, keys.dtype)
             if self.indexer is not None and ent.most > self.indexer.topk:
                 ikeys = lc.read_index(ent.blocks, ent.offsets, torch.float32)
-                return self.regions.indexed_window_attention(self, q, keys, ring_pad, entries, ikeys, u, c_q, *rope,
-                                                             ent.lo, ent.hi)
+                p = ent.plain_rows                      # leading rows whose entries the top-k keeps all of
+                if min(p, n - p) <= self.window:        # each side more than one block of queries (`warm_up`)
+                    p = 0
+                y = self.regions.indexed_window_attention(self, q[p:], keys[p:], (ring_pad - p).clamp(min=0) if p else ring_pad,
+                                                          entries,
+                                                          ikeys, u[p:], c_q[p:], *(t[p:] for t in rope), ent.lo[p:],
+                                                          ent.hi[p:])
+                if not p:
+                    return y
+                plain = self.regions.window_attention(self, q[:p], keys[:self.window - 1 + p], ring_pad, entries,
+                                                      ent.bias[:p])
+                return torch.cat([plain, y])
             bias = ent.bias
         if entries.shape[0] < 2:  # masked entries make up two: a count of 0 or 1 would be a graph of its own
             pad = 2 - entries.shape[0]

@@ -184,3 +184,36 @@ def test_cache_refuses_cleanly_when_full(models):
     assert cache.blocks.num_free == 1 and cache.slots.num_free == 1  # nothing half-allocated
     cache.free(a)
     assert cache.blocks.num_free == 3 and cache.slots.num_free == 2
+
+
+@pytest.mark.parametrize("preset", ["v4-tiny", "v4-tiny-pro", "v4-tiny-rates"])
+def test_a_csa_prefills_leading_queries_attend_without_the_indexer(models, preset, monkeypatch):
+    """A query that sees no more compressed entries than the indexer keeps attends to all of them, so a CSA prefill
+    group's leading such rows skip the indexer (`EntryLayout.plain_rows`): the indexer scores exactly the queries
+    that see more, in a prompt alone (v4-tiny: one attention call; the pro and rates presets: a banded chunk) and in
+    a stack of equal prompts, and every position's logits equal the full forward's."""
+    import v4ray.model.v4 as v4
+    from v4ray.model.config import CSA
+
+    model = models[preset]
+    cfg = model.cfg
+    ratio = cfg.compress_ratios[cfg.layer_types.index(CSA)]
+    first_scored = (cfg.index_topk + 1) * ratio - 1   # the first position that sees index_topk + 1 entries
+    scored, real = [], v4.indexer_topk
+    monkeypatch.setattr(v4, "indexer_topk", lambda q, keys, w, lo, hi, k: scored.append(hi - lo) or
+                        real(q, keys, w, lo, hi, k))
+    prompts = [parity_prompt(320, seed=9 + i) for i in range(3)]
+    full = [model(ids) for ids in prompts]                # the reference path scores every query: not recorded
+    scored.clear()
+    ids = prompts[0]
+    _, alone = _prefill(model, PagedKVCache(model.cfg, 4, 1), ids)
+    assert rel_err(alone, full[0]).max() <= PARITY_RTOL
+    assert scored and all(len(v) == len(ids) - first_scored and (v > cfg.index_topk).all() for v in scored)
+    scored.clear()
+    cache = PagedKVCache(model.cfg, 12, 3)
+    seqs = [cache.allocate(len(ids)) for _ in range(3)]
+    stacked = model.step(torch.cat(prompts), StepBatch.build(cache, seqs, [len(ids)] * 3),
+                         torch.arange(3 * len(ids))).view(3, len(ids), -1)
+    for got, ref in zip(stacked, full):
+        assert rel_err(got, ref).max() <= PARITY_RTOL
+    assert scored and all(v.shape[-1] == len(ids) - first_scored and (v > cfg.index_topk).all() for v in scored)
