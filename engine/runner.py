@@ -19,7 +19,7 @@ from v4ray.kernels.backend import kernel_backend
 from v4ray.model.v4 import EAGER_REGIONS, StepRegions, V4Model
 
 from .graphs import DecodeGraphs, static_decode_problem
-from .host_memory import keep_freed_memory
+from .host_memory import freeze_startup_objects, keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class ModelRunner:
                 self.graphs = DecodeGraphs(model, self.cache, max_num_seqs, max(1, max_blocks),
                                            compiled=decode_step == "compiled")
                 self.graphs.warm_up()
+        freeze_startup_objects()  # once per process: the compiled graphs' objects are not walked again
 
     # ---- admission ---------------------------------------------------------------------------------------
     def can_admit(self, num_tokens: int) -> bool:
