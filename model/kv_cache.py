@@ -334,7 +334,7 @@ class EntryLayout:
     bias: torch.Tensor     # [N, E] 0 on [lo_r, hi_r) (HCA attends to all of them)
     most: int = 0          # max_r (hi_r - lo_r): a CSA indexer keeping top-k >= most keeps them all (this bias)
     # the leading rows that see at most the config's index_topk entries: a CSA group's queries there attend to
-    # all of theirs without the indexer (`Attention._plain_rows`); 0 where under 2 such rows or under 2 after them
+    # all of theirs without the indexer (`Attention._attend_cached`); 0 where under 2 such rows or under 2 after them
     # (a compiled region's size of 0 or 1 is a graph of its own)
     plain_rows: int = 0
 

@@ -579,21 +579,19 @@ class Attention(nn.Module):
             if self.compressor is not None:
                 ent = step.entry_layout(self.ratio, group)
                 entries = lc.read_main(lc.entries, ent.blocks, ent.offsets, kv.dtype)   # [E, d]
+                entry_bias = ent.bias
                 if self.indexer is not None and ent.most > self.indexer.topk:   # the indexer drops some entries
                     ikeys = lc.read_index(ent.blocks, ent.offsets, torch.float32)
                     p = ent.plain_rows                  # leading rows whose entries the top-k keeps all of
-                    if p:
-                        rp = r[:p]
-                        out[rp] = self.regions.attention(q[rp], torch.cat([keys, entries.to(keys.dtype)]).to(q.dtype),
-                                                         torch.cat([bias[:p], ent.bias[:p]], dim=1), self.attn_sink,
-                                                         self.head_dim ** -0.5)
-                        r, bias = r[p:], bias[p:]
-                    out[r] = self.regions.indexed_attention(self, q[r], keys, bias, entries, ikeys, u[r], c_q[r],
-                                                            cos[r], sin[r], ent.lo[p:], ent.hi[p:])
-                    continue
-                # HCA; or CSA where no query has more entries than the indexer keeps: its top-k keeps them all
+                    rs = r[p:]
+                    out[rs] = self.regions.indexed_attention(self, q[rs], keys, bias[p:], entries, ikeys, u[rs],
+                                                             c_q[rs], cos[rs], sin[rs], ent.lo[p:], ent.hi[p:])
+                    if not p:
+                        continue
+                    r, bias, entry_bias = r[:p], bias[:p], entry_bias[:p]   # the leading rows: as below
+                # HCA; or CSA rows that see no more entries than the indexer keeps: its top-k keeps them all
                 keys = torch.cat([keys, entries.to(keys.dtype)])
-                bias = torch.cat([bias, ent.bias], dim=1)
+                bias = torch.cat([bias, entry_bias], dim=1)
             out[r] = self.regions.attention(q[r], keys.to(q.dtype), bias, self.attn_sink, self.head_dim ** -0.5)
         writes = step.ring_writes(self.window)                              # after every read
         lc.write_main(lc.swa, writes.slots, writes.rows, kv[writes.src])
@@ -639,31 +637,30 @@ class Attention(nn.Module):
         top-k of them for CSA where it drops some)."""
         n, d = q.shape[0], kv.shape[1]
         keys = torch.cat([kv.new_zeros(self.window - 1 - ring.shape[0], d), ring, kv])
+        tail = None  # the indexed rows' output, after the leading rows that attend without the indexer
         if self.compressor is None:
             entries, bias = keys.new_zeros(0, d), torch.zeros(n, 0, device=keys.device)
         else:
             ent = step.entry_layout(self.ratio, group)
             entries = lc.read_main(lc.entries, ent.blocks, ent.offsets, keys.dtype)
+            bias = ent.bias
             if self.indexer is not None and ent.most > self.indexer.topk:
                 ikeys = lc.read_index(ent.blocks, ent.offsets, torch.float32)
                 p = ent.plain_rows                      # leading rows whose entries the top-k keeps all of
                 if min(p, n - p) <= self.window:        # each side more than one block of queries (`warm_up`)
                     p = 0
-                y = self.regions.indexed_window_attention(self, q[p:], keys[p:], (ring_pad - p).clamp(min=0) if p else ring_pad,
-                                                          entries,
-                                                          ikeys, u[p:], c_q[p:], *(t[p:] for t in rope), ent.lo[p:],
-                                                          ent.hi[p:])
+                tail = self.regions.indexed_window_attention(
+                    self, q[p:], keys[p:], (ring_pad - p).clamp(min=0) if p else ring_pad, entries, ikeys, u[p:],
+                    c_q[p:], *(t[p:] for t in rope), ent.lo[p:], ent.hi[p:])
                 if not p:
-                    return y
-                plain = self.regions.window_attention(self, q[:p], keys[:self.window - 1 + p], ring_pad, entries,
-                                                      ent.bias[:p])
-                return torch.cat([plain, y])
-            bias = ent.bias
+                    return tail
+                n, q, keys, bias = p, q[:p], keys[:self.window - 1 + p], bias[:p]  # the leading rows: as below
         if entries.shape[0] < 2:  # masked entries make up two: a count of 0 or 1 would be a graph of its own
             pad = 2 - entries.shape[0]
             entries = torch.cat([entries, entries.new_zeros(pad, d)])
             bias = torch.cat([bias, torch.full((n, pad), float("-inf"), device=bias.device)], dim=1)
-        return self.regions.window_attention(self, q, keys, ring_pad, entries, bias)
+        y = self.regions.window_attention(self, q, keys, ring_pad, entries, bias)
+        return y if tail is None else torch.cat([y, tail])
 
     def _attend_decode(self, u, c_q, q, kv, positions, rope, lc: LayerCache, slots: torch.Tensor,
                        block_tables: torch.Tensor, fresh: "FreshEntries | None" = None) -> torch.Tensor:
