@@ -990,11 +990,18 @@ class Block(nn.Module):
                         prefill)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor,
-                step: StepBatch | None = None, cache: LayerCache | None = None) -> torch.Tensor:
-        """x [N, n, D] residual streams of N tokens (one whole sequence, or a step's chunks)."""
+                step: StepBatch | None = None, cache: LayerCache | None = None,
+                out_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, n, D] residual streams of N tokens (one whole sequence, or a step's chunks). out_rows: the rows
+        whose output is wanted (`V4Model.step`'s last layer): every row still writes the cache, only these leave the
+        attention and run the MoE sublayer -> [len(out_rows), n, D]."""
         fns = self.regions if isinstance(step, StepBatch) else EAGER_REGIONS
         (u, c_q, q, kv, cos, sin), post, comb = fns.attn_enter(self, x, positions, isinstance(step, StepBatch))
         o = self.attn.attend(u, c_q, q, kv, positions, (cos, sin), step, cache)
+        if out_rows is not None:
+            if not out_rows.numel():  # no row's logits wanted: nothing past the cache writes
+                return x[:0]
+            x, o, cos, sin, post, comb, token_ids = (t[out_rows] for t in (x, o, cos, sin, post, comb, token_ids))
         x = fns.attn_leave(self, x, o, cos, sin, post, comb)
         return fns.ffn_for(self, x)(self, x, token_ids, isinstance(step, DecodeBatch))
 
@@ -1061,11 +1068,15 @@ class V4Model(nn.Module):
         token_ids, rows = batch.prepare(token_ids, logit_rows)
         positions = batch.positions()
         x = self._embed(token_ids)
-        for block, layer_cache in zip(self.layers, batch.cache.layers):
-            x = block(x, positions, token_ids, batch, layer_cache)
+        # The last layer's rows past its cache writes are read by the logits alone: only the logit rows go on (a
+        # prefill of 32 prompts of 128 tokens: 32 rows of 4096 through its attention's output and MoE;
+        # docs/architecture.md §12)
+        last = len(self.layers) - 1 if rows.numel() < len(token_ids) else None
+        for i, (block, layer_cache) in enumerate(zip(self.layers, batch.cache.layers)):
+            x = block(x, positions, token_ids, batch, layer_cache, rows if i == last else None)
         for seq, _, n in batch.chunks:
             seq.num_tokens += n
-        return self.logits(x[rows])
+        return self.logits(x if last is not None else x[rows])
 
     @torch.no_grad()
     def decode(self, batch: DecodeBatch) -> torch.Tensor:

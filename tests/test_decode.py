@@ -72,6 +72,38 @@ def test_chunked_prefill_equals_one_shot(models, preset):
     _decode_against_full(model, cache, seq, ids, chunked[-1], steps=4)
 
 
+@pytest.mark.parametrize("preset", ["v4-tiny", "v4-tiny-pro"])
+def test_the_last_layer_runs_past_its_cache_writes_for_the_logit_rows_only(models, preset, monkeypatch):
+    """`V4Model.step`: every row of the last layer writes the cache, only the logit rows go on through its attention
+    output and MoE: the last MoE gate sees exactly those rows (the others every row), the logits equal the full
+    forward's, and a chunk whose logits nobody wants (an earlier chunk of a prompt) leaves a cache that decodes as
+    the full recomputation does."""
+    model = models[preset]
+    seen = []
+    for i, block in enumerate(model.layers):
+        gate = block.ffn.gate
+        monkeypatch.setattr(gate, "forward", lambda x, ids, i=i, real=gate.forward: seen.append((i, x.shape[0])) or
+                            real(x, ids))
+    last = len(model.layers) - 1
+    prompts = [parity_prompt(150 + 7 * i, seed=30 + i) for i in range(3)]
+    cache = PagedKVCache(model.cfg, 12, 3)
+    seqs = [cache.allocate(len(p)) for p in prompts]
+    logits = model.step(torch.cat(prompts), StepBatch.build(cache, seqs, [len(p) for p in prompts]))
+    assert seen == [(i, sum(map(len, prompts))) for i in range(last)] + [(last, 3)]
+    for got, ids in zip(logits, prompts):
+        assert rel_err(got[None], model(ids)[-1:]).max() <= PARITY_RTOL
+    seen.clear()
+    ids = prompts[0]
+    cache = PagedKVCache(model.cfg, 4, 1)
+    seq = cache.allocate(100)
+    none = model.step(ids[:100], StepBatch.build(cache, [seq], [100]), torch.arange(0))
+    assert none.shape == (0, model.cfg.vocab_size) and seen == [(i, 100) for i in range(last)]
+    cache.append(seq, len(ids) - 100)
+    rest = model.step(ids[100:], StepBatch.build(cache, [seq], [len(ids) - 100]))
+    assert rel_err(rest, model(ids)[-1:]).max() <= PARITY_RTOL
+    _decode_against_full(model, cache, seq, ids, rest[0], steps=8)
+
+
 def _boundary_lengths(cfg) -> list[int]:
     marks = {cfg.sliding_window} | {r for r in cfg.compress_ratios if r}
     return sorted({n + k for n in marks for k in (-1, 0, 1)} | {2 * cfg.sliding_window + 1})
