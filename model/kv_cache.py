@@ -405,8 +405,11 @@ class StepBatch:
                     if len(stack) > 1:
                         self.stack_entries(m, stack)
                 self.emit_layout(m, state_rows(kind, m), kind == CSA)
-        host = {"tokens": torch.as_tensor(token_ids, dtype=torch.long),
-                "rows": self.last_rows() if logit_rows is None else torch.as_tensor(logit_rows, dtype=torch.long)}
+        rows = self.last_rows() if logit_rows is None else torch.as_tensor(logit_rows, dtype=torch.long)
+        chunk_of_last = {a + n - 1: i for i, (_, a, n) in enumerate(self.chunks)}
+        if 0 < len(rows) < self.num_tokens and all(r in chunk_of_last for r in rows.tolist()):
+            self._layouts["tail"] = self._tail_tables(rows, [chunk_of_last[r] for r in rows.tolist()])
+        host = {"tokens": torch.as_tensor(token_ids, dtype=torch.long), "rows": rows}
         self.prepared = True
         if self.cache.device.type == "cpu":
             return host["tokens"], host["rows"]
@@ -523,6 +526,23 @@ class StepBatch:
                                 torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
                                              dtype=torch.long))
         return self._cached(("decode", group), build)
+
+    def _tail_tables(self, rows: torch.Tensor, chunks: list[int]) -> DecodeTables:
+        """The logit rows as decode rows, each its chunk's last token: batch row, state slot, position and block table
+        (padded to the longest) of each."""
+        seqs = [self.chunks[i][0] for i in chunks]
+        width = max(1, max(len(s.block_table) for s in seqs))
+        return DecodeTables(rows.clone(), torch.tensor([s.slot for s in seqs], dtype=torch.long),
+                            torch.tensor([s.num_tokens + self.chunks[i][2] - 1 for s, i in zip(seqs, chunks)],
+                                         dtype=torch.long),
+                            torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
+                                         dtype=torch.long))
+
+    def tail_tables(self) -> "DecodeTables | None":
+        """Where every logit row of the step is its chunk's last token and not every row is one (`prepare` decides):
+        those rows as decode rows (`_tail_tables`), which the last layer's attention reads after the step's cache
+        writes (`Attention.attend_tail`); else None."""
+        return self._layouts.get("tail")
 
     def window_layout(self, window: int, group: tuple[int, ...]) -> WindowLayout:
         return self._cached(("window", window, group), lambda: self._window_layout(window, group))

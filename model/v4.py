@@ -28,7 +28,7 @@ from v4ray.kernels.moe import expert_mlp_grouped, expert_offsets, stack_experts,
 from v4ray.kernels.quant import QuantTensor
 
 from .config import CSA, HCA, SWA, V4Config, yarn_inv_freq
-from .kv_cache import DecodeBatch, LayerCache, StepBatch, state_rows
+from .kv_cache import DecodeBatch, DecodeTables, LayerCache, StepBatch, state_rows
 from .kv_format import pack_main, unpack_main
 
 # Tensors kept in fp32 whatever the compute dtype (transformers' `_keep_in_fp32_modules_strict`, REF alike).
@@ -550,12 +550,7 @@ class Attention(nn.Module):
     def _attend_cached(self, u, c_q, q, kv, positions, rope, step: StepBatch, lc: LayerCache) -> torch.Tensor:
         """All chunks of the step in one attention call: every query row sees its own sequence's window keys
         (ring rows, then this step's rows) and its own closed-window entries (bias -inf elsewhere)."""
-        if self.compressor is not None:  # emit the entries of windows closing in this step first
-            self._emit(self.compressor, u, positions, step, lambda b, o, x: lc.write_main(lc.entries, b, o, x),
-                       lc.state_kv, lc.state_gate)
-        if self.indexer is not None:
-            self._emit(self.indexer.compressor, u, positions, step, lc.write_index, lc.index_state_kv,
-                       lc.index_state_gate)
+        self._emit_closing(u, positions, step, lc)     # the entries of windows closing in this step first
         out = torch.empty_like(q)
         cos, sin = rope
         if step.decode_group:
@@ -593,9 +588,40 @@ class Attention(nn.Module):
                 keys = torch.cat([keys, entries.to(keys.dtype)])
                 bias = torch.cat([bias, entry_bias], dim=1)
             out[r] = self.regions.attention(q[r], keys.to(q.dtype), bias, self.attn_sink, self.head_dim ** -0.5)
-        writes = step.ring_writes(self.window)                              # after every read
-        lc.write_main(lc.swa, writes.slots, writes.rows, kv[writes.src])
+        self._write_rings(kv, step, lc)                                     # after every read
         return out
+
+    def attend_tail(self, u, c_q, q, kv, positions, rope, step: StepBatch, lc: LayerCache,
+                    tail: DecodeTables) -> torch.Tensor:
+        """The attention of the logit rows alone, each its chunk's last token (`StepBatch.tail_tables`), for the last
+        layer, where no other row's output is read: the step's cache writes for every row (entries of the windows
+        closing, window rings), then each logit row reads its window and entries where they now are, as a decode row
+        does (`_attend_decode`: the same keys the chunk's own attention would give that row, the same softmax, up
+        to fp32 summation order) -> [len(tail.rows), H, d]."""
+        self.write_step(u, kv, positions, step, lc)
+        r = tail.rows
+        cos, sin = rope
+        return self._attend_decode(u[r], c_q[r], q[r], kv[r], positions[r], (cos[r], sin[r]), lc, tail.slots,
+                                   tail.block_tables)
+
+    def write_step(self, u, kv, positions, step: StepBatch, lc: LayerCache) -> None:
+        """The step's cache writes alone (`_emit_closing`, `_write_rings`): for a layer whose attention no row reads."""
+        self._emit_closing(u, positions, step, lc)
+        self._write_rings(kv, step, lc)
+
+    def _emit_closing(self, u, positions, step: StepBatch, lc: LayerCache) -> None:
+        """Pool and write the compressed entries (and CSA's indexer keys) of the windows closing in this step."""
+        if self.compressor is not None:
+            self._emit(self.compressor, u, positions, step, lambda b, o, x: lc.write_main(lc.entries, b, o, x),
+                       lc.state_kv, lc.state_gate)
+        if self.indexer is not None:
+            self._emit(self.indexer.compressor, u, positions, step, lc.write_index, lc.index_state_kv,
+                       lc.index_state_gate)
+
+    def _write_rings(self, kv, step: StepBatch, lc: LayerCache) -> None:
+        """Each sequence's newest rows (up to a window) into its window ring."""
+        writes = step.ring_writes(self.window)
+        lc.write_main(lc.swa, writes.slots, writes.rows, kv[writes.src])
 
     def _attend_stack(self, u, c_q, q, kv, rope, step: StepBatch, stack: tuple[tuple[int, ...], ...],
                       lc: LayerCache, out: torch.Tensor) -> None:
@@ -997,11 +1023,17 @@ class Block(nn.Module):
         attention and run the MoE sublayer -> [len(out_rows), n, D]."""
         fns = self.regions if isinstance(step, StepBatch) else EAGER_REGIONS
         (u, c_q, q, kv, cos, sin), post, comb = fns.attn_enter(self, x, positions, isinstance(step, StepBatch))
-        o = self.attn.attend(u, c_q, q, kv, positions, (cos, sin), step, cache)
+        if out_rows is not None and not out_rows.numel():   # no row's logits wanted: the cache writes alone
+            self.attn.write_step(u, kv, positions, step, cache)
+            return x[:0]
+        tail = step.tail_tables() if out_rows is not None else None
+        if tail is not None:   # the logit rows are chunks' last tokens: only they attend, after the cache writes
+            o = self.attn.attend_tail(u, c_q, q, kv, positions, (cos, sin), step, cache, tail)
+        else:
+            o = self.attn.attend(u, c_q, q, kv, positions, (cos, sin), step, cache)
         if out_rows is not None:
-            if not out_rows.numel():  # no row's logits wanted: nothing past the cache writes
-                return x[:0]
-            x, o, cos, sin, post, comb, token_ids = (t[out_rows] for t in (x, o, cos, sin, post, comb, token_ids))
+            x, cos, sin, post, comb, token_ids = (t[out_rows] for t in (x, cos, sin, post, comb, token_ids))
+            o = o if tail is not None else o[out_rows]
         x = fns.attn_leave(self, x, o, cos, sin, post, comb)
         return fns.ffn_for(self, x)(self, x, token_ids, isinstance(step, DecodeBatch))
 

@@ -74,32 +74,50 @@ def test_chunked_prefill_equals_one_shot(models, preset):
 
 @pytest.mark.parametrize("preset", ["v4-tiny", "v4-tiny-pro"])
 def test_the_last_layer_runs_past_its_cache_writes_for_the_logit_rows_only(models, preset, monkeypatch):
-    """`V4Model.step`: every row of the last layer writes the cache, only the logit rows go on through its attention
-    output and MoE: the last MoE gate sees exactly those rows (the others every row), the logits equal the full
-    forward's, and a chunk whose logits nobody wants (an earlier chunk of a prompt) leaves a cache that decodes as
-    the full recomputation does."""
+    """`V4Model.step`: every row of the last layer writes the cache, only the logit rows go on. Where each is its
+    chunk's last token, only they attend (`Attention.attend_tail`: after the writes, as decode rows), and only they go
+    through the attention output and MoE: the last MoE gate sees exactly those rows (the others every row), the
+    logits equal the full forward's. A logit row inside a chunk (a prompt logprob) makes the layer attend for every
+    row, its logits equal the full forward's too. A chunk whose logits nobody wants (an earlier chunk of a prompt)
+    attends nowhere in the last layer and leaves a cache that decodes as the full recomputation does."""
     model = models[preset]
-    seen = []
+    seen, attended = [], []
     for i, block in enumerate(model.layers):
         gate = block.ffn.gate
         monkeypatch.setattr(gate, "forward", lambda x, ids, i=i, real=gate.forward: seen.append((i, x.shape[0])) or
                             real(x, ids))
     last = len(model.layers) - 1
+    attn = model.layers[last].attn
+    monkeypatch.setattr(attn, "attend", lambda u, *a, real=attn.attend: attended.append(("all", u.shape[0])) or
+                        real(u, *a))
+    monkeypatch.setattr(attn, "attend_tail", lambda *a, real=attn.attend_tail: attended.append(
+        ("tail", a[-1].rows.numel())) or real(*a))
     prompts = [parity_prompt(150 + 7 * i, seed=30 + i) for i in range(3)]
     cache = PagedKVCache(model.cfg, 12, 3)
     seqs = [cache.allocate(len(p)) for p in prompts]
     logits = model.step(torch.cat(prompts), StepBatch.build(cache, seqs, [len(p) for p in prompts]))
     assert seen == [(i, sum(map(len, prompts))) for i in range(last)] + [(last, 3)]
+    assert attended == [("tail", 3)]
     for got, ids in zip(logits, prompts):
         assert rel_err(got[None], model(ids)[-1:]).max() <= PARITY_RTOL
+    attended.clear()
+    cache = PagedKVCache(model.cfg, 12, 3)
+    seqs = [cache.allocate(len(p)) for p in prompts]
+    inside = [len(prompts[0]) - 1, len(prompts[0]) + 40]        # the first chunk's last row, a row of the second
+    logits = model.step(torch.cat(prompts), StepBatch.build(cache, seqs, [len(p) for p in prompts]), inside)
+    assert attended == [("all", sum(map(len, prompts)))]
+    assert rel_err(logits[:1], model(prompts[0])[-1:]).max() <= PARITY_RTOL
+    assert rel_err(logits[1:], model(prompts[1])[40:41]).max() <= PARITY_RTOL
     seen.clear()
+    attended.clear()
     ids = prompts[0]
     cache = PagedKVCache(model.cfg, 4, 1)
     seq = cache.allocate(100)
     none = model.step(ids[:100], StepBatch.build(cache, [seq], [100]), torch.arange(0))
-    assert none.shape == (0, model.cfg.vocab_size) and seen == [(i, 100) for i in range(last)]
+    assert none.shape == (0, model.cfg.vocab_size) and seen == [(i, 100) for i in range(last)] and not attended
     cache.append(seq, len(ids) - 100)
     rest = model.step(ids[100:], StepBatch.build(cache, [seq], [len(ids) - 100]))
+    assert attended == [("tail", 1)]
     assert rel_err(rest, model(ids)[-1:]).max() <= PARITY_RTOL
     _decode_against_full(model, cache, seq, ids, rest[0], steps=8)
 
