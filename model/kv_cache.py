@@ -407,8 +407,9 @@ class StepBatch:
                 self.emit_layout(m, state_rows(kind, m), kind == CSA)
         rows = self.last_rows() if logit_rows is None else torch.as_tensor(logit_rows, dtype=torch.long)
         chunk_of_last = {a + n - 1: i for i, (_, a, n) in enumerate(self.chunks)}
-        if 0 < len(rows) < self.num_tokens and all(r in chunk_of_last for r in rows.tolist()):
-            self._layouts["tail"] = self._tail_tables(rows, [chunk_of_last[r] for r in rows.tolist()])
+        tail = [chunk_of_last.get(r) for r in rows.tolist()]
+        if 0 < len(rows) < self.num_tokens and None not in tail:
+            self._layouts["tail"] = self._last_token_tables(tail)
         host = {"tokens": torch.as_tensor(token_ids, dtype=torch.long), "rows": rows}
         self.prepared = True
         if self.cache.device.type == "cpu":
@@ -515,24 +516,16 @@ class StepBatch:
         return self._layouts[key]
 
     def decode_tables(self, group: tuple[int, ...]) -> "DecodeTables":
-        """Per-row tensors of a decode group (one new token per sequence): state slot, cached length, and the
-        block table padded to the longest one."""
-        def build() -> DecodeTables:
-            seqs = [self.chunks[i][0] for i in group]
-            width = max(1, max(len(s.block_table) for s in seqs))
-            return DecodeTables(torch.tensor([self.chunks[i][1] for i in group], dtype=torch.long),
-                                torch.tensor([s.slot for s in seqs], dtype=torch.long),
-                                torch.tensor([s.num_tokens for s in seqs], dtype=torch.long),
-                                torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
-                                             dtype=torch.long))
-        return self._cached(("decode", group), build)
+        """Per-row tensors of a decode group (one new token per sequence): `_last_token_tables`."""
+        return self._cached(("decode", group), lambda: self._last_token_tables(group))
 
-    def _tail_tables(self, rows: torch.Tensor, chunks: list[int]) -> DecodeTables:
-        """The logit rows as decode rows, each its chunk's last token: batch row, state slot, position and block table
-        (padded to the longest) of each."""
+    def _last_token_tables(self, chunks) -> DecodeTables:
+        """Each chunk's last token as a decode row: its batch row, state slot, position and block table (padded to
+        the longest). For a decode chunk (one token) that token is the chunk."""
         seqs = [self.chunks[i][0] for i in chunks]
         width = max(1, max(len(s.block_table) for s in seqs))
-        return DecodeTables(rows.clone(), torch.tensor([s.slot for s in seqs], dtype=torch.long),
+        return DecodeTables(torch.tensor([self.chunks[i][1] + self.chunks[i][2] - 1 for i in chunks], dtype=torch.long),
+                            torch.tensor([s.slot for s in seqs], dtype=torch.long),
                             torch.tensor([s.num_tokens + self.chunks[i][2] - 1 for s, i in zip(seqs, chunks)],
                                          dtype=torch.long),
                             torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
@@ -540,7 +533,7 @@ class StepBatch:
 
     def tail_tables(self) -> "DecodeTables | None":
         """Where every logit row of the step is its chunk's last token and not every row is one (`prepare` decides):
-        those rows as decode rows (`_tail_tables`), which the last layer's attention reads after the step's cache
+        those rows as decode rows (`_last_token_tables`), which the last layer's attention reads after the step's cache
         writes (`Attention.attend_tail`); else None."""
         return self._layouts.get("tail")
 
@@ -644,11 +637,7 @@ class StepBatch:
             js = range(s // m, (s + n) // m)
             win += [(seq.slot, s, a, j) for j in js]
             blocks += [seq.block_table[j // per_block] for j in js]
-        if not win:
-            empty = torch.zeros(0, dtype=torch.long)
-            return EmitLayout(empty.view(0, m), empty.view(0, m), torch.zeros(0, dtype=torch.bool), empty, empty,
-                              empty, self.ring_writes(R))
-        slot, cached, first, j = torch.tensor(win, dtype=torch.long).unbind(1)
+        slot, cached, first, j = torch.tensor(win, dtype=torch.long).view(-1, 4).unbind(1)
         k = torch.arange(m)
 
         def src(window: torch.Tensor) -> torch.Tensor:   # [W, m]: where each raw row of each window lives
