@@ -16,6 +16,7 @@ import torch
 
 from v4ray.model.kv_cache import PREFIX_UNIT, CacheFullError, PagedKVCache, PrefixIO, SeqCache, StepBatch
 from v4ray.kernels.backend import kernel_backend
+from v4ray.kernels import build_native_cpu_kernels
 from v4ray.model.v4 import EAGER_REGIONS, StepRegions, V4Model
 
 from .graphs import DecodeGraphs, static_decode_problem
@@ -53,6 +54,8 @@ class ModelRunner:
         compile_regions = (decode_step == "compiled" and kernel_backend(model.device) == "torch"
                            and not torch._dynamo.config.disable)
         model.use_regions(StepRegions(compile_=True) if compile_regions else EAGER_REGIONS)
+        if kernel_backend(model.device) == "torch" and model.device.type == "cpu":
+            build_native_cpu_kernels()   # not in the first request (~0.2-0.5 s a kernel)
         if compile_regions:   # stderr, as the decode step's line: a Ray actor's .err log shows it at any log level
             t0 = time.perf_counter()
             print("v4ray: compiling the prefill regions (torch.compile, inductor; about a minute cold for a tiny "
